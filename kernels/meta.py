@@ -1,0 +1,163 @@
+"""Per-forward batch metadata for the multi-LoRA ops.
+
+Built once per forward pass from the per-token adapter slots and shared, read-only, by every
+LoRA layer of the model (210 of them on SmolLM2): anything that depends only on *which token
+uses which slot* is computed here, so the per-layer ops do no sorting or host syncs.
+
+Layout (the contract with `reference.py` and `triton_lora.py`):
+
+    token_slots   [T]    int32   slot of each token, -1 = base model only
+    sorted_tokens [T_a]  int32   tokens with slot >= 0, stably sorted by slot
+    seg_slots     [S]    int32   distinct active slots, ascending
+    seg_starts    [S+1]  int32   segment k = sorted_tokens[seg_starts[k]:seg_starts[k+1]]
+    max_seg_len   host int
+    max_rank      host int       largest alloc rank among active slots (ops' y width)
+
+The CPU path additionally uses a *chunk plan*: each segment cut into chunks of at most C
+tokens, chunks grouped by the slot's allocated rank, so one batched matmul per rank group
+computes every adapter at its own rank without a Python loop over tokens or adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class RankGroup:
+    """Chunks whose adapters share one allocated rank `rank` (CPU path).
+
+    chunk_tokens [n_chunks, C] int64: token index per chunk position, T (a zero pad row) when
+        the chunk is shorter than C.
+    chunk_rows   [n_chunks * rank] int64: pool rows of each chunk's adapter, flattened, for an
+        `index_select` that copies each adapter's rows once per chunk.
+    """
+
+    rank: int
+    chunk_tokens: torch.Tensor
+    chunk_rows: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class LoRABatchMeta:
+    token_slots: torch.Tensor
+    sorted_tokens: torch.Tensor
+    seg_slots: torch.Tensor
+    seg_starts: torch.Tensor
+    max_seg_len: int
+    max_rank: int
+    num_tokens: int
+    groups: tuple[RankGroup, ...] = field(default=())
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.seg_slots.numel())
+
+    @property
+    def has_lora(self) -> bool:
+        return self.num_segments > 0
+
+
+def _chunk_size(num_tokens: int, num_segments: int, rank: int) -> int:
+    """Tokens per chunk for the CPU gather-matmul path.
+
+    A chunk copies its adapter's `rank` rows once and pads its tokens up to C. Copy cost
+    ~ (S + T/C)·rank, padding cost ~ S·C, minimised near C = sqrt(rank·T/S). Decode batches
+    (one token per adapter) get C = 1: no padding at all.
+    """
+    if num_segments == 0:
+        return 1
+    c = int((rank * num_tokens / num_segments) ** 0.5)
+    return max(1, min(c, 256))
+
+
+def build_lora_meta(
+    token_slots: torch.Tensor,
+    row_start: torch.Tensor,
+    slot_alloc: torch.Tensor,
+    *,
+    with_cpu_plan: bool | None = None,
+) -> LoRABatchMeta:
+    """Sort tokens by adapter slot and describe the segments.
+
+    Args:
+        token_slots: [T] integer slot per token, -1 for base-only tokens.
+        row_start: [num_slots] int first pool row of each slot.
+        slot_alloc: [num_slots] int rows allocated to each slot (its largest module rank).
+        with_cpu_plan: build the chunk plan used by the CPU path (default: on CPU tensors).
+
+    Note: reads segment sizes on the host (one sync per forward, not per layer).
+    """
+    if token_slots.dim() != 1:
+        raise ValueError(f"token_slots must be 1-D [T], got shape {tuple(token_slots.shape)}")
+    device = token_slots.device
+    slots = token_slots.to(torch.int64)
+    num_tokens = int(slots.numel())
+    if num_tokens and int(slots.max()) >= row_start.numel():
+        raise ValueError(f"slot {int(slots.max())} out of range: only {row_start.numel()} adapter slots exist")
+    if num_tokens and int(slots.min()) < -1:
+        raise ValueError("token slots must be >= -1 (-1 means no adapter)")
+    active = torch.nonzero(slots >= 0).flatten()
+    order = torch.argsort(slots[active], stable=True)
+    sorted_tokens = active[order]
+    seg_slots, counts = torch.unique_consecutive(slots[sorted_tokens], return_counts=True)
+    seg_starts = torch.zeros(seg_slots.numel() + 1, dtype=torch.int64, device=device)
+    torch.cumsum(counts, 0, out=seg_starts[1:])
+    # host sync: segment lengths and ranks size the ops' outputs and grids.
+    max_seg_len = int(counts.max()) if counts.numel() else 0
+    alloc = slot_alloc.to(device=device, dtype=torch.int64)[seg_slots]
+    max_rank = int(alloc.max()) if alloc.numel() else 0
+    if with_cpu_plan is None:
+        with_cpu_plan = device.type == "cpu"
+    groups: tuple[RankGroup, ...] = ()
+    if with_cpu_plan and seg_slots.numel():
+        groups = _cpu_plan(sorted_tokens, seg_slots, counts, alloc, row_start.to(device), num_tokens)
+    return LoRABatchMeta(
+        token_slots=slots.to(torch.int32),
+        sorted_tokens=sorted_tokens.to(torch.int32),
+        seg_slots=seg_slots.to(torch.int32),
+        seg_starts=seg_starts.to(torch.int32),
+        max_seg_len=max_seg_len,
+        max_rank=max_rank,
+        num_tokens=num_tokens,
+        groups=groups,
+    )
+
+
+def _cpu_plan(
+    sorted_tokens: torch.Tensor,
+    seg_slots: torch.Tensor,
+    counts: torch.Tensor,
+    alloc: torch.Tensor,
+    row_start: torch.Tensor,
+    num_tokens: int,
+) -> tuple[RankGroup, ...]:
+    """Cut segments into chunks and group the chunks by allocated rank (vectorised)."""
+    groups = []
+    seg_ids = torch.repeat_interleave(torch.arange(seg_slots.numel()), counts)
+    seg_first = torch.cumsum(counts, 0) - counts
+    pos_in_seg = torch.arange(sorted_tokens.numel()) - seg_first[seg_ids]
+    for rank in torch.unique(alloc).tolist():  # loop over distinct ranks only (a handful)
+        if rank == 0:
+            continue
+        in_group = alloc == rank
+        g_segs = torch.nonzero(in_group).flatten()
+        chunk = _chunk_size(int(counts[g_segs].sum()), int(g_segs.numel()), rank)
+        chunks_per_seg = (counts[g_segs] + chunk - 1) // chunk
+        # chunk id of every token of this group: its segment's first chunk + pos // chunk
+        first_chunk = torch.cumsum(chunks_per_seg, 0) - chunks_per_seg
+        seg_to_group = torch.full((seg_slots.numel(),), -1, dtype=torch.int64)
+        seg_to_group[g_segs] = torch.arange(g_segs.numel())
+        tok_mask = in_group[seg_ids]
+        local_seg = seg_to_group[seg_ids[tok_mask]]
+        pos = pos_in_seg[tok_mask]
+        chunk_id = first_chunk[local_seg] + pos // chunk
+        n_chunks = int(chunks_per_seg.sum())
+        chunk_tokens = torch.full((n_chunks, chunk), num_tokens, dtype=torch.int64)
+        chunk_tokens[chunk_id, pos % chunk] = sorted_tokens[tok_mask]
+        chunk_slot = torch.repeat_interleave(seg_slots[g_segs].to(torch.int64), chunks_per_seg)
+        rows = (row_start.to(torch.int64)[chunk_slot][:, None] + torch.arange(rank)).reshape(-1)
+        groups.append(RankGroup(rank=int(rank), chunk_tokens=chunk_tokens, chunk_rows=rows))
+    return tuple(groups)

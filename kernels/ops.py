@@ -1,0 +1,142 @@
+"""The multi-LoRA ops as `torch.library` custom ops, dispatched to Triton or the torch path.
+
+`lorafold::lora_shrink` and `lorafold::lora_expand` take the batch metadata as plain tensors
+and ints (custom-op schemas allow nothing else), carry fake implementations for tracing and
+`torch.compile`, and pick their backend per call:
+
+- CUDA tensors: the Triton kernels (`triton_lora.py`).
+- CPU tensors: the pure-torch gather-matmul path (`reference.py`), unless the backend is
+  forced to "triton" (how the kernels are tested on CPU under TRITON_INTERPRET=1).
+
+`shrink(...)` / `expand(...)` below are the typed entry points the layers call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+
+from lorafold.kernels.meta import LoRABatchMeta, RankGroup
+from lorafold.kernels.reference import lora_expand_torch, lora_shrink_torch
+
+_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("lorafold_lora_backend", default="auto")
+
+
+@contextlib.contextmanager
+def force_backend(name: str) -> Iterator[None]:
+    """Force the ops' backend ("auto", "torch" or "triton") inside the block."""
+    if name not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown LoRA op backend {name!r}; use 'auto', 'torch' or 'triton'")
+    token = _BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    backend = _BACKEND.get()
+    return backend == "triton" or (backend == "auto" and x.is_cuda)
+
+
+def _groups(ranks: list[int], tokens: list[torch.Tensor], rows: list[torch.Tensor]) -> tuple[RankGroup, ...]:
+    return tuple(RankGroup(rank=r, chunk_tokens=t, chunk_rows=w) for r, t, w in zip(ranks, tokens, rows))
+
+
+@torch.library.custom_op("lorafold::lora_shrink", mutates_args=())
+def _lora_shrink_op(
+    x: torch.Tensor,
+    a_pool: torch.Tensor,
+    row_start: torch.Tensor,
+    ranks: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    seg_slots: torch.Tensor,
+    seg_starts: torch.Tensor,
+    group_ranks: list[int],
+    group_tokens: list[torch.Tensor],
+    group_rows: list[torch.Tensor],
+    max_seg_len: int,
+    max_rank: int,
+) -> torch.Tensor:
+    if _use_triton(x):
+        from lorafold.kernels.triton_lora import shrink as triton_shrink
+
+        return triton_shrink(
+            x, a_pool, row_start, ranks, sorted_tokens, seg_slots, seg_starts, max_seg_len, max_rank
+        )
+    return lora_shrink_torch(x, a_pool, _groups(group_ranks, group_tokens, group_rows), max_rank)
+
+
+@_lora_shrink_op.register_fake
+def _(x, a_pool, row_start, ranks, sorted_tokens, seg_slots, seg_starts, group_ranks, group_tokens,
+      group_rows, max_seg_len, max_rank):
+    return x.new_empty((a_pool.shape[0], x.shape[0], max_rank), dtype=torch.float32)
+
+
+@torch.library.custom_op("lorafold::lora_expand", mutates_args=("out",))
+def _lora_expand_op(
+    y: torch.Tensor,
+    b_pool: torch.Tensor,
+    row_start: torch.Tensor,
+    ranks: torch.Tensor,
+    slice_offsets: list[int],
+    sorted_tokens: torch.Tensor,
+    seg_slots: torch.Tensor,
+    seg_starts: torch.Tensor,
+    group_ranks: list[int],
+    group_tokens: list[torch.Tensor],
+    group_rows: list[torch.Tensor],
+    max_seg_len: int,
+    max_rank: int,
+    out: torch.Tensor,
+) -> None:
+    if _use_triton(out):
+        from lorafold.kernels.triton_lora import expand as triton_expand
+
+        triton_expand(
+            y, b_pool, row_start, ranks, slice_offsets, sorted_tokens, seg_slots, seg_starts,
+            max_seg_len, max_rank, out,
+        )
+        return
+    lora_expand_torch(y, b_pool, _groups(group_ranks, group_tokens, group_rows), slice_offsets, out)
+
+
+@_lora_expand_op.register_fake
+def _(y, b_pool, row_start, ranks, slice_offsets, sorted_tokens, seg_slots, seg_starts, group_ranks,
+      group_tokens, group_rows, max_seg_len, max_rank, out):
+    return None
+
+
+def _plan(meta: LoRABatchMeta) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
+    return [g.rank for g in meta.groups], [g.chunk_tokens for g in meta.groups], [g.chunk_rows for g in meta.groups]
+
+
+def shrink(
+    x: torch.Tensor, a_pool: torch.Tensor, row_start: torch.Tensor, ranks: torch.Tensor, meta: LoRABatchMeta
+) -> torch.Tensor:
+    """y[i, t, :] = x[t] @ a_pool[i, rows of slot(t)].T  ->  [n_slices, T, meta.max_rank] fp32."""
+    g_ranks, g_tokens, g_rows = _plan(meta)
+    return torch.ops.lorafold.lora_shrink(
+        x, a_pool, row_start, ranks, meta.sorted_tokens, meta.seg_slots, meta.seg_starts,
+        g_ranks, g_tokens, g_rows, meta.max_seg_len, meta.max_rank,
+    )
+
+
+def expand(
+    y: torch.Tensor,
+    b_pool: torch.Tensor,
+    row_start: torch.Tensor,
+    ranks: torch.Tensor,
+    slice_offsets: list[int],
+    meta: LoRABatchMeta,
+    out: torch.Tensor,
+) -> None:
+    """out[t, slice i cols] += y[i, t, :] @ b_pool[rows of slot(t), slice i cols], in place."""
+    g_ranks, g_tokens, g_rows = _plan(meta)
+    torch.ops.lorafold.lora_expand(
+        y, b_pool, row_start, ranks, list(slice_offsets), meta.sorted_tokens, meta.seg_slots,
+        meta.seg_starts, g_ranks, g_tokens, g_rows, meta.max_seg_len, meta.max_rank, out,
+    )

@@ -1,0 +1,97 @@
+"""Linear layers that add a per-token LoRA delta from adapter slots to a frozen base linear.
+
+    y[t] = x[t] W0ᵀ (+ bias)  +  Σ_i  (x[t] A_{i,s}ᵀ) (s_i B_{i,s})ᵀ   into slice i's columns,
+    s = slot of token t (none: base only)
+
+One layer may fuse several slices that share their input (q/k/v, gate/up): the base weight
+is their concatenation and the LoRA shrink/expand run once for all slices.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorafold.kernels.ops import expand, shrink
+from lorafold.server.lora.context import current_meta
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen base linear plus rank-row pools of adapter weights.
+
+    Buffers:
+        a_pool [n_slices, R, in]: lora_A rows of every slot.
+        b_pool [R, out]: lora_B rows (transposed), scale folded in.
+        ranks  [n_slices, num_slots] int32: each slice's rank per slot (0 = not adapted).
+    `row_start` [num_slots] is shared by all layers and owned by `AdapterSlots`.
+    """
+
+    def __init__(self, base: nn.Linear, slice_sizes: list[int], num_slots: int, rows: int) -> None:
+        super().__init__()
+        if sum(slice_sizes) != base.out_features:
+            raise ValueError(f"slices {slice_sizes} do not add up to out_features={base.out_features}")
+        self.base = base
+        self.slice_offsets = [0]
+        for size in slice_sizes:
+            self.slice_offsets.append(self.slice_offsets[-1] + size)
+        w = base.weight
+        self.register_buffer("a_pool", w.new_zeros((len(slice_sizes), rows, base.in_features)), persistent=False)
+        self.register_buffer("b_pool", w.new_zeros((rows, base.out_features)), persistent=False)
+        self.register_buffer(
+            "ranks", torch.zeros((len(slice_sizes), num_slots), dtype=torch.int32, device=w.device), persistent=False
+        )
+        self.row_start: torch.Tensor = torch.zeros(num_slots, dtype=torch.int32, device=w.device)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads .weight (dtype checks, tying)
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        meta = current_meta()
+        if meta is None or not meta.has_lora:
+            return out
+        flat_x = x.reshape(-1, x.shape[-1])
+        if flat_x.shape[0] != meta.num_tokens:
+            raise ValueError(
+                f"LoRA batch metadata describes {meta.num_tokens} tokens but the layer got {flat_x.shape[0]}; "
+                "build it from the same batch (one slot per token, in order)"
+            )
+        flat_out = out.reshape(-1, out.shape[-1])
+        y = shrink(flat_x, self.a_pool, self.row_start, self.ranks, meta)
+        expand(y, self.b_pool, self.row_start, self.ranks, self.slice_offsets, meta, flat_out)
+        return out
+
+    # --- slot updates (called by AdapterSlots between forwards) -------------------------
+    def write_slot(self, slice_idx: int, start: int, alloc: int, slot: int, a: torch.Tensor | None, b_scaled: torch.Tensor | None) -> None:
+        """Fill slot rows [start, start+alloc) of one slice; rows past the rank stay zero."""
+        lo, hi = self.slice_offsets[slice_idx], self.slice_offsets[slice_idx + 1]
+        self.a_pool[slice_idx, start : start + alloc].zero_()
+        self.b_pool[start : start + alloc, lo:hi].zero_()
+        if a is None or b_scaled is None:
+            self.ranks[slice_idx, slot] = 0
+            return
+        r = a.shape[0]
+        self.a_pool[slice_idx, start : start + r].copy_(a)
+        self.b_pool[start : start + r, lo:hi].copy_(b_scaled.t())
+        self.ranks[slice_idx, slot] = r
+
+    def move_rows(self, src: int, dst: int, rows: int) -> None:
+        self.a_pool[:, dst : dst + rows] = self.a_pool[:, src : src + rows].clone()
+        self.b_pool[dst : dst + rows] = self.b_pool[src : src + rows].clone()
+
+    def resize_rows(self, rows: int) -> None:
+        old = self.a_pool.shape[1]
+        a = self.a_pool.new_zeros((self.a_pool.shape[0], rows, self.a_pool.shape[2]))
+        b = self.b_pool.new_zeros((rows, self.b_pool.shape[1]))
+        a[:, :old] = self.a_pool
+        b[:old] = self.b_pool
+        self.a_pool, self.b_pool = a, b

@@ -1,0 +1,117 @@
+"""Adapter slots: fill and clear adapters in the LoRA layers at run time.
+
+A slot is an index into every LoRA layer's pools. Filling a slot writes an adapter's factors
+(scale folded into B) into the slot's row range of each targeted layer; clearing zeroes
+them. Base weights are never touched and the model is never rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from lorafold.kernels.meta import LoRABatchMeta, build_lora_meta
+from lorafold.server.lora.layers import MultiLoRALinear
+from lorafold.server.lora.peft_format import AdapterError, LoRAAdapter, ModuleSpec
+from lorafold.server.lora.rows import RowAllocator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one adapter module (e.g. `model.layers.0.self_attn.k_proj`) lands."""
+
+    layer: MultiLoRALinear
+    slice_idx: int
+
+
+class AdapterSlots:
+    def __init__(self, targets: dict[str, Target], num_slots: int, rows: int) -> None:
+        if num_slots <= 0:
+            raise ValueError("num_slots must be positive")
+        self.targets = targets
+        self.num_slots = num_slots
+        self.layers: list[MultiLoRALinear] = list({id(t.layer): t.layer for t in targets.values()}.values())
+        device = self.layers[0].a_pool.device if self.layers else torch.device("cpu")
+        self.allocator = RowAllocator(rows)
+        self.row_start = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.slot_alloc = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        for layer in self.layers:
+            layer.row_start = self.row_start  # one shared tensor: moves update every layer at once
+        self.occupant: list[LoRAAdapter | None] = [None] * num_slots
+
+    def base_modules(self) -> dict[str, ModuleSpec]:
+        specs = {}
+        for path, t in self.targets.items():
+            lo, hi = t.layer.slice_offsets[t.slice_idx], t.layer.slice_offsets[t.slice_idx + 1]
+            specs[path] = ModuleSpec(in_features=t.layer.in_features, out_features=hi - lo)
+        return specs
+
+    def _reserve(self, slot: int, rows: int) -> int:
+        start = self.allocator.allocate(slot, rows)
+        if start is not None:
+            return start
+        if self.allocator.capacity - self.allocator.used >= rows:
+            for move in self.allocator.compact():
+                for layer in self.layers:
+                    layer.move_rows(move.src, move.dst, move.rows)
+                self.row_start[move.owner] = move.dst
+        else:
+            capacity = max(self.allocator.capacity * 2, self.allocator.used + rows)
+            logger.info("growing LoRA row pools from %d to %d rows", self.allocator.capacity, capacity)
+            self.allocator.grow(capacity)
+            for layer in self.layers:
+                layer.resize_rows(capacity)
+        start = self.allocator.allocate(slot, rows)
+        assert start is not None, "allocation after compaction/growth cannot fail"
+        return start
+
+    @torch.no_grad()
+    def fill(self, slot: int, adapter: LoRAAdapter) -> None:
+        """Load `adapter` into `slot` (replacing any occupant)."""
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
+        unknown = set(adapter.modules) - set(self.targets)
+        if unknown:
+            raise AdapterError(f"adapter targets modules this model does not expose: {sorted(unknown)[:3]}")
+        self.clear(slot)
+        alloc = adapter.max_rank
+        start = self._reserve(slot, alloc)
+        self.row_start[slot] = start
+        self.slot_alloc[slot] = alloc
+        for path, target in self.targets.items():
+            module = adapter.modules.get(path)
+            dtype = target.layer.a_pool.dtype
+            if module is None:
+                target.layer.write_slot(target.slice_idx, start, alloc, slot, None, None)
+            else:
+                a = module.lora_a.to(dtype)
+                b = (module.lora_b * module.scale).to(dtype)
+                target.layer.write_slot(target.slice_idx, start, alloc, slot, a, b)
+        self.occupant[slot] = adapter
+
+    @torch.no_grad()
+    def clear(self, slot: int) -> None:
+        if slot not in self.allocator:
+            return
+        start, alloc = self.allocator.start_of(slot), self.allocator.rows_of(slot)
+        for target in self.targets.values():
+            target.layer.write_slot(target.slice_idx, start, alloc, slot, None, None)
+        self.allocator.free(slot)
+        self.slot_alloc[slot] = 0
+        self.occupant[slot] = None
+
+    def meta(self, token_slots: torch.Tensor | list[int]) -> LoRABatchMeta:
+        """Batch metadata for a forward whose token t uses slot token_slots[t] (-1: base)."""
+        slots = torch.as_tensor(token_slots, dtype=torch.int64, device=self.row_start.device)
+        for s in torch.unique(slots).tolist():
+            if s >= 0 and (s >= self.num_slots or self.occupant[s] is None):
+                raise ValueError(f"slot {s} holds no adapter")
+        return build_lora_meta(slots, self.row_start, self.slot_alloc)
+
+    @property
+    def pool_bytes(self) -> int:
+        return sum(layer.a_pool.nbytes + layer.b_pool.nbytes for layer in self.layers)

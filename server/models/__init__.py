@@ -1,0 +1,1 @@
+"""Base-model loading: the packaged default, local Hugging Face folders and GGUF files."""

@@ -1,0 +1,52 @@
+"""Shared fixtures: the real default base model and tiny random Llama models built on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SMOL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The packaged SmolLM2-135M-Instruct (fetched and cached by deploy/setup.sh)."""
+    from lorafold.server.models.loader import load_base_model
+
+    return load_base_model()
+
+
+def build_tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(
+        vocab_size=256, hidden_size=72, intermediate_size=136, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=12, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+@pytest.fixture()
+def tiny_llama():
+    return build_tiny_llama()
+
+
+def make_peft_adapter(model, folder: Path, *, r: int, alpha: float = 16.0, seed: int = 0, targets=SMOL_TARGETS, **extra) -> Path:
+    """Have PEFT itself create and save a random (non-zero B) LoRA adapter for `model`."""
+    from peft import LoraConfig, get_peft_model
+    import copy
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False, **extra)
+    peft_model = get_peft_model(copy.deepcopy(model), cfg)
+    # PEFT's random init gives B ~ kaiming too; shrink it so logits stay in a sane range.
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(0.3)
+    peft_model.save_pretrained(folder)
+    return folder

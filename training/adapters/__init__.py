@@ -1,0 +1,1 @@
+"""LoRA adapter modules: injection into a base model, pair discovery, merging."""

@@ -1,0 +1,1 @@
+"""LoRA initializations: PEFT default, Nystrom, PiSSA, LoRA-GA, ETF."""

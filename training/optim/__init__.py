@@ -1,0 +1,1 @@
+"""Geometric / Riemannian optimizers for LoRA factor pairs, and the name -> builder registry."""
