@@ -1,0 +1,1 @@
+"""The serving engine: model runner, paged KV cache, scheduler, sampling, async front."""
