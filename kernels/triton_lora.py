@@ -1,0 +1,342 @@
+"""Triton shrink/expand kernels for many LoRA adapters at their true ranks.
+
+One design serves prefill (long segments) and decode (one token per adapter): tokens that
+carry an adapter are stably sorted by slot into segments (`sorted_tokens`, `seg_slots`,
+`seg_starts`), a program gathers its M-tile of tokens by index (never moved), and each
+adapter runs at its own rank, rounded up only to BLOCK_R. Fused slices (q/k/v, gate/up)
+are a grid axis of one launch.
+
+Block sizes (why):
+- BLOCK_M 16/32/64 from `max_seg_len`: decode segments hold one token, and 16 is the
+  smallest tile `tl.dot` accepts; prefill segments fill 64-row tiles.
+- BLOCK_R 16 when every active rank is <= 16, else 32: small enough that a rank-8 adapter
+  wastes little of a tile, large enough that rank 128-256 needs few tiles. The shrink puts
+  rank tiles on the grid (more programs for decode, where M has one tile); the expand loops
+  over them so that each (token, column) belongs to one program and needs no atomics.
+- BLOCK_K 64 (shrink) and BLOCK_N 64 (expand): masked tails handle odd d_in / widths.
+No split-K: (M-tiles x rank tiles, slices, segments) already gives enough programs, and
+split-K would need fp32 atomics or a second reduction pass.
+
+Precision: fp16/bf16 shrink dots are native with fp32 accumulation (exact products).
+fp32 data uses "ieee" dots (tf32 would miss the 1e-4 contract). The expand upcasts B to
+fp32 and uses tf32 for 16-bit models (B is exact in tf32; y rounds to 10 bits, finer than
+the bf16/fp16 output) and ieee for fp32 models.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Read the same knob that `triton.jit` reads at decoration time, so the flag always matches
+# the kind of kernel object created below (interpreted vs compiled).
+INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+MAX_SLICES = 4  # slice offsets travel as scalar kernel args (no per-call host->device copy)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _segment_info(seg_starts_ptr, seg_slots_ptr, ranks_ptr, stride_rank, slice_id, seg, max_rank):
+    start = tl.load(seg_starts_ptr + seg)
+    seg_len = tl.load(seg_starts_ptr + seg + 1) - start
+    slot = tl.load(seg_slots_ptr + seg)
+    # Clamp so that a rank above max_rank can never write past y's rank columns.
+    rank = tl.minimum(tl.load(ranks_ptr + slice_id * stride_rank + slot), max_rank)
+    return start, seg_len, slot, rank
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, y_ptr, row_start_ptr, ranks_ptr, tok_ptr, seg_slots_ptr, seg_starts_ptr,
+    d_in, n_rows, max_rank, stride_rank, stride_xt, stride_as, stride_ar, stride_ys, stride_yt,
+    R_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    m_tile = tl.program_id(0) // R_TILES
+    r_tile = tl.program_id(0) % R_TILES
+    slice_id = tl.program_id(1)
+    seg = tl.program_id(2)
+    start, seg_len, slot, rank = _segment_info(
+        seg_starts_ptr, seg_slots_ptr, ranks_ptr, stride_rank, slice_id, seg, max_rank)
+    if m_tile * BLOCK_M >= seg_len or r_tile * BLOCK_R >= rank:
+        return  # beyond the segment, or beyond this adapter's true rank (rank 0: all exit)
+    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < seg_len
+    tok = tl.load(tok_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = r_tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.load(row_start_ptr + slot).to(tl.int64) + offs_r
+    r_mask = (offs_r < rank) & (rows < n_rows)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
+    a_ptrs = a_ptr + slice_id.to(tl.int64) * stride_as + rows[None, :] * stride_ar + offs_k[:, None]
+    # tl.full, not tl.zeros: tl.zeros is a @jit helper of triton.language.standard, frozen in
+    # the mode triton was first imported in; builtins let a re-imported module switch modes.
+    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
+    for k0 in range(0, d_in, BLOCK_K):
+        k_mask = offs_k < d_in - k0
+        xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)  # [K, R]
+        if UPCAST:  # interpreter only: its bf16 dot multiplies raw bits (triton#11584)
+            xt = xt.to(tl.float32)
+            at = at.to(tl.float32)
+        # "ieee" only affects fp32 data (tf32 would miss the 1e-4 contract); 16-bit is native.
+        acc = tl.dot(xt, at, acc, input_precision="ieee")
+        x_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    y_ptrs = y_ptr + slice_id * stride_ys + tok[:, None] * stride_yt + offs_r[None, :]
+    tl.store(y_ptrs, acc, mask=m_mask[:, None] & (offs_r < rank)[None, :])
+
+
+@triton.jit
+def _slice_columns(slice_id, off1, off2, off3, off4):
+    """Columns [lo, lo + width) of a slice from the scalar offsets (off0 = 0)."""
+    lo = tl.where(slice_id == 0, 0,
+                  tl.where(slice_id == 1, off1, tl.where(slice_id == 2, off2, off3)))
+    hi = tl.where(slice_id == 0, off1,
+                  tl.where(slice_id == 1, off2, tl.where(slice_id == 2, off3, off4)))
+    return lo, hi - lo
+
+
+@triton.jit
+def _expand_kernel(
+    y_ptr, b_ptr, out_ptr, row_start_ptr, ranks_ptr, tok_ptr, seg_slots_ptr, seg_starts_ptr,
+    off1, off2, off3, off4, n_rows, max_rank, stride_rank, stride_ys, stride_yt, stride_br,
+    stride_ot,
+    N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    m_tile = tl.program_id(0) // N_TILES
+    n_tile = tl.program_id(0) % N_TILES
+    slice_id = tl.program_id(1)
+    seg = tl.program_id(2)
+    start, seg_len, slot, rank = _segment_info(
+        seg_starts_ptr, seg_slots_ptr, ranks_ptr, stride_rank, slice_id, seg, max_rank)
+    col_lo, width = _slice_columns(slice_id, off1, off2, off3, off4)
+    if m_tile * BLOCK_M >= seg_len or n_tile * BLOCK_N >= width or rank == 0:
+        return  # out is left untouched: a rank-0 slice adds nothing
+    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < seg_len
+    tok = tl.load(tok_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < width
+    cols = col_lo + offs_n
+    row0 = tl.load(row_start_ptr + slot).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    y_rows = y_ptr + slice_id * stride_ys + tok[:, None] * stride_yt
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for r0 in range(0, rank, BLOCK_R):  # true rank, rounded up to BLOCK_R only
+        r_idx = r0 + offs_r
+        r_mask = (r_idx < rank) & (row0 + r_idx < n_rows)
+        yt = tl.load(y_rows + r_idx[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        b_ptrs = b_ptr + (row0 + r_idx)[:, None] * stride_br + cols[None, :]
+        bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(yt, bt, acc, input_precision=PRECISION)
+    o_ptrs = out_ptr + tok[:, None] * stride_ot + cols[None, :]
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    old = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+    tl.store(o_ptrs, (old + acc).to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_tensor(name: str, t: object, dtypes: tuple, device: torch.device | None,
+                  ndim: int) -> None:
+    """device=None: `t` is the anchor (x or out) and must suit the compiled mode."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
+    if device is None:
+        _check_device(t.device)
+    elif t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x/out is on {device}; move it there")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dim() > 0 and t.numel() > 0 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1)")
+
+
+def _check_device(device: torch.device) -> None:
+    if not INTERPRET and device.type != "cuda":
+        raise ValueError(
+            f"Triton LoRA kernels need CUDA tensors, got {device}; use the torch reference "
+            "on CPU, or set TRITON_INTERPRET=1 before importing triton (tests)")
+
+
+def _check_int(name: str, v: object) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"{name} must be a non-negative Python int, got {v!r}")
+
+
+def _check_meta(device, n_slices, row_start, ranks, sorted_tokens, seg_slots, seg_starts,
+                max_seg_len, max_rank) -> None:
+    for name, t, ndim in (("row_start", row_start, 1), ("ranks", ranks, 2),
+                          ("sorted_tokens", sorted_tokens, 1), ("seg_slots", seg_slots, 1),
+                          ("seg_starts", seg_starts, 1)):
+        _check_tensor(name, t, (torch.int32,), device, ndim)
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if tuple(ranks.shape) != (n_slices, row_start.numel()):
+        raise ValueError(f"ranks must be [n_slices={n_slices}, num_slots={row_start.numel()}], "
+                         f"got {tuple(ranks.shape)}")
+    if seg_starts.numel() != seg_slots.numel() + 1:
+        raise ValueError(f"seg_starts must have len(seg_slots) + 1 = {seg_slots.numel() + 1} "
+                         f"entries, got {seg_starts.numel()}")
+    if seg_slots.numel() > 65535:  # CUDA's limit on grid axis 2
+        raise ValueError(f"at most 65535 segments per launch, got {seg_slots.numel()}")
+    _check_int("max_seg_len", max_seg_len)
+    _check_int("max_rank", max_rank)
+
+
+def _check_values(T, n_rows, row_start, ranks, sorted_tokens, seg_slots, seg_starts,
+                  max_seg_len, max_rank) -> None:
+    """Metadata value checks. Costs one device->host sync (illegal under CUDA-graph capture:
+    pass check_values=False there)."""
+    if seg_slots.numel() == 0:
+        return
+    if row_start.numel() == 0:
+        raise ValueError("seg_slots names adapter slots but row_start/ranks have none")
+    slots = seg_slots.long().clamp(0, row_start.numel() - 1)
+    active = ranks[:, slots].long()  # [n_slices, S]
+    lens = seg_starts[1:].long() - seg_starts[:-1].long()
+    toks = sorted_tokens.long()
+    conds = [
+        ("seg_slots must lie in [0, num_slots)",
+         ((seg_slots >= 0) & (seg_slots < row_start.numel())).all()),
+        ("seg_starts must be non-decreasing, start >= 0 and end <= len(sorted_tokens)",
+         (lens >= 0).all() & (seg_starts[0] >= 0) & (seg_starts[-1] <= toks.numel())),
+        (f"a segment is longer than max_seg_len={max_seg_len}", lens.max() <= max_seg_len),
+        ("sorted_tokens must lie in [0, T)", ((toks >= 0) & (toks < T)).all()),
+        ("ranks must be >= 0", (ranks >= 0).all()),
+        (f"an active rank exceeds max_rank={max_rank}", active.max() <= max_rank),
+        ("row_start[s] + ranks[:, s] must fit in the pool rows for every active slot",
+         (row_start[slots] >= 0).all() & ((row_start[slots].long() + active.max(0).values)
+                                           <= n_rows).all()),
+    ]
+    ok = torch.stack([c for _, c in conds]).tolist()  # the one host sync
+    for (msg, _), good in zip(conds, ok):
+        if not good:
+            raise ValueError(msg)
+
+
+def _block_m(max_seg_len: int) -> int:
+    return 16 if max_seg_len <= 16 else (32 if max_seg_len <= 32 else 64)
+
+
+def _block_r(max_rank: int) -> int:
+    return 16 if max_rank <= 16 else 32
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def shrink(x: torch.Tensor, a_pool: torch.Tensor, row_start: torch.Tensor, ranks: torch.Tensor,
+           sorted_tokens: torch.Tensor, seg_slots: torch.Tensor, seg_starts: torch.Tensor,
+           max_seg_len: int, max_rank: int, *, check_values: bool = True) -> torch.Tensor:
+    """LoRA shrink (d_in -> rank) for every token's own adapter, all slices in one launch.
+
+    Semantics:
+        y = zeros(n_slices, T, max_rank, float32)
+        for k, s in enumerate(seg_slots):
+            for t in sorted_tokens[seg_starts[k]:seg_starts[k + 1]]:
+                for i in range(n_slices):
+                    r = ranks[i, s]
+                    y[i, t, :r] = x[t] @ a_pool[i, row_start[s]:row_start[s] + r].T  # fp32 acc
+    Args:
+        x: [T, d_in] fp32/fp16/bf16, last dim contiguous.
+        a_pool: [n_slices, R, d_in], dtype of x, contiguous (rank rows of every slot).
+        row_start: [num_slots] int32. ranks: [n_slices, num_slots] int32 (0 = not adapted).
+        sorted_tokens: [T_a] int32; seg_slots: [S] int32; seg_starts: [S + 1] int32.
+        max_seg_len, max_rank: host ints bounding segment lengths and active ranks.
+        check_values: validate metadata values (one device->host sync).
+    Returns: y [n_slices, T, max_rank] float32; zero outside adapted (token, j < rank).
+    """
+    _check_tensor("x", x, _FLOAT_DTYPES, None, 2)
+    _check_tensor("a_pool", a_pool, (x.dtype,), x.device, 3)
+    if not a_pool.is_contiguous() or a_pool.shape[2] != x.shape[1] or a_pool.shape[0] < 1:
+        raise ValueError(f"a_pool must be contiguous [n_slices, R, d_in={x.shape[1]}], "
+                         f"got shape {tuple(a_pool.shape)}")
+    n_slices, n_rows, d_in = a_pool.shape
+    meta = (row_start, ranks, sorted_tokens, seg_slots, seg_starts, max_seg_len, max_rank)
+    _check_meta(x.device, n_slices, *meta)
+    if check_values:
+        _check_values(x.shape[0], n_rows, *meta)
+    y = torch.zeros((n_slices, x.shape[0], max_rank), dtype=torch.float32, device=x.device)
+    if seg_slots.numel() == 0 or max_rank == 0 or max_seg_len == 0 or d_in == 0:
+        return y
+    block_m, block_r = _block_m(max_seg_len), _block_r(max_rank)
+    r_tiles = triton.cdiv(max_rank, block_r)
+    grid = (triton.cdiv(max_seg_len, block_m) * r_tiles, n_slices, seg_slots.numel())
+    _shrink_kernel[grid](
+        x, a_pool, y, row_start, ranks, sorted_tokens, seg_slots, seg_starts,
+        d_in, n_rows, max_rank, ranks.stride(0), x.stride(0), a_pool.stride(0),
+        a_pool.stride(1), y.stride(0), y.stride(1),
+        R_TILES=r_tiles, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=64,
+        UPCAST=INTERPRET and x.dtype == torch.bfloat16)
+    return y
+
+
+def expand(y: torch.Tensor, b_pool: torch.Tensor, row_start: torch.Tensor, ranks: torch.Tensor,
+           slice_offsets: list[int], sorted_tokens: torch.Tensor, seg_slots: torch.Tensor,
+           seg_starts: torch.Tensor, max_seg_len: int, max_rank: int, out: torch.Tensor,
+           *, check_values: bool = True) -> None:
+    """LoRA expand (rank -> d_out) for every token's own adapter, added into `out` in place.
+
+    Semantics:
+        for k, s in enumerate(seg_slots):
+            for t in sorted_tokens[seg_starts[k]:seg_starts[k + 1]]:
+                for i in range(n_slices):
+                    r, lo, hi = ranks[i, s], slice_offsets[i], slice_offsets[i + 1]
+                    rows = b_pool[row_start[s]:row_start[s] + r, lo:hi]  # scale folded in
+                    out[t, lo:hi] = cast(float(out[t, lo:hi]) + y[i, t, :r] @ float(rows))
+    Args:
+        y: [n_slices, T, max_rank] float32, contiguous (the shrink output).
+        b_pool: [R, D_total] model dtype, contiguous; b_pool[row_start[s] + j, c] is
+            scale * lora_B[c - lo_i, j] (lora_B transposed).
+        slice_offsets: n_slices + 1 Python ints, 0 = off_0 < off_1 < ... = D_total.
+        out: [T, D_total] model dtype (dtype of b_pool), last dim contiguous; rows of tokens
+            without adapter and columns of rank-0 slices stay bit-identical.
+        Other args as in `shrink`.
+    """
+    _check_tensor("out", out, _FLOAT_DTYPES, None, 2)
+    _check_tensor("b_pool", b_pool, (out.dtype,), out.device, 2)
+    _check_tensor("y", y, (torch.float32,), out.device, 3)
+    n_slices, T = y.shape[0], out.shape[0]
+    _check_slices(slice_offsets, n_slices, out.shape[1])
+    if not b_pool.is_contiguous() or b_pool.shape[1] != out.shape[1]:
+        raise ValueError(f"b_pool must be contiguous [R, D_total={out.shape[1]}], "
+                         f"got shape {tuple(b_pool.shape)}")
+    if not y.is_contiguous() or tuple(y.shape) != (n_slices, T, max_rank):
+        raise ValueError(f"y must be contiguous [n_slices, T={T}, max_rank={max_rank}], "
+                         f"got shape {tuple(y.shape)}")
+    meta = (row_start, ranks, sorted_tokens, seg_slots, seg_starts, max_seg_len, max_rank)
+    _check_meta(out.device, n_slices, *meta)
+    if check_values:
+        _check_values(T, b_pool.shape[0], *meta)
+    if seg_slots.numel() == 0 or max_rank == 0 or max_seg_len == 0:
+        return
+    block_m, block_n = _block_m(max_seg_len), 64
+    widths = [hi - lo for lo, hi in zip(slice_offsets, slice_offsets[1:])]
+    n_tiles = triton.cdiv(max(widths), block_n)
+    offs = list(slice_offsets[1:]) + [slice_offsets[-1]] * (MAX_SLICES - n_slices)
+    grid = (triton.cdiv(max_seg_len, block_m) * n_tiles, n_slices, seg_slots.numel())
+    _expand_kernel[grid](
+        y, b_pool, out, row_start, ranks, sorted_tokens, seg_slots, seg_starts,
+        *offs, b_pool.shape[0], max_rank, ranks.stride(0), y.stride(0), y.stride(1),
+        b_pool.stride(0), out.stride(0),
+        N_TILES=n_tiles, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank),
+        PRECISION="ieee" if out.dtype == torch.float32 else "tf32")
+
+
+def _check_slices(slice_offsets: list[int], n_slices: int, d_total: int) -> None:
+    offs = list(slice_offsets) if isinstance(slice_offsets, (list, tuple)) else None
+    if offs is None or any(not isinstance(o, int) or isinstance(o, bool) for o in offs):
+        raise ValueError(f"slice_offsets must be a list of Python ints, got {slice_offsets!r}")
+    if not 1 <= n_slices <= MAX_SLICES or len(offs) != n_slices + 1:
+        raise ValueError(f"need 1 <= n_slices <= {MAX_SLICES} and len(slice_offsets) == "
+                         f"n_slices + 1; got n_slices={n_slices} (y.shape[0]), {offs}")
+    if offs[0] != 0 or offs[-1] != d_total or any(a >= b for a, b in zip(offs, offs[1:])):
+        raise ValueError(f"slice_offsets must rise strictly from 0 to D_total={d_total}, "
+                         f"got {offs}")
