@@ -35,7 +35,8 @@ def tiny_llama():
     return build_tiny_llama()
 
 
-def make_peft_adapter(model, folder: Path, *, r: int, alpha: float = 16.0, seed: int = 0, targets=SMOL_TARGETS, **extra) -> Path:
+def make_peft_adapter(model, folder: Path, *, r: int, alpha: float = 16.0, seed: int = 0, targets=SMOL_TARGETS,
+                      strength: float = 0.3, **extra) -> Path:
     """Have PEFT itself create and save a random (non-zero B) LoRA adapter for `model`."""
     from peft import LoraConfig, get_peft_model
     import copy
@@ -47,6 +48,33 @@ def make_peft_adapter(model, folder: Path, *, r: int, alpha: float = 16.0, seed:
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
-                p.mul_(0.3)
+                p.mul_(strength)
     peft_model.save_pretrained(folder)
     return folder
+
+
+def merged_model(base, adapter):
+    """A copy of `base` with W0 + s·B·A merged into every adapted linear (the reference)."""
+    import copy
+
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        for path, m in adapter.modules.items():
+            lin = model.get_submodule(path)
+            lin.weight += m.scale * (m.lora_b.double() @ m.lora_a.double()).to(lin.weight.dtype)
+    return model
+
+
+def random_adapter(specs, r: int, seed: int, *, std: float = 0.02, targets=None):
+    """A LoRAAdapter with random factors for every module in `specs` (or those whose name ends in `targets`)."""
+    from lorafold.server.lora.peft_format import LoRAAdapter, ModuleLoRA
+
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for path, spec in specs.items():
+        if targets is not None and path.rsplit(".", 1)[-1] not in targets:
+            continue
+        a = torch.randn(r, spec.in_features, generator=g) * std
+        b = torch.randn(spec.out_features, r, generator=g) * std
+        mods[path] = ModuleLoRA(lora_a=a, lora_b=b, scale=16.0 / r)
+    return LoRAAdapter(modules=mods, config={"r": r}, content_hash=f"{seed:064d}", nbytes=0, source="random")

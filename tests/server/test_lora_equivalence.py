@@ -10,17 +10,7 @@ import torch
 from lorafold.server.lora.context import lora_batch
 from lorafold.server.lora.peft_format import load_adapter
 from lorafold.server.lora.wrap import wrap_linears
-from tests.conftest import SMOL_TARGETS, build_tiny_llama, make_peft_adapter
-
-
-def merged_model(base, adapter):
-    """A copy of `base` with W0 + s·B·A merged into every adapted linear."""
-    model = copy.deepcopy(base)
-    with torch.no_grad():
-        for path, m in adapter.modules.items():
-            lin = model.get_submodule(path)
-            lin.weight += m.scale * (m.lora_b.double() @ m.lora_a.double()).to(lin.weight.dtype)
-    return model
+from tests.conftest import build_tiny_llama, make_peft_adapter, merged_model
 
 
 def mixed_batch_check(base, folders, tmp_path, rows_slots, seq_len=7):

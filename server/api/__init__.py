@@ -1,0 +1,1 @@
+"""The HTTP service: OpenAI-compatible inference, the adapter registry, metrics and health."""

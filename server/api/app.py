@@ -1,0 +1,103 @@
+"""The FastAPI application: one base model, the engine on its own thread, the registry."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from lorafold.server.api import routes_adapters, routes_openai
+from lorafold.server.api.errors import error_body, install_error_handlers
+from lorafold.server.api.metrics import Metrics
+from lorafold.server.api.registry import AdapterRegistry
+from lorafold.server.api.settings import ServerSettings
+from lorafold.server.engine.async_engine import AsyncEngine
+from lorafold.server.engine.config import EngineConfig
+from lorafold.server.engine.engine import LLMEngine
+from lorafold.server.models.loader import BaseModel, load_base_model
+
+logger = logging.getLogger(__name__)
+
+
+def engine_config(s: ServerSettings) -> EngineConfig:
+    return EngineConfig(
+        block_size=s.block_size, num_kv_blocks=s.kv_blocks, max_num_seqs=s.max_num_seqs,
+        max_num_batched_tokens=s.max_num_batched_tokens, max_prefill_chunk=s.max_prefill_chunk,
+        max_model_len=s.max_model_len, max_loras=s.max_loras, max_queue=s.max_queue,
+    )
+
+
+def create_app(settings: ServerSettings, *, base: BaseModel | None = None) -> FastAPI:
+    """Build the app. `base` lets a caller hand over an already loaded model (tests, embedding)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = app.state
+        model = base or load_base_model(settings.model)
+        engine = LLMEngine(model.model, model.tokenizer, engine_config(settings))
+        state.base_name = settings.served_model_name or model.name
+        state.tokenizer = model.tokenizer
+        state.vocab_size = model.model.config.vocab_size
+        state.metrics = Metrics(top_n=settings.metrics_top_adapters)
+        state.metrics.kv_total.set(settings.kv_blocks)
+        state.registry = AdapterRegistry(
+            settings.state_dir, settings.adapter_root, engine.runner.base_modules(),
+            max_rank=settings.max_adapter_rank, cpu_cache_bytes=settings.cpu_cache_bytes,
+        )
+        restored = state.registry.restore()
+        if restored:
+            logger.info("restored %d registered adapters: %s", len(restored), ", ".join(restored[:10]))
+        state.metrics.update_registry(state.registry)
+
+        def on_step(stats) -> None:  # noqa: ANN001 - engine thread
+            state.metrics.on_step(stats, engine.snapshot())
+
+        state.engine = AsyncEngine(engine, on_step=on_step)
+        state.engine.start()
+        state.started = int(time.time())
+        try:
+            yield
+        finally:
+            state.engine.shutdown()
+            state.registry.flush()
+
+    app = FastAPI(title="lorafold", version="0.1.0", lifespan=lifespan,
+                  description="One base model, many LoRA adapters, OpenAI-compatible API.")
+    app.state.settings = settings
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def cap_body(request: Request, call_next):  # noqa: ANN001, ANN202
+        limit = settings.max_upload_bytes + (1 << 20) if request.url.path == "/v1/adapters" else settings.max_request_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return JSONResponse(error_body(f"request body of {length} bytes exceeds the cap of {limit}",
+                                           "invalid_request_error", 413), status_code=413)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        engine = getattr(request.app.state, "engine", None)
+        if engine is None or not engine.running:
+            return JSONResponse({"status": "not ready"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        state = request.app.state
+        state.metrics.update_engine(await state.engine.call(lambda e: e.snapshot()))
+        state.metrics.update_registry(state.registry)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(routes_openai.router)
+    app.include_router(routes_adapters.router)
+    return app

@@ -1,0 +1,54 @@
+"""`lorafold serve`: build settings from the command line and run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from lorafold.server.api.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    kwargs = {}
+    mapping = {
+        "model": "model", "host": "host", "port": "port", "adapter_root": "adapter_root", "state_dir": "state_dir",
+        "admin_key": "admin_key", "max_loras": "max_loras", "max_num_seqs": "max_num_seqs",
+        "max_model_len": "max_model_len", "kv_blocks": "kv_blocks", "max_tokens_cap": "max_tokens_cap",
+        "max_queue": "max_queue",
+    }
+    for arg, field in mapping.items():
+        value = getattr(args, arg, None)
+        if value is not None:
+            kwargs[field] = value
+    keys = list(getattr(args, "api_key", None) or [])
+    if os.environ.get("LORAFOLD_API_KEYS"):
+        keys += [k.strip() for k in os.environ["LORAFOLD_API_KEYS"].split(",") if k.strip()]
+    kwargs["api_keys"] = tuple(keys)
+    if kwargs.get("admin_key") is None and os.environ.get("LORAFOLD_ADMIN_KEY"):
+        kwargs["admin_key"] = os.environ["LORAFOLD_ADMIN_KEY"]
+    cpu_mb = getattr(args, "cpu_cache_mb", None)
+    if cpu_mb is not None:
+        kwargs["cpu_cache_bytes"] = int(cpu_mb) << 20
+    return ServerSettings(**kwargs)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lorafold.server.api.app import create_app
+
+    settings = settings_from_args(args)
+    host = settings.bind_host()
+    if settings.open_access:
+        if settings.host != host:
+            logger.warning("no API key or admin key configured: binding to %s only, not %s "
+                           "(pass --api-key/--admin-key to serve other hosts)", host, settings.host)
+        else:
+            logger.warning("no API key or admin key configured: serving on %s only", host)
+    settings.adapter_root.mkdir(parents=True, exist_ok=True)
+    uvicorn.run(create_app(settings), host=host, port=settings.port,
+                log_level=str(getattr(args, "log_level", None) or "info").lower())
+    return 0

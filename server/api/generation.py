@@ -1,0 +1,132 @@
+"""One request's path from the API to the engine and back: resolve the model, check limits,
+load a cold adapter off the event loop, stream the engine's outputs, record metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from lorafold.server.api.errors import APIError, bad_request, not_found
+from lorafold.server.api.protocol import SamplingFields
+from lorafold.server.engine.engine import RequestOutput
+from lorafold.server.engine.sampling_params import SamplingParams
+from lorafold.server.engine.scheduler import QueueFullError
+from lorafold.server.lora.peft_format import AdapterError, LoRAAdapter
+
+
+@dataclass(slots=True)
+class ResolvedModel:
+    served_name: str  # what responses report in `model`
+    adapter_name: str | None
+    adapter: LoRAAdapter | None
+
+
+async def resolve_model(state, model: str | None) -> ResolvedModel:  # noqa: ANN001 - app.state
+    base_name = state.base_name
+    if model in (None, "", base_name):
+        return ResolvedModel(base_name, None, None)
+    registry = state.registry
+    if registry.get(model) is None:
+        known = ", ".join([base_name, *registry.names()][:20])
+        raise not_found(f"model {model!r} not found; available: {known}. Register adapters with POST /v1/adapters")
+    try:
+        # A cold adapter is read from disk in a worker thread: other requests keep streaming.
+        entry, adapter = await asyncio.to_thread(registry.load, model)
+    except KeyError as exc:  # deleted while we looked it up
+        raise not_found(f"model {model!r} was just deleted") from exc
+    except AdapterError as exc:
+        raise APIError(409, f"adapter {model!r} cannot be loaded: {exc}") from exc
+    state.metrics.update_registry(registry)
+    return ResolvedModel(model, model, adapter)
+
+
+def sampling_params(state, req: SamplingFields, *, logprobs: int | None) -> SamplingParams:  # noqa: ANN001
+    settings = state.settings
+    max_tokens = req.max_tokens or req.max_completion_tokens or settings.default_max_tokens
+    if max_tokens > settings.max_tokens_cap:
+        raise bad_request(f"max_tokens={max_tokens} exceeds this server's cap of {settings.max_tokens_cap}; ask for fewer")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return SamplingParams(
+            temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed, max_tokens=max_tokens,
+            stop=stop, stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
+        )
+    except ValueError as exc:
+        raise bad_request(str(exc)) from exc
+
+
+@dataclass(slots=True)
+class Generation:
+    """A running request: iterate `outputs()`; timing and usage are filled as it goes."""
+
+    request_id: str
+    model: ResolvedModel
+    prompt_ids: list[int]
+    params: SamplingParams
+    created: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+
+async def start_generation(state, req: SamplingFields, prompt_ids: list[int], *, logprobs: int | None,  # noqa: ANN001
+                           prefix: str) -> Generation:
+    model = await resolve_model(state, req.model)
+    params = sampling_params(state, req, logprobs=logprobs)
+    if len(prompt_ids) >= state.settings.max_model_len:
+        raise bad_request(f"the prompt has {len(prompt_ids)} tokens but the context limit is "
+                          f"{state.settings.max_model_len}; shorten the prompt")
+    return Generation(f"{prefix}-{uuid.uuid4().hex}", model, prompt_ids, params, int(time.time()),
+                      prompt_tokens=len(prompt_ids))
+
+
+async def stream_outputs(state, gen: Generation) -> AsyncIterator[RequestOutput]:  # noqa: ANN001
+    """Engine outputs of `gen`, with metrics; raises APIError before the first output on refusal."""
+    metrics = state.metrics
+    label = metrics.adapter_label(gen.model.adapter_name)
+    t0 = last = time.monotonic()
+    status = "error"
+    stream = state.engine.generate(gen.request_id, gen.prompt_ids, gen.params, gen.model.adapter, gen.model.adapter_name)
+    try:
+        first = True
+        async for out in _refusals_as_api_errors(stream):
+            now = time.monotonic()
+            if first:
+                metrics.ttft.observe(now - t0)
+                if out.queue_seconds is not None:
+                    metrics.queue.observe(out.queue_seconds)
+                first = False
+            elif out.token_ids:
+                metrics.itl.observe(now - last)
+            last = now
+            gen.completion_tokens = out.num_output_tokens or gen.completion_tokens
+            if out.finished:
+                gen.finish_reason = "length" if out.finish_reason == "length" else "stop"
+                status = out.finish_reason or "stop"
+                if out.error:
+                    raise APIError(400, out.error)
+            yield out
+    except (asyncio.CancelledError, GeneratorExit):
+        status = "aborted"
+        raise
+    finally:
+        await stream.aclose()
+        metrics.requests.labels(label, status).inc()
+        metrics.e2e.observe(time.monotonic() - t0)
+        metrics.prompt_tokens.labels(label).inc(gen.prompt_tokens)
+        metrics.generation_tokens.labels(label).inc(gen.completion_tokens)
+        if gen.model.adapter_name is not None:
+            state.registry.record_use(gen.model.adapter_name)
+
+
+async def _refusals_as_api_errors(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    try:
+        async for out in stream:
+            yield out
+    except QueueFullError as exc:
+        raise APIError(429, f"{exc}", "rate_limit_error", headers={"Retry-After": "1"}) from exc
+    except ValueError as exc:
+        raise bad_request(str(exc)) from exc

@@ -1,0 +1,125 @@
+"""The adapter registry routes (admin key): register by path or upload, list, delete; plus
+vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter aliases."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from fastapi import APIRouter, Depends, Request, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from lorafold.server.api.auth import require_admin
+from lorafold.server.api.errors import APIError, bad_request, not_found
+from lorafold.server.api.protocol import AdapterInfo, RegisterAdapterRequest, VLLMLoadRequest, VLLMUnloadRequest
+from lorafold.server.api.registry import PathNotAllowedError, Registration
+from lorafold.server.lora.peft_format import AdapterError
+
+router = APIRouter(dependencies=[Depends(require_admin)])
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
+
+
+async def _info(request: Request, entry: Registration) -> AdapterInfo:
+    state = request.app.state
+    resident = await state.engine.call(lambda e: e.snapshot()["device_resident_keys"])
+    key_prefix = f"{entry.name}@{entry.content_hash[:16]}"
+    tier = "device" if key_prefix in resident else ("cpu" if state.registry.in_cpu_cache(entry.content_hash) else "disk")
+    return AdapterInfo(name=entry.name, rank=entry.rank, ranks=entry.ranks, targets=entry.targets,
+                       size_bytes=entry.size_bytes, content_hash=entry.content_hash, tier=tier,
+                       last_used=entry.last_used, requests_served=entry.requests_served, source=entry.source,
+                       registered_at=entry.registered_at)
+
+
+def _check_name(request: Request, name: str) -> None:
+    if not _NAME.match(name) or len(name) > 128:
+        raise bad_request(f"adapter name {name!r} is invalid: use letters, digits, '.', '_', '-', '/' (max 128)")
+    if name == request.app.state.base_name:
+        raise bad_request(f"{name!r} is the base model's name; choose another adapter name")
+
+
+async def _register_path(request: Request, name: str, path: str) -> Registration:
+    _check_name(request, name)
+    registry = request.app.state.registry
+    try:
+        folder = registry.resolve_path(path)
+        entry = await asyncio.to_thread(registry.register_folder, name, folder, path)
+    except PathNotAllowedError as exc:
+        raise APIError(403, str(exc), "permission_error") from exc
+    except AdapterError as exc:
+        raise bad_request(f"adapter refused: {exc}") from exc
+    request.app.state.metrics.update_registry(registry)
+    return entry
+
+
+async def _read_capped(upload: UploadFile, cap: int, label: str) -> bytes:
+    data = await upload.read(cap + 1)
+    if len(data) > cap:
+        raise APIError(413, f"{label} is larger than the upload cap of {cap} bytes", code="payload_too_large")
+    return data
+
+
+@router.post("/v1/adapters", status_code=201)
+async def register_adapter(request: Request) -> JSONResponse:
+    ctype = request.headers.get("content-type", "")
+    state = request.app.state
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form(max_files=2, max_fields=4, max_part_size=state.settings.max_upload_bytes)
+        name, config, weights = form.get("name"), form.get("config"), form.get("weights")
+        if not isinstance(name, str) or not hasattr(config, "read") or not hasattr(weights, "read"):
+            raise bad_request("multipart upload needs a 'name' field and files 'config' (adapter_config.json) "
+                              "and 'weights' (adapter_model.safetensors)")
+        _check_name(request, name)
+        cap = state.settings.max_upload_bytes
+        config_bytes = await _read_capped(config, 1 << 20, "config")
+        weights_bytes = await _read_capped(weights, cap, "weights")
+        try:
+            entry = await asyncio.to_thread(state.registry.register_upload, name, config_bytes, weights_bytes)
+        except AdapterError as exc:
+            raise bad_request(f"adapter refused: {exc}") from exc
+        state.metrics.update_registry(state.registry)
+    else:
+        try:
+            body = RegisterAdapterRequest.model_validate(await request.json())
+        except ValueError as exc:
+            raise bad_request(f"expected JSON {{'name': ..., 'path': ...}} or a multipart upload: {exc}") from exc
+        entry = await _register_path(request, body.name, body.path)
+    return JSONResponse((await _info(request, entry)).model_dump(), status_code=201)
+
+
+@router.get("/v1/adapters")
+async def list_adapters(request: Request) -> dict:
+    infos = [await _info(request, e) for e in request.app.state.registry.entries()]
+    return {"object": "list", "data": [i.model_dump() for i in infos]}
+
+
+@router.get("/v1/adapters/{name:path}")
+async def get_adapter(name: str, request: Request) -> AdapterInfo:
+    entry = request.app.state.registry.get(name)
+    if entry is None:
+        raise not_found(f"adapter {name!r} is not registered")
+    return await _info(request, entry)
+
+
+@router.delete("/v1/adapters/{name:path}")
+async def delete_adapter(name: str, request: Request) -> dict:
+    state = request.app.state
+    # Requests in flight keep their own reference to the weights and finish normally.
+    if state.registry.delete(name) is None:
+        raise not_found(f"adapter {name!r} is not registered")
+    state.metrics.update_registry(state.registry)
+    return {"deleted": name}
+
+
+@router.post("/v1/load_lora_adapter")
+async def vllm_load(body: VLLMLoadRequest, request: Request) -> PlainTextResponse:
+    await _register_path(request, body.lora_name, body.lora_path)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def vllm_unload(body: VLLMUnloadRequest, request: Request) -> PlainTextResponse:
+    state = request.app.state
+    if state.registry.delete(body.lora_name) is None:
+        raise not_found(f"adapter {body.lora_name!r} is not registered")
+    state.metrics.update_registry(state.registry)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

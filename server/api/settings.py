@@ -1,0 +1,71 @@
+"""Server configuration: one slotted dataclass, validated on construction."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorafold.server.models.assets import cache_root
+
+LOCALHOST = "127.0.0.1"
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    """Everything the service needs to start.
+
+    model: base model (None = packaged SmolLM2; a local HF folder; a .gguf file).
+    adapter_root: folder under which adapters may be registered by path; nothing outside it.
+    state_dir: where registrations and their weights persist across restarts.
+    api_keys: bearer keys accepted on inference routes (none: inference is open).
+    admin_key: bearer key of the adapter registry routes.
+    When neither kind of key is set the server binds to localhost only.
+    """
+
+    model: str | None = None
+    host: str = LOCALHOST
+    port: int = 8000
+    adapter_root: Path = field(default_factory=lambda: Path(os.environ.get("LORAFOLD_ADAPTER_ROOT", "adapters")))
+    state_dir: Path = field(default_factory=lambda: cache_root() / "state")
+    api_keys: tuple[str, ...] = ()
+    admin_key: str | None = None
+    max_loras: int = 8
+    max_num_seqs: int = 32
+    max_model_len: int = 2048
+    kv_blocks: int = 1024
+    block_size: int = 16
+    max_num_batched_tokens: int = 512
+    max_prefill_chunk: int = 256
+    cpu_cache_bytes: int = 1 << 30
+    max_tokens_cap: int = 1024
+    default_max_tokens: int = 16
+    max_queue: int = 256
+    max_request_bytes: int = 1 << 20
+    max_upload_bytes: int = 512 << 20
+    max_adapter_rank: int = 512
+    metrics_top_adapters: int = 20
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        self.adapter_root = Path(self.adapter_root).expanduser()
+        self.state_dir = Path(self.state_dir).expanduser()
+        self.api_keys = tuple(k for k in self.api_keys if k)
+        for name in ("port", "max_loras", "max_num_seqs", "max_model_len", "kv_blocks", "block_size",
+                     "max_num_batched_tokens", "max_prefill_chunk", "max_tokens_cap", "max_queue",
+                     "max_request_bytes", "max_upload_bytes", "max_adapter_rank", "metrics_top_adapters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "port" else 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.cpu_cache_bytes < 0:
+            raise ValueError("cpu_cache_bytes must be >= 0")
+        if not 1 <= self.default_max_tokens <= self.max_tokens_cap:
+            raise ValueError("default_max_tokens must be between 1 and max_tokens_cap")
+
+    @property
+    def open_access(self) -> bool:
+        """No key configured: the service must stay on localhost."""
+        return not self.api_keys and self.admin_key is None
+
+    def bind_host(self) -> str:
+        return LOCALHOST if self.open_access else self.host

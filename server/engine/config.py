@@ -1,0 +1,72 @@
+"""Engine configuration: one slotted dataclass, validated on construction (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    # bool is an int subclass; `max_loras=True` is a bug, not a 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(slots=True, kw_only=True)
+class EngineConfig:
+    """Sizes and limits of the serving engine.
+
+    block_size: tokens per paged KV block.
+    num_kv_blocks: KV memory budget in blocks. The model runner measures free memory at start
+        and sets it (``dataclasses.replace(config, num_kv_blocks=n)``); the default is only
+        for tests and CPU runs.
+    max_num_seqs: most sequences RUNNING at once (= most sequences in one step).
+    max_num_batched_tokens: token budget of one step (decodes + prefill chunks). Must be
+        >= max_num_seqs so every running decode always gets its token.
+    max_prefill_chunk: a prompt is prefilled at most this many tokens per step, so one long
+        prompt never starves the running decodes.
+    max_model_len: context limit (prompt + generated tokens).
+    max_loras: device adapter slots = most distinct adapters in flight (and per step).
+    max_queue: most requests WAITING; `Scheduler.add` raises QueueFullError beyond it.
+    max_overtakes: a waiting request held back by the adapter cap may be overtaken by
+        requests behind it at most this many times; then it becomes a barrier (nothing
+        behind it is admitted until it is), which bounds its wait.
+    """
+
+    block_size: int = 16
+    num_kv_blocks: int = 1024
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_prefill_chunk: int = 256
+    max_model_len: int = 2048
+    max_loras: int = 8
+    max_queue: int = 1024
+    max_overtakes: int = 16
+
+    def __post_init__(self) -> None:
+        _check_int("block_size", self.block_size, 1)
+        _check_int("num_kv_blocks", self.num_kv_blocks, 1)
+        _check_int("max_num_seqs", self.max_num_seqs, 1)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        _check_int("max_prefill_chunk", self.max_prefill_chunk, 1)
+        _check_int("max_model_len", self.max_model_len, 2)
+        _check_int("max_loras", self.max_loras, 1)
+        _check_int("max_queue", self.max_queue, 1)
+        _check_int("max_overtakes", self.max_overtakes, 0)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}) so every running decode gets its token each step; "
+                "raise max_num_batched_tokens or lower max_num_seqs"
+            )
+        if self.max_prefill_chunk > self.max_num_batched_tokens:
+            raise ValueError(
+                f"max_prefill_chunk ({self.max_prefill_chunk}) must be <= max_num_batched_tokens "
+                f"({self.max_num_batched_tokens}); lower max_prefill_chunk"
+            )
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the whole KV cache holds."""
+        return self.num_kv_blocks * self.block_size

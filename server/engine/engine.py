@@ -1,0 +1,208 @@
+"""The synchronous engine: schedule -> load adapters -> run the model -> sample -> postprocess.
+
+Not thread-safe: `AsyncEngine` drives it from one background thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lorafold.server.engine.adapter_cache import AdapterSlotTable
+from lorafold.server.engine.block_manager import BlockManager
+from lorafold.server.engine.config import EngineConfig
+from lorafold.server.engine.detokenizer import IncrementalDetokenizer
+from lorafold.server.engine.model_runner import ModelRunner
+from lorafold.server.engine.sampler import TokenLogprobs, sample
+from lorafold.server.engine.sampling_params import SamplingParams
+from lorafold.server.engine.scheduler import Scheduler, SchedulerOutput
+from lorafold.server.engine.sequence import Sequence, SequenceStatus
+from lorafold.server.lora.peft_format import LoRAAdapter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request (deltas, not cumulative)."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    queue_seconds: float | None = None  # set on the request's first output: arrival -> first scheduled
+
+
+@dataclass(slots=True)
+class StepStats:
+    """Per-step numbers for metrics."""
+
+    num_tokens: int = 0
+    num_seqs: int = 0
+    num_adapters: int = 0
+    num_preempted: int = 0
+    adapter_loads: int = 0
+    adapter_load_seconds: float = 0.0
+    seconds: float = 0.0
+
+
+def adapter_key(name: str, adapter: LoRAAdapter) -> str:
+    """Identity of an adapter's weights in the engine: a re-registered name is a new key."""
+    return f"{name}@{adapter.content_hash[:16]}"
+
+
+class LLMEngine:
+    def __init__(self, hf_model: torch.nn.Module, tokenizer: object, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(hf_model, config)
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        self.adapter_table = AdapterSlotTable(config.max_loras)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.scheduler = Scheduler(
+            config, self.block_manager, eos_token_ids=[eos] if eos is not None else [], adapter_slots=self.adapter_table
+        )
+        self._adapters: dict[str, LoRAAdapter] = {}  # key -> weights, while requests need them
+        self._adapter_users: dict[str, int] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        self._arrival: dict[str, float] = {}
+        self._queue_seconds: dict[str, float] = {}  # until the first output reports it
+        self.last_step = StepStats()
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        adapter: LoRAAdapter | None = None,
+        adapter_name: str | None = None,
+    ) -> None:
+        """Queue a request. Raises ValueError (bad request) or QueueFullError."""
+        key = adapter_key(adapter_name or "adapter", adapter) if adapter is not None else None
+        vocab = self.runner.model.config.vocab_size
+        if any(t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be < vocab size {vocab}")
+        seq = Sequence(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params, adapter=key)
+        self.scheduler.add(seq)
+        if key is not None:
+            self._adapters[key] = adapter
+            self._adapter_users[key] = self._adapter_users.get(key, 0) + 1
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, stop=params.stop)
+        if params.seed is not None:
+            self._generators[request_id] = torch.Generator().manual_seed(params.seed)
+        self._arrival[request_id] = time.monotonic()
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.scheduler.abort(request_id)
+        if seq is not None:
+            self._forget(seq)
+        return seq is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        stats = StepStats(num_preempted=len(out.preempted))
+        outputs = [self._error_output(seq) for seq in out.finished]
+        for seq in out.finished:
+            self._forget(seq)
+        t_load = time.perf_counter()
+        for load in out.adapter_loads:
+            self.runner.load_adapter(load.slot, self._adapters[load.name])
+        stats.adapter_loads, stats.adapter_load_seconds = len(out.adapter_loads), time.perf_counter() - t_load
+        now = time.monotonic()
+        for chunk in out.chunks:
+            arrived = self._arrival.pop(chunk.seq.request_id, None)
+            if arrived is not None:
+                self._queue_seconds[chunk.seq.request_id] = now - arrived
+        if out.chunks:
+            outputs += self._run(out)
+        stats.num_tokens = out.num_batched_tokens
+        stats.num_seqs = len(out.chunks)
+        stats.num_adapters = len({c.seq.adapter for c in out.chunks if c.seq.adapter is not None})
+        stats.seconds = time.perf_counter() - t0
+        self.last_step = stats
+        return outputs
+
+    def _run(self, out: SchedulerOutput) -> list[RequestOutput]:
+        logits = self.runner.execute(out.chunks)
+        sampling = [c.seq for c in out.chunks if c.sample]
+        params = [s.sampling_params for s in sampling]
+        gens = [self._generators.get(s.request_id) for s in sampling]
+        tokens, logprobs = sample(logits, params, gens)
+        self.scheduler.postprocess(out, {s.request_id: t for s, t in zip(sampling, tokens)})
+        outputs = []
+        for seq, token, lp in zip(sampling, tokens, logprobs):
+            outputs.append(self._token_output(seq, token, lp))
+        return outputs
+
+    def _token_output(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> RequestOutput:
+        rid = seq.request_id
+        detok = self._detok[rid]
+        text = detok.add(token)
+        if detok.finished and not seq.is_finished:  # a stop string matched
+            self.scheduler.finish(rid, SequenceStatus.FINISHED_STOPPED, stop_reason=detok.stop_string)
+        if seq.is_finished and not detok.finished:
+            text += detok.flush()
+        result = RequestOutput(
+            request_id=rid, token_ids=[token], text=text, logprobs=[lp] if lp is not None else [],
+            finished=seq.is_finished, finish_reason=seq.status.finish_reason if seq.is_finished else None,
+            num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+            queue_seconds=self._queue_seconds.pop(rid, None),
+        )
+        if seq.is_finished:
+            self._forget(seq)
+        return result
+
+    def _error_output(self, seq: Sequence) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id, finished=True, finish_reason=seq.finish_reason or "error",
+            error=seq.error, num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+        )
+
+    def _forget(self, seq: Sequence) -> None:
+        """Drop per-request state; release the adapter weights when no request needs them."""
+        self._detok.pop(seq.request_id, None)
+        self._generators.pop(seq.request_id, None)
+        self._arrival.pop(seq.request_id, None)
+        self._queue_seconds.pop(seq.request_id, None)
+        key = seq.adapter
+        if key is not None and key in self._adapter_users:
+            self._adapter_users[key] -= 1
+            if self._adapter_users[key] == 0:
+                del self._adapter_users[key]
+                del self._adapters[key]
+
+    def snapshot(self) -> dict:
+        """Counts for metrics and health; call on the engine thread."""
+        info = self.scheduler.lora_requests_info()
+        for label in ("running_lora_adapters", "waiting_lora_adapters"):
+            names = {key.rsplit("@", 1)[0] for key in info[label].split(",") if key}
+            info[label] = ",".join(sorted(names))
+        bm, table = self.block_manager, self.adapter_table
+        return {
+            "running": self.scheduler.num_running,
+            "waiting": self.scheduler.num_waiting,
+            "kv_used": bm.num_blocks - bm.num_free_blocks,
+            "kv_total": bm.num_blocks,
+            "device_resident": len(table.resident()),
+            "device_resident_keys": sorted(table.resident()),
+            "device_hits": table.stats.hits,
+            "device_evictions": table.stats.evictions,
+            "lora_info": info,
+        }

@@ -1,0 +1,83 @@
+"""The model runner: owns every tensor of the engine (weights, adapter pools, KV cache).
+
+It turns one scheduler step (prefill chunks and decode tokens of many sequences, each with
+its own adapter slot) into a single flat forward over the paged KV cache and returns the
+logits of the rows that sample. The scheduler and its bookkeeping never see a tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from lorafold.server.engine.attention import build_attention_metadata
+from lorafold.server.engine.config import EngineConfig
+from lorafold.server.engine.llama import LeanLlama
+from lorafold.server.engine.scheduler import ScheduledChunk
+from lorafold.server.lora.context import lora_batch
+from lorafold.server.lora.peft_format import LoRAAdapter, ModuleSpec
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, hf_model: nn.Module, config: EngineConfig, *, lora_rows_per_slot: int = 16) -> None:
+        self.config = config
+        self.device = next(hf_model.parameters()).device
+        self.dtype = next(hf_model.parameters()).dtype
+        self.model = LeanLlama(hf_model, num_slots=config.max_loras, rows=config.max_loras * lora_rows_per_slot)
+        shape = (config.num_kv_blocks * config.block_size, self.model.num_kv_heads, self.model.head_dim)
+        # The KV budget is reserved once, at start: [slots, kv_heads, head_dim] per layer for K and V.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in self.model.layers
+        ]
+        logger.info("KV cache: %d blocks of %d tokens, %.0f MiB", config.num_kv_blocks, config.block_size, self.kv_bytes / 2**20)
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
+
+    def base_modules(self) -> dict[str, ModuleSpec]:
+        return self.model.slots.base_modules()
+
+    def load_adapter(self, slot: int, adapter: LoRAAdapter) -> None:
+        self.model.slots.fill(slot, adapter)
+
+    def clear_adapter(self, slot: int) -> None:
+        self.model.slots.clear(slot)
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Run one step. Returns logits [n_sampling_chunks, vocab] in the order of the chunks
+        whose `sample` flag is set."""
+        bs = self.config.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        token_slots: list[int] = []
+        seqs: list[tuple[int, int, int, list[int]]] = []
+        rows: list[int] = []
+        for chunk in chunks:
+            seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
+            q_start = len(ids)
+            ids.extend(seq.token_ids(start, start + n))
+            positions.extend(range(start, start + n))
+            table = seq.block_table
+            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            token_slots.extend([seq.lora_slot] * n)
+            seqs.append((q_start, n, start + n, table))
+            if chunk.sample:
+                rows.append(len(ids) - 1)
+        attn_meta = build_attention_metadata(slot_mapping, seqs, bs, self.device)
+        lora_meta = self.model.slots.meta(token_slots) if any(s >= 0 for s in token_slots) else None
+        with lora_batch(lora_meta):
+            return self.model(
+                torch.tensor(ids, device=self.device),
+                torch.tensor(positions, device=self.device),
+                self.kv_caches,
+                attn_meta,
+                torch.tensor(rows, dtype=torch.int64, device=self.device),
+            )

@@ -1,0 +1,390 @@
+"""Iteration-level scheduler with chunked prefill, recompute preemption and an adapter cap.
+
+Torch-free. The engine loop is: `out = schedule()` -> load `out.adapter_loads` -> run the
+model on `out.chunks` -> `postprocess(out, sampled)`. Stop strings are found by the
+detokenizer, which then calls `finish(request_id)`.
+
+Rules of `schedule()` (one step):
+
+1. RUNNING sequences first, oldest arrival first. A decode (one uncomputed token) always
+   gets its token: the budget for prefill chunks of running sequences is what is left after
+   reserving one token for every running decode (max_num_batched_tokens >= max_num_seqs is
+   enforced by EngineConfig). A partially prefilled sequence gets its next chunk of at most
+   max_prefill_chunk tokens.
+2. KV pressure: when a running sequence cannot get even one block, the most recently
+   arrived running sequence not yet scheduled this step is preempted (recompute: blocks
+   freed, num_computed_tokens = 0, outputs kept, put at the FRONT of the waiting queue,
+   adapter slot unpinned) until it fits; if it is itself the newest, it is preempted. A
+   prefill chunk is shortened to the space there is before anything is preempted for it.
+3. WAITING sequences are admitted FCFS, only in steps with no preemption (else the victim
+   would be readmitted at once and thrash). Admission needs a free seat (max_num_seqs),
+   budget left, and KV blocks for ALL its known tokens (allocated at once, so a chunked
+   prefill never stalls half-way for lack of blocks). If the head lacks seats, budget or
+   blocks, admission stops: no overtaking for capacity.
+4. Adapter cap: a running sequence pins its adapter's slot, and there are max_loras slots,
+   so distinct adapters in flight (and per step) never exceed max_loras. A waiting request
+   whose adapter is neither resident nor placeable (every slot pinned) is skipped and the
+   requests behind it may go first; each time one does, its `num_overtaken` grows. Once it
+   reaches config.max_overtakes it becomes a barrier: nothing behind it is admitted until it
+   is. Running sequences finish (max_tokens / max_model_len bound them), their slots unpin,
+   so it is admitted after a bounded wait: no starvation.
+5. A sequence whose known tokens need more blocks than the whole cache is finished with
+   finish_reason "error" (listed in `SchedulerOutput.finished`) instead of looping.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from lorafold.server.engine.adapter_cache import AdapterSlotTable
+from lorafold.server.engine.block_manager import BlockManager
+from lorafold.server.engine.config import EngineConfig
+from lorafold.server.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at max_queue; the caller should answer 429 / retry later."""
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """Compute KV for positions [start, start + num_tokens) of `seq` in this step.
+
+    is_prefill: False only for a plain decode (the single last token, an output token).
+    sample: the chunk reaches the end of the known tokens, so the model samples the next one.
+    """
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    is_prefill: bool
+    sample: bool
+
+    def __post_init__(self) -> None:
+        end = self.start + self.num_tokens
+        if self.num_tokens < 1 or self.start != self.seq.num_computed_tokens or end > self.seq.num_tokens:
+            raise ValueError(
+                f"bad chunk for {self.seq!r}: start={self.start} num_tokens={self.num_tokens}; "
+                "start must equal num_computed_tokens and the chunk must lie within the known tokens"
+            )
+        if self.sample != (end == self.seq.num_tokens):
+            raise ValueError(
+                f"chunk of {self.seq.request_id}: sample must be True exactly when it reaches the last token"
+            )
+
+    @classmethod
+    def next_of(cls, seq: Sequence, num_tokens: int) -> ScheduledChunk:
+        start = seq.num_computed_tokens
+        end = start + num_tokens
+        decode = num_tokens == 1 and end == seq.num_tokens and start >= seq.num_prompt_tokens
+        return cls(seq, start, num_tokens, is_prefill=not decode, sample=end == seq.num_tokens)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids(self.start, self.start + self.num_tokens)
+
+    @property
+    def positions(self) -> range:
+        return range(self.start, self.start + self.num_tokens)
+
+
+@dataclass(slots=True)
+class AdapterLoad:
+    """The engine must load adapter `name` into device slot `slot` before running the step."""
+
+    name: str
+    slot: int
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One step's plan. chunks: what the model computes (each sequence at most once).
+    preempted: sent back to the waiting queue this step (KV freed; for metrics).
+    finished: ended by the scheduler itself (finish_reason "error": can never fit the cache).
+    adapter_loads: adapters to load into their slots before running the chunks."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)  # ended by the scheduler (errors)
+    adapter_loads: list[AdapterLoad] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        ids = [c.seq.request_id for c in self.chunks]
+        if len(ids) != len(set(ids)):
+            raise ValueError("a sequence appears twice in one step")
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: EngineConfig,
+        block_manager: BlockManager,
+        *,
+        eos_token_ids: Iterable[int] = (),
+        adapter_slots: AdapterSlotTable | None = None,
+    ) -> None:
+        if block_manager.block_size != config.block_size:
+            raise ValueError(f"block manager block_size {block_manager.block_size} != config {config.block_size}")
+        self.config = config
+        self.block_manager = block_manager
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.adapter_slots = adapter_slots if adapter_slots is not None else AdapterSlotTable(config.max_loras)
+        if self.adapter_slots.num_slots > config.max_loras:
+            raise ValueError(f"adapter table has {self.adapter_slots.num_slots} slots > max_loras {config.max_loras}")
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # sorted by (arrival_time, submission order)
+        self._requests: dict[str, Sequence] = {}  # every unfinished sequence
+        self._order: dict[str, int] = {}
+        self._counter = itertools.count()
+
+    # ---- queries -------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._requests.get(request_id)
+
+    def running_adapters(self) -> set[str]:
+        return {s.adapter for s in self.running if s.adapter is not None}
+
+    def waiting_adapters(self) -> set[str]:
+        """Adapters the waiting queue will need (also what to prefetch to host memory)."""
+        return {s.adapter for s in self.waiting if s.adapter is not None}
+
+    def lora_requests_info(self) -> dict[str, str]:
+        """Labels of vLLM's `vllm:lora_requests_info` gauge (comma-joined, as gateways expect)."""
+        return {
+            "max_lora": str(self.config.max_loras),
+            "running_lora_adapters": ",".join(sorted(self.running_adapters())),
+            "waiting_lora_adapters": ",".join(sorted(self.waiting_adapters())),
+        }
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new request. Raises QueueFullError, or ValueError for a bad request."""
+        if seq.status is not SequenceStatus.WAITING or seq.num_computed_tokens or seq.block_table:
+            raise ValueError(f"{seq!r} is not a fresh WAITING sequence")
+        if seq.request_id in self._requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in flight; use a unique id")
+        if seq.num_prompt_tokens >= self.config.max_model_len:
+            raise ValueError(
+                f"request {seq.request_id}: the prompt has {seq.num_prompt_tokens} tokens but the context limit "
+                f"(max_model_len) is {self.config.max_model_len}, leaving no room to generate; shorten the prompt"
+            )
+        if len(self.waiting) >= self.config.max_queue:
+            raise QueueFullError(f"the waiting queue is full ({self.config.max_queue} requests); retry later")
+        self._requests[seq.request_id] = seq
+        self._order[seq.request_id] = next(self._counter)
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """End a request wherever it is, freeing its blocks and adapter pin at once."""
+        seq = self._requests.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq, SequenceStatus.FINISHED_ABORTED)
+        return seq
+
+    def finish(
+        self,
+        request_id: str,
+        status: SequenceStatus = SequenceStatus.FINISHED_STOPPED,
+        stop_reason: int | str | None = None,
+    ) -> Sequence | None:
+        """End a request for a reason found outside the scheduler (e.g. a stop string)."""
+        if not status.is_finished:
+            raise ValueError(f"finish needs a FINISHED_* status, got {status}")
+        seq = self._requests.get(request_id)
+        if seq is None:
+            return None
+        seq.stop_reason = stop_reason
+        self._finish(seq, status)
+        return seq
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out)
+        # As in vLLM: no admission in a step that preempted. With whole-footprint admission
+        # and the victim at the head of the queue this cannot change the outcome today; it
+        # keeps a victim from being readmitted at once if those rules ever change.
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput) -> int:
+        cfg, bm = self.config, self.block_manager
+        budget = cfg.max_num_batched_tokens
+        queue = deque(self.running)
+        pending_decodes = sum(1 for s in queue if s.num_uncomputed == 1)
+        while queue:
+            seq = queue.popleft()
+            decode = seq.num_uncomputed == 1
+            if decode:
+                pending_decodes -= 1
+            if self._never_fits(seq, out):
+                continue
+            want = 1 if decode else min(seq.num_uncomputed, cfg.max_prefill_chunk, budget - pending_decodes)
+            if want < 1:
+                continue  # no budget left for this prefill chunk this step; it stays RUNNING
+            while bm.max_new_tokens(seq) < 1:
+                victim = queue.pop() if queue else seq
+                if victim is not seq and victim.num_uncomputed == 1:
+                    pending_decodes -= 1  # its reserved decode token is no longer needed
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                num = min(want, bm.max_new_tokens(seq))
+                bm.allocate(seq, num)
+                out.chunks.append(ScheduledChunk.next_of(seq, num))
+                budget -= num
+        return budget
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        cfg, bm, slots = self.config, self.block_manager, self.adapter_slots
+        held: list[Sequence] = []  # skipped for the adapter cap this step
+        kept: deque[Sequence] = deque()
+        while self.waiting:
+            seq = self.waiting[0]
+            if len(self.running) >= cfg.max_num_seqs or budget < 1:
+                break
+            if self._never_fits(seq, out):
+                continue  # _finish removed it from the queue
+            if seq.adapter is not None and not slots.can_acquire(seq.adapter):
+                if seq.num_overtaken >= cfg.max_overtakes:
+                    break  # barrier: it goes next, nothing behind it first
+                held.append(seq)
+                kept.append(self.waiting.popleft())
+                continue
+            if bm.num_new_blocks(seq, seq.num_uncomputed) > bm.num_free_blocks:
+                break  # strict FCFS for KV space
+            self.waiting.popleft()
+            self._start(seq, out)
+            num = min(seq.num_uncomputed, cfg.max_prefill_chunk, budget)
+            out.chunks.append(ScheduledChunk.next_of(seq, num))
+            budget -= num
+            for h in held:
+                h.num_overtaken += 1
+        self.waiting.extendleft(reversed(kept))
+
+    def _start(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.block_manager.allocate(seq, seq.num_uncomputed)
+        if seq.adapter is not None:
+            slot, needs_load = self.adapter_slots.acquire(seq.adapter)
+            seq.lora_slot = slot
+            if needs_load:
+                out.adapter_loads.append(AdapterLoad(seq.adapter, slot))
+        seq.status = SequenceStatus.RUNNING
+        self._insert_running(seq)
+
+    def _insert_running(self, seq: Sequence) -> None:
+        key = self._key(seq)
+        i = len(self.running)
+        while i > 0 and self._key(self.running[i - 1]) > key:
+            i -= 1
+        self.running.insert(i, seq)
+
+    def _key(self, seq: Sequence) -> tuple[float, int]:
+        return seq.arrival_time, self._order[seq.request_id]
+
+    def _never_fits(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        need = self.block_manager.blocks_needed(seq.num_tokens)
+        if need <= self.block_manager.num_blocks:
+            return False
+        seq.error = (
+            f"request {seq.request_id} needs {need} KV blocks for {seq.num_tokens} tokens but the cache has only "
+            f"{self.block_manager.num_blocks}; raise num_kv_blocks or lower max_tokens / max_model_len"
+        )
+        logger.warning(seq.error)
+        self._finish(seq, SequenceStatus.FINISHED_ABORTED, reason="error")
+        out.finished.append(seq)
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self._release(seq)
+        self.running.remove(seq)
+        seq.status = SequenceStatus.PREEMPTED
+        seq.num_computed_tokens = 0  # recompute prompt + outputs when readmitted
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        logger.debug("preempted %s (KV blocks exhausted)", seq.request_id)
+
+    def _release(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        if seq.lora_slot >= 0:
+            self.adapter_slots.unpin(seq.lora_slot)
+            seq.lora_slot = -1
+
+    def _finish(self, seq: Sequence, status: SequenceStatus, reason: str | None = None) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = status
+        seq.finish_reason = reason or status.finish_reason
+        del self._requests[seq.request_id]
+        del self._order[seq.request_id]
+
+    # ---- after the model ran -------------------------------------------------------------
+
+    def postprocess(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+        """Advance progress by the chunks that ran; append sampled tokens; return new finishes."""
+        finished: list[Sequence] = []
+        for chunk in output.chunks:
+            seq = chunk.seq
+            if seq.is_finished or seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted / finished while the step ran
+            if seq.num_computed_tokens != chunk.start:
+                raise RuntimeError(f"{seq!r} moved since it was scheduled at {chunk.start}; postprocess once per step")
+            seq.num_computed_tokens += chunk.num_tokens
+            if not chunk.sample:
+                continue
+            if seq.request_id not in sampled:
+                raise KeyError(f"no sampled token for {seq.request_id}, whose chunk had sample=True")
+            token = sampled[seq.request_id]
+            seq.output_token_ids.append(token)
+            status = self._stop_status(seq, token)
+            if status is not None:
+                self._finish(seq, status)
+                finished.append(seq)
+        return finished
+
+    def _stop_status(self, seq: Sequence, token: int) -> SequenceStatus | None:
+        params = seq.sampling_params
+        if token in self.eos_token_ids and not params.ignore_eos:
+            seq.stop_reason = None  # as in OpenAI / vLLM: EOS is the natural end, no stop_reason
+            return SequenceStatus.FINISHED_STOPPED
+        if token in params.stop_token_ids:
+            seq.stop_reason = token
+            return SequenceStatus.FINISHED_STOPPED
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return SequenceStatus.FINISHED_LENGTH
+        return None
