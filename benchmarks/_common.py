@@ -1,0 +1,48 @@
+"""Shared benchmark helpers: timing, machine rates for roofline bounds, result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def timeit(fn: Callable[[], object], reps: int) -> float:
+    """Median wall time of `fn` over `reps` runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine_rates() -> dict[str, float]:
+    """Measured read bandwidth (bytes/s) and fp32 matmul rate (FLOP/s) of this machine."""
+    big = torch.randn(128 * 1024 * 1024 // 4)
+    bw = big.numel() * 4 / timeit(big.sum, 5)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    rate = 2 * 1024**3 / timeit(lambda: a @ b, 10)
+    return {"read_bandwidth_Bps": bw, "matmul_flops": rate, "threads": torch.get_num_threads(),
+            "platform": platform.platform()}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))
+    return s[k]
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2))
+    return out

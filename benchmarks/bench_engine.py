@@ -1,0 +1,208 @@
+"""Serving throughput and latency of the engine on SmolLM2, mixed adapters vs the base.
+
+    python benchmarks/bench_engine.py [--requests 64] [--out benchmarks/results/engine.json]
+
+64 requests (prompt lengths 32-256, max_tokens 16-256, fixed seed, greedy, all arriving at
+t=0) through the engine: (a) all on the base model, (b) 8 rank-16 adapters with zipf
+popularity, (c) 64 distinct rank-16 adapters, (d) 64 adapters of mixed ranks 8-128; against
+(e) transformers `generate` one request at a time and (f) transformers `generate` in padded
+static batches of 16 (base only). (e) and (f) run on a subset (--hf-requests) and report
+tokens/s over it: running all 64 one by one would take tens of minutes here.
+
+Next to each engine scenario, the roofline bound of its average decode step: max(bytes read /
+measured bandwidth, FLOPs / measured matmul rate); bytes = base weights + the distinct
+adapters' weights + the KV cache read; the "relative" column compares each scenario's
+bound-normalised throughput with (a)'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import sys
+import time
+
+import torch
+
+from benchmarks._common import machine_rates, percentile, write_json
+from lorafold.server.engine.config import EngineConfig
+from lorafold.server.engine.engine import LLMEngine
+from lorafold.server.engine.sampling_params import SamplingParams
+from lorafold.server.lora.peft_format import LoRAAdapter, ModuleLoRA
+from lorafold.server.models.loader import load_base_model
+
+
+def random_adapter(specs, r: int, seed: int) -> LoRAAdapter:  # noqa: ANN001
+    g = torch.Generator().manual_seed(seed)
+    mods = {p: ModuleLoRA(torch.randn(r, s.in_features, generator=g) * 0.01,
+                          torch.randn(s.out_features, r, generator=g) * 0.01, 2.0) for p, s in specs.items()}
+    return LoRAAdapter(modules=mods, config={"r": r}, content_hash=f"{seed:064d}", nbytes=0)
+
+
+def adapter_bytes(ad: LoRAAdapter) -> int:
+    return sum(m.lora_a.numel() + m.lora_b.numel() for m in ad.modules.values()) * 4
+
+
+def make_requests(n: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(100, vocab) for _ in range(rng.randint(32, 256))], rng.randint(16, 256)) for _ in range(n)]
+
+
+def run_engine(engine: LLMEngine, requests, assign) -> dict:  # noqa: ANN001
+    """All requests at t=0; returns throughput and latency numbers."""
+    start = time.perf_counter()
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    gaps: list[float] = []
+    generated = 0
+    step_tokens, step_seqs, step_adapters = [], [], []
+    for i, (prompt, max_tokens) in enumerate(requests):
+        adapter, name = assign(i)
+        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                           adapter, name)
+    while engine.has_unfinished():
+        outs = engine.step()
+        now = time.perf_counter()
+        st = engine.last_step
+        if st.num_seqs and all(o.token_ids for o in outs) and st.num_tokens == st.num_seqs:
+            step_seqs.append(st.num_seqs)
+            step_adapters.append(st.num_adapters)
+        step_tokens.append(st.num_tokens)
+        for o in outs:
+            if not o.token_ids:
+                continue
+            generated += len(o.token_ids)
+            if o.request_id not in first:
+                first[o.request_id] = now - start
+            else:
+                gaps.append(now - last[o.request_id])
+            last[o.request_id] = now
+    wall = time.perf_counter() - start
+    ttft = list(first.values())
+    return {"generated_tokens": generated, "seconds": wall, "tokens_per_s": generated / wall,
+            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+            "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99),
+            "mean_decode_batch": sum(step_seqs) / max(1, len(step_seqs)),
+            "mean_decode_adapters": sum(step_adapters) / max(1, len(step_adapters))}
+
+
+def decode_bound(base_bytes: int, base_params: int, batch: float, adapters_bytes: float, kv_bytes: float,
+                 rates: dict) -> float:
+    """Seconds per decode step at the roofline."""
+    flops = 2 * batch * base_params
+    return max((base_bytes + adapters_bytes + kv_bytes) / rates["read_bandwidth_Bps"], flops / rates["matmul_flops"])
+
+
+def hf_one_by_one(model, requests) -> dict:  # noqa: ANN001
+    gen = 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for prompt, max_tokens in requests:
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                 do_sample=False, pad_token_id=0)
+            gen += out.shape[1] - ids.shape[1]
+    wall = time.perf_counter() - t0
+    return {"generated_tokens": gen, "seconds": wall, "tokens_per_s": gen / wall}
+
+
+def hf_static_batches(model, requests, batch: int = 16) -> dict:  # noqa: ANN001
+    gen = 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(requests), batch):
+            group = requests[i : i + batch]
+            width = max(len(p) for p, _ in group)
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, (p, _) in enumerate(group):  # left padding, as generate expects for decoder-only models
+                ids[j, width - len(p):] = torch.tensor(p)
+                mask[j, width - len(p):] = 1
+            steps = max(m for _, m in group)
+            model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                           pad_token_id=0)
+            gen += sum(m for _, m in group)  # tokens the requests asked for; the rest is padding work
+    wall = time.perf_counter() - t0
+    return {"generated_tokens": gen, "seconds": wall, "tokens_per_s": gen / wall}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--hf-requests", type=int, default=16)
+    parser.add_argument("--scenarios", default="a,b,c,d,e,f")
+    parser.add_argument("--out", default="benchmarks/results/engine.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rates = machine_rates()
+    bm = load_base_model()
+    base = bm.model
+    vocab = base.config.vocab_size
+    requests = make_requests(args.requests, vocab, seed=0)
+    cfg = EngineConfig(block_size=16, num_kv_blocks=2304, max_num_seqs=64, max_num_batched_tokens=512,
+                       max_prefill_chunk=256, max_model_len=1024, max_loras=64, max_queue=1024)
+    engine = LLMEngine(copy.deepcopy(base), bm.tokenizer, cfg)
+    specs = engine.runner.base_modules()
+    base_params = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear))
+    base_bytes = base_params * 4
+    kv_per_token = 2 * base.config.num_hidden_layers * base.config.num_key_value_heads * (base.config.hidden_size // base.config.num_attention_heads) * 4
+    mean_ctx = sum(len(p) + m / 2 for p, m in requests) / len(requests)
+    rng = random.Random(1)
+    rank16 = [random_adapter(specs, 16, 100 + i) for i in range(64)]
+    mixed_ranks = [rng.choice([8, 16, 32, 64, 128]) for _ in range(64)]
+    mixed = [random_adapter(specs, r, 300 + i) for i, r in enumerate(mixed_ranks)]
+    zipf_w = [1 / k for k in range(1, 9)]
+    zipf_choice = [rng.choices(range(8), weights=zipf_w)[0] for _ in range(args.requests)]
+    assigns = {
+        "a": ("all on the base", lambda i: (None, None), []),
+        "b": ("8 rank-16 adapters, zipf", lambda i: (rank16[zipf_choice[i]], f"z{zipf_choice[i]}"), rank16[:8]),
+        "c": ("64 distinct rank-16 adapters", lambda i: (rank16[i % 64], f"d{i % 64}"), rank16),
+        "d": ("64 adapters, ranks 8-128", lambda i: (mixed[i % 64], f"m{i % 64}"), mixed),
+    }
+    rows = []
+    wanted = args.scenarios.split(",")
+    for key, (label, assign, pool) in assigns.items():
+        if key not in wanted:
+            continue
+        res = run_engine(engine, requests, assign)
+        batch = res["mean_decode_batch"]
+        distinct = res["mean_decode_adapters"]
+        mean_adapter = sum(adapter_bytes(a) for a in pool) / len(pool) if pool else 0.0
+        res["bound_step_s"] = decode_bound(base_bytes, base_params, batch, distinct * mean_adapter,
+                                           batch * mean_ctx * kv_per_token, rates)
+        res["bound_tokens_per_s"] = batch / res["bound_step_s"]
+        rows.append({"scenario": key, "label": label, **res})
+    hf_subset = requests[: args.hf_requests]
+    if "e" in wanted:
+        rows.append({"scenario": "e", "label": f"HF generate, one at a time ({len(hf_subset)} requests)",
+                     **hf_one_by_one(base, hf_subset)})
+    if "f" in wanted:
+        rows.append({"scenario": "f", "label": f"HF generate, static batches of 16 ({len(hf_subset)} requests)",
+                     **hf_static_batches(base, hf_subset)})
+    a = next((r for r in rows if r["scenario"] == "a"), None)
+    for r in rows:
+        if a is not None and "bound_tokens_per_s" in r:
+            # fraction of (a)'s throughput this scenario keeps, relative to what its roofline allows
+            r["vs_a"] = r["tokens_per_s"] / a["tokens_per_s"]
+            r["vs_a_over_bound_ratio"] = r["vs_a"] / (r["bound_tokens_per_s"] / a["bound_tokens_per_s"])
+        elif a is not None:
+            r["a_speedup_over_this"] = a["tokens_per_s"] / r["tokens_per_s"]
+    print(f"machine: {rates['read_bandwidth_Bps'] / 1e9:.1f} GB/s read, {rates['matmul_flops'] / 1e9:.0f} GFLOP/s fp32, "
+          f"{rates['threads']} threads; {args.requests} requests")
+    print(f"{'':2} {'scenario':<44} {'tok/s':>7} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} {'bound tok/s':>11} {'vs (a)':>7} {'vs bound-rel':>12}")
+    for r in rows:
+        print(f"{r['scenario']:<2} {r['label']:<44} {r['tokens_per_s']:>7.1f} {r.get('ttft_p50', float('nan')):>9.2f} "
+              f"{r.get('ttft_p99', float('nan')):>7.2f} {r.get('itl_p50', float('nan')):>8.3f} {r.get('itl_p99', float('nan')):>7.3f} "
+              f"{r.get('bound_tokens_per_s', float('nan')):>11.1f} {r.get('vs_a', float('nan')):>7.2f} "
+              f"{r.get('vs_a_over_bound_ratio', float('nan')):>12.2f}")
+    for r in rows:
+        if "a_speedup_over_this" in r:
+            print(f"(a) is {r['a_speedup_over_this']:.1f}x ({r['scenario']}) {r['label']}")
+    out = write_json(args.out, {"benchmark": "engine", "machine": rates, "rows": rows})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Mixed-adapter forward on SmolLM2: ours vs the base model alone vs PEFT's mixed batch.
+
+    python benchmarks/bench_multi_lora_forward.py [--out benchmarks/results/multi_lora_forward.json]
+
+Shapes: decode-shaped (64 sequences x 1 token) and prefill-shaped (8 x 128 tokens), rank-16
+adapters on all seven projections, N distinct adapters in the batch (tokens spread evenly).
+All three run the same transformers forward; ours swaps the target linears for
+`MultiLoRALinear` (base weights shared), PEFT uses `adapter_names=[...]`.
+
+Next to each measurement: the roofline bound of that forward, max(bytes read / measured
+read bandwidth, FLOPs / measured matmul rate), with bytes = base weights + the distinct
+adapters' weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lorafold.server.lora.context import lora_batch
+from lorafold.server.lora.peft_format import load_adapter
+from lorafold.server.lora.wrap import wrap_linears
+from lorafold.server.models.loader import LLAMA_TARGETS, load_base_model
+
+
+def timeit(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine_rates() -> tuple[float, float]:
+    """(read bandwidth bytes/s, fp32 matmul FLOP/s) measured on this machine."""
+    big = torch.randn(128 * 1024 * 1024 // 4)
+    bw = big.numel() * 4 / timeit(big.sum, 5)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    rate = 2 * 1024**3 / timeit(lambda: a @ b, 10)
+    return bw, rate
+
+
+def make_adapters(base, n: int, rank: int, folder: Path) -> list[Path]:
+    """n random rank-`rank` PEFT adapters on all seven projections, saved by PEFT itself."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LLAMA_TARGETS), init_lora_weights=False)
+    paths = []
+    for i in range(n):
+        torch.manual_seed(i)
+        pm = get_peft_model(copy.deepcopy(base), cfg)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_" in name:
+                    p.mul_(0.05)
+        pm.save_pretrained(folder / f"a{i}")
+        paths.append(folder / f"a{i}")
+        del pm
+    return paths
+
+
+def base_bytes_flops(model, tokens: int) -> tuple[int, int]:
+    linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return linear_params * 4, 2 * tokens * linear_params
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/multi_lora_forward.json")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--skip-peft", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    bw, rate = machine_rates()
+    base = load_base_model().model
+    max_n = max(args.adapters)
+    tmp = Path(tempfile.mkdtemp(prefix="lorafold-bench-"))
+    paths = make_adapters(base, max_n, args.rank, tmp)
+
+    ours = copy.deepcopy(base)
+    slots = wrap_linears(ours, num_slots=max_n, rows=max_n * args.rank)
+    adapters = [load_adapter(p, slots.base_modules()) for p in paths]
+    for i, ad in enumerate(adapters):
+        slots.fill(i, ad)
+    adapter_bytes = sum(m.lora_a.numel() + m.lora_b.numel() for m in adapters[0].modules.values()) * 4
+
+    peft_model = None
+    if not args.skip_peft:
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), paths[0], adapter_name="a0").eval()
+        for i in range(1, max_n):
+            peft_model.load_adapter(paths[i], adapter_name=f"a{i}")
+
+    rows = []
+    for shape_name, (batch, seq) in {"decode 64x1": (64, 1), "prefill 8x128": (8, 128)}.items():
+        ids = torch.randint(0, base.config.vocab_size, (batch, seq))
+        tokens = batch * seq
+        wbytes, wflops = base_bytes_flops(base, tokens)
+        with torch.no_grad():
+            t_base = timeit(lambda: base(ids), args.reps)
+        rows.append(dict(shape=shape_name, method="base", adapters=0, seconds=t_base, vs_base=1.0,
+                         bound_s=max(wbytes / bw, wflops / rate)))
+        for n in args.adapters:
+            per_row = torch.arange(batch) % n
+            token_slots = per_row.repeat_interleave(seq)
+            bound = max((wbytes + n * adapter_bytes) / bw, wflops / rate)
+
+            def run_ours() -> None:
+                with torch.no_grad(), lora_batch(slots.meta(token_slots)):  # metadata built per forward
+                    ours(ids)
+
+            t = timeit(run_ours, args.reps)
+            rows.append(dict(shape=shape_name, method="lorafold", adapters=n, seconds=t, vs_base=t / t_base, bound_s=bound))
+            if peft_model is not None:
+                names = [f"a{int(s)}" for s in per_row]
+                with torch.no_grad():
+                    tp = timeit(lambda: peft_model(input_ids=ids, adapter_names=names), max(2, args.reps // 2))
+                rows.append(dict(shape=shape_name, method="peft", adapters=n, seconds=tp, vs_base=tp / t_base, bound_s=bound))
+
+    for r in rows:
+        r["vs_bound"] = r["seconds"] / r["bound_s"]
+    speedups = {}
+    for r in rows:
+        if r["method"] == "peft":
+            mine = next(x for x in rows if x["method"] == "lorafold" and x["shape"] == r["shape"] and x["adapters"] == r["adapters"])
+            speedups[f"{r['shape']} / {r['adapters']} adapters"] = r["seconds"] / mine["seconds"]
+    print(f"machine: read bandwidth {bw / 1e9:.1f} GB/s, fp32 matmul {rate / 1e9:.0f} GFLOP/s, "
+          f"threads {torch.get_num_threads()}, rank {args.rank}, adapter size {adapter_bytes / 1e6:.1f} MB")
+    print(f"{'shape':<14} {'method':<9} {'adapters':>8} {'seconds':>9} {'x base':>7} {'bound s':>8} {'x bound':>8}")
+    for r in rows:
+        print(f"{r['shape']:<14} {r['method']:<9} {r['adapters']:>8} {r['seconds']:>9.4f} {r['vs_base']:>7.2f} "
+              f"{r['bound_s']:>8.4f} {r['vs_bound']:>8.2f}")
+    for k, v in speedups.items():
+        print(f"lorafold speed-up over PEFT, {k}: {v:.1f}x")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(
+        benchmark="multi_lora_forward", machine=dict(platform=platform.platform(), threads=torch.get_num_threads(),
+        read_bandwidth_Bps=bw, matmul_flops=rate), rank=args.rank, adapter_bytes=adapter_bytes,
+        rows=rows, speedup_over_peft=speedups), indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
