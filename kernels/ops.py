@@ -113,14 +113,31 @@ def _(y, b_pool, row_start, ranks, slice_offsets, sorted_tokens, seg_slots, seg_
     return None
 
 
+def _require_plan(meta: LoRABatchMeta) -> None:
+    if meta.has_lora and not meta.groups:
+        raise ValueError("gradients through the LoRA ops need the chunk plan: build_lora_meta(..., with_cpu_plan=True)")
+
+
 def _plan(meta: LoRABatchMeta) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
     return [g.rank for g in meta.groups], [g.chunk_tokens for g in meta.groups], [g.chunk_rows for g in meta.groups]
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def shrink(
     x: torch.Tensor, a_pool: torch.Tensor, row_start: torch.Tensor, ranks: torch.Tensor, meta: LoRABatchMeta
 ) -> torch.Tensor:
-    """y[i, t, :] = x[t] @ a_pool[i, rows of slot(t)].T  ->  [n_slices, T, meta.max_rank] fp32."""
+    """y[i, t, :] = x[t] @ a_pool[i, rows of slot(t)].T  ->  [n_slices, T, meta.max_rank] fp32.
+
+    Differentiable: when autograd needs gradients (training: the subject-conditioned layer),
+    the torch path runs directly, built from differentiable gathers and matmuls; it needs
+    the meta's chunk plan (`build_lora_meta(..., with_cpu_plan=True)` on GPU).
+    """
+    if _needs_grad(x, a_pool):
+        _require_plan(meta)
+        return lora_shrink_torch(x, a_pool, meta.groups, meta.max_rank)
     g_ranks, g_tokens, g_rows = _plan(meta)
     return torch.ops.lorafold.lora_shrink(
         x, a_pool, row_start, ranks, meta.sorted_tokens, meta.seg_slots, meta.seg_starts,
@@ -137,7 +154,13 @@ def expand(
     meta: LoRABatchMeta,
     out: torch.Tensor,
 ) -> None:
-    """out[t, slice i cols] += y[i, t, :] @ b_pool[rows of slot(t), slice i cols], in place."""
+    """out[t, slice i cols] += y[i, t, :] @ b_pool[rows of slot(t), slice i cols], in place.
+
+    Differentiable in y, b_pool and out when autograd needs it (see `shrink`)."""
+    if _needs_grad(y, b_pool, out):
+        _require_plan(meta)
+        lora_expand_torch(y, b_pool, meta.groups, list(slice_offsets), out)
+        return
     g_ranks, g_tokens, g_rows = _plan(meta)
     torch.ops.lorafold.lora_expand(
         y, b_pool, row_start, ranks, list(slice_offsets), meta.sorted_tokens, meta.seg_slots,
