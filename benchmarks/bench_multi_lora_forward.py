@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from lorafold.server.engine.attention import build_attention_metadata
+from lorafold.server.engine.llama import LeanLlama
 from lorafold.server.lora.context import lora_batch
 from lorafold.server.lora.peft_format import load_adapter
 from lorafold.server.lora.wrap import wrap_linears
@@ -70,6 +72,24 @@ def make_adapters(base, n: int, rank: int, folder: Path) -> list[Path]:
     return paths
 
 
+def lean_batch(lean: LeanLlama, ids: torch.Tensor) -> tuple:
+    """Flat-batch inputs of the lean decoder for `ids` [batch, seq]: one sequence per row, its
+    tokens a prefill chunk (seq > 1) or a decode token (seq == 1), logits for every token."""
+    batch, seq = ids.shape
+    block = 16
+    per_seq = (seq + block - 1) // block
+    shape = (batch * per_seq * block, lean.num_kv_heads, lean.head_dim)
+    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in lean.layers]
+    seqs, slot_mapping = [], []
+    for b in range(batch):
+        table = list(range(b * per_seq, (b + 1) * per_seq))
+        seqs.append((b * seq, seq, seq, table))
+        slot_mapping += [table[p // block] * block + p % block for p in range(seq)]
+    meta = build_attention_metadata(slot_mapping, seqs, block, torch.device("cpu"))
+    positions = torch.arange(seq).repeat(batch)
+    return ids.reshape(-1), positions, caches, meta, None
+
+
 def base_bytes_flops(model, tokens: int) -> tuple[int, int]:
     linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     return linear_params * 4, 2 * tokens * linear_params
@@ -97,6 +117,11 @@ def main() -> int:
         slots.fill(i, ad)
     adapter_bytes = sum(m.lora_a.numel() + m.lora_b.numel() for m in adapters[0].modules.values()) * 4
 
+    # The serving path: the lean decoder with fused q/k/v and gate/up slices over a paged KV cache.
+    lean = LeanLlama(copy.deepcopy(base), num_slots=max_n, rows=max_n * args.rank)
+    for i, ad in enumerate(adapters):
+        lean.slots.fill(i, ad)
+
     peft_model = None
     if not args.skip_peft:
         from peft import PeftModel
@@ -114,6 +139,11 @@ def main() -> int:
             t_base = timeit(lambda: base(ids), args.reps)
         rows.append(dict(shape=shape_name, method="base", adapters=0, seconds=t_base, vs_base=1.0,
                          bound_s=max(wbytes / bw, wflops / rate)))
+        lean_inputs = lean_batch(lean, ids)
+        with torch.no_grad():
+            t_lean = timeit(lambda: lean(*lean_inputs), args.reps)
+        rows.append(dict(shape=shape_name, method="lean base", adapters=0, seconds=t_lean, vs_base=t_lean / t_base,
+                         bound_s=max(wbytes / bw, wflops / rate)))
         for n in args.adapters:
             per_row = torch.arange(batch) % n
             token_slots = per_row.repeat_interleave(seq)
@@ -125,6 +155,13 @@ def main() -> int:
 
             t = timeit(run_ours, args.reps)
             rows.append(dict(shape=shape_name, method="lorafold", adapters=n, seconds=t, vs_base=t / t_base, bound_s=bound))
+
+            def run_lean() -> None:
+                with torch.no_grad(), lora_batch(lean.slots.meta(token_slots)):
+                    lean(*lean_inputs)
+
+            t = timeit(run_lean, args.reps)
+            rows.append(dict(shape=shape_name, method="lean", adapters=n, seconds=t, vs_base=t / t_base, bound_s=bound))
             if peft_model is not None:
                 names = [f"a{int(s)}" for s in per_row]
                 with torch.no_grad():
@@ -136,7 +173,8 @@ def main() -> int:
     speedups = {}
     for r in rows:
         if r["method"] == "peft":
-            mine = next(x for x in rows if x["method"] == "lorafold" and x["shape"] == r["shape"] and x["adapters"] == r["adapters"])
+            mine = min((x for x in rows if x["method"] in ("lorafold", "lean") and x["shape"] == r["shape"]
+                        and x["adapters"] == r["adapters"]), key=lambda x: x["seconds"])
             speedups[f"{r['shape']} / {r['adapters']} adapters"] = r["seconds"] / mine["seconds"]
     print(f"machine: read bandwidth {bw / 1e9:.1f} GB/s, fp32 matmul {rate / 1e9:.0f} GFLOP/s, "
           f"threads {torch.get_num_threads()}, rank {args.rank}, adapter size {adapter_bytes / 1e6:.1f} MB")

@@ -54,8 +54,11 @@ def lora_shrink_torch(
     if not groups:
         return y[:, :num_tokens]
     cdt = _compute_dtype(x.dtype)
-    # one zero pad row (index T) for the unused positions of short chunks
-    x_pad = torch.cat([x.to(cdt), x.new_zeros((1, d_in), dtype=cdt)])
+    if any(g.chunk_tokens.shape[1] > 1 for g in groups):
+        # one zero pad row (index T) for the unused positions of short chunks
+        x_pad = torch.cat([x.to(cdt), x.new_zeros((1, d_in), dtype=cdt)])
+    else:  # decode-shaped: one token per chunk, nothing to pad (saves a copy per layer)
+        x_pad = x.to(cdt)
     for g in groups:
         n_chunks, chunk = g.chunk_tokens.shape
         xg = x_pad.index_select(0, g.chunk_tokens.reshape(-1)).view(n_chunks, chunk, d_in)
@@ -87,7 +90,10 @@ def lora_expand_torch(
     n_slices, num_tokens, _ = y.shape
     d_total = b_pool.shape[1]
     cdt = _compute_dtype(b_pool.dtype)
-    y_pad = torch.cat([y, y.new_zeros((n_slices, 1, y.shape[2]))], dim=1)
+    if any(g.chunk_tokens.shape[1] > 1 for g in groups):
+        y_pad = torch.cat([y, y.new_zeros((n_slices, 1, y.shape[2]))], dim=1)
+    else:
+        y_pad = y
     for g in groups:
         n_chunks, chunk = g.chunk_tokens.shape
         tokens = g.chunk_tokens.reshape(-1)
