@@ -1,0 +1,93 @@
+"""Training configuration: one slotted dataclass, validated on construction, loadable from TOML."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SCHEDULES = ("cosine", "linear", "constant")
+INITS = ("default", "pissa", "nystrom", "lora_ga", "etf")
+# Optimizers that train U S Vᵀ adapters (training.adapters.usv) instead of B A pairs.
+USV_OPTIMIZERS = frozenset({"dlrt", "geolora", "geo_heavy_ball", "geo_adam"})
+
+
+@dataclass(slots=True)
+class TrainConfig:
+    data: str = ""
+    out: str = ""
+    val: str | None = None
+    val_fraction: float = 0.1
+    model: str | None = None  # None: the packaged SmolLM2-135M-Instruct
+    optimizer: str = "adamw"
+    init: str = "default"
+    rank: int = 16
+    alpha: float = 32.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                         "gate_proj", "up_proj", "down_proj"])
+    lr: float | None = None  # None: the optimizer's own default (they differ by method)
+    weight_decay: float | None = None
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    steps: int | None = None  # optimizer steps; when None, `epochs` decides
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    bf16: bool = False
+    seed: int = 0
+    eval_every: int = 0  # 0: evaluate only before and after training
+    eval_samples: int = 200  # cap on validation examples used for accuracy (generation is slow)
+    accuracy: str = "auto"  # auto | on | off
+    save_every: int = 0  # 0: checkpoint only at the end
+    resume: str | None = None
+    register: str | None = None
+    name: str | None = None
+    admin_key: str | None = None
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.optimizer in USV_OPTIMIZERS and self.init != "default":
+            raise ValueError(f"optimizer {self.optimizer!r} trains USV adapters; it supports only --init default")
+        if self.accuracy not in ("auto", "on", "off"):
+            raise ValueError(f"accuracy must be auto, on or off, got {self.accuracy!r}")
+        for name in ("rank", "batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.steps is not None and self.steps <= 0:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if isinstance(self.targets, str):
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if not self.targets:
+            raise ValueError("targets is empty: name at least one module, e.g. q_proj,v_proj")
+
+    @property
+    def uses_usv(self) -> bool:
+        return self.optimizer in USV_OPTIMIZERS
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Keys of a TOML file (top level or a ``[train]`` table), with ``-`` normalized to ``_``."""
+    with Path(path).open("rb") as f:
+        raw = tomllib.load(f)
+    table = raw.get("train", raw)
+    return {k.replace("-", "_"): v for k, v in table.items()}

@@ -1,0 +1,1 @@
+"""Training data: JSONL loading with label masking, offline asset fetching, task recipes."""

@@ -1,0 +1,94 @@
+"""Evaluation: validation loss (mean token cross-entropy) and greedy task accuracy."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorafold.training.data.jsonl import Example, collate
+
+logger = logging.getLogger(__name__)
+
+
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """``(sum of next-token CE over labeled tokens, number of labeled tokens)`` of one batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1].float()
+    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                       ignore_index=-100, reduction="sum")
+    return loss, int((labels != -100).sum())
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int,
+                    device: torch.device) -> float | None:
+    """Mean CE per labeled token over ``examples`` (None when there are none)."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+        loss, n = token_loss_sum(model, batch)
+        total += float(loss)  # host sync, once per eval batch
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.strip().lower().split())
+
+
+def is_correct(generated: str, target: str) -> bool:
+    """The generation starts with the target, followed by nothing or a non-word character."""
+    gen, want = _normalize(generated), _normalize(target)
+    if not gen.startswith(want):
+        return False
+    rest = gen[len(want):]
+    if not rest:
+        return True
+    # "12" must not match "123" or "12.5"; "positive" matches "positive." and "positive\n..."
+    return not re.match(r"\w", rest[0]) and not (rest[0] == "." and rest[1:2].isdigit())
+
+
+def accuracy_applies(examples: Sequence[Example], tokenizer: Any, max_target_tokens: int = 12) -> bool:
+    """Verifiable task: every example is prompt/completion with a short completion."""
+    return bool(examples) and all(
+        e.target is not None and len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) <= max_target_tokens
+        for e in examples
+    )
+
+
+@torch.no_grad()
+def greedy_accuracy(model: nn.Module, tokenizer: Any, examples: Sequence[Example], device: torch.device,
+                    batch_size: int = 16) -> float | None:
+    """Share of examples whose greedy continuation of the prompt matches the completion."""
+    usable = [e for e in examples if e.target is not None]
+    if not usable:
+        return None
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    correct = 0
+    for i in range(0, len(usable), batch_size):
+        chunk = usable[i : i + batch_size]
+        prompts = [e.input_ids[: e.prompt_len] for e in chunk]
+        width = max(len(p) for p in prompts)
+        # left padding so every row's next token is at the last position
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        n_new = max(len(e.labels) - e.prompt_len for e in chunk) + 1
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
+                             pad_token_id=pad)
+        for e, row in zip(chunk, out[:, width:].tolist()):
+            correct += is_correct(tokenizer.decode(row, skip_special_tokens=True), e.target)
+    model.train(was_training)
+    return correct / len(usable)

@@ -1,0 +1,190 @@
+"""``train(cfg)``: the loop itself. Bookkeeping (data order, schedule) is plain Python."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorafold.training import evaluate
+from lorafold.training.config import TrainConfig
+from lorafold.training.data.jsonl import Example, collate, load_splits
+from lorafold.training.trainer import adapters, checkpoint
+from lorafold.training.trainer.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class TrainResult:
+    out: Path
+    model: nn.Module  # the trained model, adapters in place
+    tokenizer: Any
+    report: dict[str, Any]
+    registered: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class History:
+    losses: list[float] = field(default_factory=list)  # per optimizer step
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+class BatchOrder:
+    """Micro-batch ``i`` of a run: a seeded permutation per epoch, so resuming needs only ``i``."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.bs, self.seed = n, batch_size, seed
+        self.per_epoch = math.ceil(n / batch_size)
+        self._perm: tuple[int, list[int]] | None = None
+
+    def indices(self, i: int) -> list[int]:
+        epoch, pos = divmod(i, self.per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            order = list(range(self.n))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._perm = (epoch, order)
+        return self._perm[1][pos * self.bs : (pos + 1) * self.bs]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if not cfg.bf16:
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--bf16: this GPU does not support bfloat16; drop the flag")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def total_steps(cfg: TrainConfig, n_train: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * math.ceil(n_train / cfg.batch_size) / cfg.grad_accum))
+
+
+def run_eval(model: nn.Module, tok: Any, val: list[Example], cfg: TrainConfig, device: torch.device,
+             step: int, with_accuracy: bool) -> dict[str, Any]:
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"step": step,
+                              "val_loss": evaluate.validation_loss(model, val, pad, cfg.batch_size, device)}
+    if with_accuracy:
+        result["accuracy"] = evaluate.greedy_accuracy(model, tok, val[: cfg.eval_samples], device)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    logger.info("eval at step %d: %s", step, result)
+    return result
+
+
+def _payload(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, state: adapters.AdapterState,
+             hist: History, cfg: TrainConfig) -> dict[str, Any]:
+    initial = {n: {"A0": f.A0.cpu(), "B0": f.B0.cpu()} for n, f in state.initial.items()}
+    return {"adapter": adapters.adapter_state_dict(model), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "initial": initial, "losses": list(hist.losses),
+            "evals": list(hist.evals), "tokens": hist.tokens, "seconds": hist.seconds, "config": cfg.to_dict()}
+
+
+def train_step(model: nn.Module, micro: list[dict[str, torch.Tensor]], cfg: TrainConfig,
+               device: torch.device) -> tuple[torch.Tensor, int]:
+    """Forward/backward over the micro-batches of one step; the loss is the token mean over all."""
+    n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    total = torch.zeros((), device=device)
+    tokens = 0
+    for batch in micro:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(cfg, device):
+            loss_sum, _ = evaluate.token_loss_sum(model, batch)
+        (loss_sum / max(n_labels, 1)).backward()
+        total += loss_sum.detach()
+        tokens += int(batch["attention_mask"].sum())
+    return total / max(n_labels, 1), tokens
+
+
+def _setup(cfg: TrainConfig, base: Any, device: torch.device):
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if base is None:
+        from lorafold.server.models.loader import load_base_model
+
+        base = load_base_model(cfg.model)
+    model, tok = base.model, base.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    train_ex, val_ex = load_splits(cfg.data, tok, cfg.max_length, cfg.val, cfg.val_fraction, cfg.seed)
+    logger.info("data: %d train / %d validation examples", len(train_ex), len(val_ex))
+    ckpt = checkpoint.load_checkpoint(cfg.resume) if cfg.resume else None
+    state = adapters.inject_adapters(model, cfg, train_ex, pad, device, fresh=ckpt is None)
+    model.to(device)
+    if ckpt is not None:
+        if ckpt["initial"]:
+            state.initial = adapters.restore_residual(model, ckpt["initial"])
+        adapters.load_adapter_state(model, ckpt["adapter"])
+    return base, model, tok, pad, train_ex, val_ex, state, ckpt
+
+
+def train(cfg: TrainConfig, base: Any = None) -> TrainResult:
+    """Train per ``cfg``. ``base``: an object with ``.model`` and ``.tokenizer`` (default: load ``cfg.model``)."""
+    from lorafold.training import register, report
+
+    device = pick_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base, model, tok, pad, train_ex, val_ex, state, ckpt = _setup(cfg, base, device)
+    opt = adapters.build_optimizer_for(model, cfg)
+    steps = total_steps(cfg, len(train_ex))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, adapters.lr_lambda(cfg, steps))
+    hist, start = History(), 0
+    with_acc = cfg.accuracy == "on" or (cfg.accuracy == "auto" and evaluate.accuracy_applies(val_ex, tok))
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start = ckpt["step"]
+        hist = History(ckpt["losses"], ckpt["evals"], ckpt["tokens"], ckpt["seconds"])
+    else:
+        hist.evals.append(run_eval(model, tok, val_ex, cfg, device, 0, with_acc))
+    order = BatchOrder(len(train_ex), cfg.batch_size, cfg.seed)
+    model.train()
+    progress = Progress(steps, start, cfg.progress)
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        micro = [collate([train_ex[j] for j in order.indices(step * cfg.grad_accum + k)], pad)
+                 for k in range(cfg.grad_accum)]
+        loss, tokens = train_step(model, micro, cfg, device)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        hist.losses.append(float(loss))  # host sync: one per optimizer step
+        hist.tokens += tokens
+        hist.seconds += time.perf_counter() - t0
+        progress.update(step + 1, hist.losses[-1], tokens / max(time.perf_counter() - t0, 1e-9))
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
+            hist.evals.append(run_eval(model, tok, val_ex, cfg, device, done, with_acc))
+            model.train()
+        if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+            checkpoint.save_checkpoint(out, done, _payload(model, opt, sched, state, hist, cfg))
+    progress.close()
+    model.eval()
+    hist.evals.append(run_eval(model, tok, val_ex, cfg, device, steps, with_acc))
+    checkpoint.save_checkpoint(out, steps, _payload(model, opt, sched, state, hist, cfg))
+    base_name = str(getattr(base, "folder", None) or cfg.model or "") or None
+    adapters.export_adapter(model, state, out, base_name)
+    rep = report.build_report(cfg, hist, len(train_ex), len(val_ex), steps, str(device))
+    report.write_report(out, rep, hist)
+    result = TrainResult(out, model, tok, rep)
+    if cfg.register:
+        result.registered = register.register_adapter(cfg.register, out, cfg.name or out.name, cfg.admin_key)
+    return result

@@ -1,0 +1,33 @@
+"""Progress to stderr: a tqdm bar when tqdm is installed, else a log line every ~5 % of steps."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+logger = logging.getLogger(__name__)
+
+
+class Progress:
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.every = max(1, total // 20)
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, initial=start, file=sys.stderr, desc="train", dynamic_ncols=True)
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+        elif step % self.every == 0 or step == self.total:
+            logger.info("step %d/%d loss %.4f %.0f tokens/s", step, self.total, loss, tokens_per_s)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
