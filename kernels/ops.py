@@ -122,6 +122,14 @@ def _plan(meta: LoRABatchMeta) -> tuple[list[int], list[torch.Tensor], list[torc
     return [g.rank for g in meta.groups], [g.chunk_tokens for g in meta.groups], [g.chunk_rows for g in meta.groups]
 
 
+def _eager_cpu(t: torch.Tensor) -> bool:
+    """Eager CPU calls skip the custom-op dispatcher and call the torch path directly: the
+    dispatcher's Python wrapping measured ~230 us per call, ~30 ms per SmolLM2 forward (210
+    LoRA layers x 2 ops) against a 0.17 s base. Under torch.compile, on CUDA, or with a forced
+    backend the registered op is used."""
+    return not t.is_cuda and _BACKEND.get() == "auto" and not torch.compiler.is_compiling()
+
+
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -135,7 +143,7 @@ def shrink(
     the torch path runs directly, built from differentiable gathers and matmuls; it needs
     the meta's chunk plan (`build_lora_meta(..., with_cpu_plan=True)` on GPU).
     """
-    if _needs_grad(x, a_pool):
+    if _needs_grad(x, a_pool) or _eager_cpu(x):
         _require_plan(meta)
         return lora_shrink_torch(x, a_pool, meta.groups, meta.max_rank)
     g_ranks, g_tokens, g_rows = _plan(meta)
@@ -157,7 +165,7 @@ def expand(
     """out[t, slice i cols] += y[i, t, :] @ b_pool[rows of slot(t), slice i cols], in place.
 
     Differentiable in y, b_pool and out when autograd needs it (see `shrink`)."""
-    if _needs_grad(y, b_pool, out):
+    if _needs_grad(y, b_pool, out) or _eager_cpu(out):
         _require_plan(meta)
         lora_expand_torch(y, b_pool, meta.groups, list(slice_offsets), out)
         return
