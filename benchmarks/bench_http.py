@@ -133,6 +133,8 @@ def main() -> int:
                               max_model_len=512, kv_blocks=512, max_queue=512)
     with live_server(settings, bm) as url:
         reg = asyncio.run(register_then_request(url, names[:4]))
+        for name in names[4:]:
+            httpx.post(f"{url}/v1/adapters", json={"name": name, "path": name}, headers=ADMIN, timeout=120).raise_for_status()
         load = asyncio.run(load_test(url, args.requests, args.clients, names + [bm.name], args.max_tokens))
     lat = [r["first_token_after_registration_s"] for r in reg if r.get("first_token_after_registration_s") is not None]
     print(f"{'adapter':<8} {'first token after registration (s)':>36}")
