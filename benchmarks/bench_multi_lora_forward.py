@@ -1,6 +1,6 @@
 """Mixed-adapter forward on SmolLM2: ours vs the base model alone vs PEFT's mixed batch.
 
-    python benchmarks/bench_multi_lora_forward.py [--out benchmarks/results/multi_lora_forward.json]
+    python -m benchmarks.bench_multi_lora_forward [--out benchmarks/results/multi_lora_forward.json]
 
 Shapes: decode-shaped (64 sequences x 1 token) and prefill-shaped (8 x 128 tokens), rank-16
 adapters on all seven projections, N distinct adapters in the batch (tokens spread evenly).
@@ -18,14 +18,14 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from benchmarks._common import machine_rates as measure_rates
+from benchmarks._common import timeit
 from lorafold.server.engine.attention import build_attention_metadata
 from lorafold.server.engine.llama import LeanLlama
 from lorafold.server.lora.context import lora_batch
@@ -34,23 +34,10 @@ from lorafold.server.lora.wrap import wrap_linears
 from lorafold.server.models.loader import LLAMA_TARGETS, load_base_model
 
 
-def timeit(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def machine_rates() -> tuple[float, float]:
     """(read bandwidth bytes/s, fp32 matmul FLOP/s) measured on this machine."""
-    big = torch.randn(128 * 1024 * 1024 // 4)
-    bw = big.numel() * 4 / timeit(big.sum, 5)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    rate = 2 * 1024**3 / timeit(lambda: a @ b, 10)
-    return bw, rate
+    rates = measure_rates()
+    return rates["read_bandwidth_Bps"], rates["matmul_flops"]
 
 
 def make_adapters(base, n: int, rank: int, folder: Path) -> list[Path]:
