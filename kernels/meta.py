@@ -6,7 +6,6 @@ uses which slot* is computed here, so the per-layer ops do no sorting or host sy
 
 Layout (the contract with `reference.py` and `triton_lora.py`):
 
-    token_slots   [T]    int32   slot of each token, -1 = base model only
     sorted_tokens [T_a]  int32   tokens with slot >= 0, stably sorted by slot
     seg_slots     [S]    int32   distinct active slots, ascending
     seg_starts    [S+1]  int32   segment k = sorted_tokens[seg_starts[k]:seg_starts[k+1]]
@@ -42,7 +41,6 @@ class RankGroup:
 
 @dataclass(frozen=True, slots=True)
 class LoRABatchMeta:
-    token_slots: torch.Tensor
     sorted_tokens: torch.Tensor
     seg_slots: torch.Tensor
     seg_starts: torch.Tensor
@@ -115,7 +113,6 @@ def build_lora_meta(
     if with_cpu_plan and seg_slots.numel():
         groups = _cpu_plan(sorted_tokens, seg_slots, counts, alloc, row_start.to(device), num_tokens)
     return LoRABatchMeta(
-        token_slots=slots.to(torch.int32),
         sorted_tokens=sorted_tokens.to(torch.int32),
         seg_slots=seg_slots.to(torch.int32),
         seg_starts=seg_starts.to(torch.int32),

@@ -29,6 +29,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _has_short_chunks(groups: tuple[RankGroup, ...]) -> bool:
+    """Chunks of more than one token may be padded with the index T (a zero pad row)."""
+    return any(g.chunk_tokens.shape[1] > 1 for g in groups)
+
+
 def lora_shrink_torch(
     x: torch.Tensor,
     a_pool: torch.Tensor,
@@ -54,7 +59,7 @@ def lora_shrink_torch(
     if not groups:
         return y[:, :num_tokens]
     cdt = _compute_dtype(x.dtype)
-    if any(g.chunk_tokens.shape[1] > 1 for g in groups):
+    if _has_short_chunks(groups):
         # one zero pad row (index T) for the unused positions of short chunks
         x_pad = torch.cat([x.to(cdt), x.new_zeros((1, d_in), dtype=cdt)])
     else:  # decode-shaped: one token per chunk, nothing to pad (saves a copy per layer)
@@ -90,7 +95,7 @@ def lora_expand_torch(
     n_slices, num_tokens, _ = y.shape
     d_total = b_pool.shape[1]
     cdt = _compute_dtype(b_pool.dtype)
-    if any(g.chunk_tokens.shape[1] > 1 for g in groups):
+    if _has_short_chunks(groups):
         y_pad = torch.cat([y, y.new_zeros((n_slices, 1, y.shape[2]))], dim=1)
     else:
         y_pad = y

@@ -99,9 +99,10 @@ class Metrics:
         self._delta(self.adapter_loads.labels("cpu"), "disk_loads", snap)
         while stats.load_seconds:
             self.adapter_load_seconds.labels("cpu").observe(stats.load_seconds.pop())
+        registered = len(registry.names())
         self.resident.labels("cpu").set(registry.cpu_resident)
-        self.resident.labels("disk").set(len(registry.names()))
-        self.registered.set(len(registry.names()))
+        self.resident.labels("disk").set(registered)
+        self.registered.set(registered)
 
     def _delta(self, counter, key: str, snap: dict) -> None:  # noqa: ANN001
         """Advance a Counter to an absolute count kept elsewhere."""

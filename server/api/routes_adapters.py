@@ -13,6 +13,7 @@ from lorafold.server.api.auth import require_admin
 from lorafold.server.api.errors import APIError, bad_request, not_found
 from lorafold.server.api.protocol import AdapterInfo, RegisterAdapterRequest, VLLMLoadRequest, VLLMUnloadRequest
 from lorafold.server.api.registry import PathNotAllowedError, Registration
+from lorafold.server.engine.engine import adapter_key
 from lorafold.server.lora.peft_format import AdapterError
 
 router = APIRouter(dependencies=[Depends(require_admin)])
@@ -22,8 +23,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
 async def _info(request: Request, entry: Registration) -> AdapterInfo:
     state = request.app.state
     resident = await state.engine.call(lambda e: e.snapshot()["device_resident_keys"])
-    key_prefix = f"{entry.name}@{entry.content_hash[:16]}"
-    tier = "device" if key_prefix in resident else ("cpu" if state.registry.in_cpu_cache(entry.content_hash) else "disk")
+    tier = "device" if adapter_key(entry.name, entry.content_hash) in resident else ("cpu" if state.registry.in_cpu_cache(entry.content_hash) else "disk")
     return AdapterInfo(name=entry.name, rank=entry.rank, ranks=entry.ranks, targets=entry.targets,
                        size_bytes=entry.size_bytes, content_hash=entry.content_hash, tier=tier,
                        last_used=entry.last_used, requests_served=entry.requests_served, source=entry.source,

@@ -12,9 +12,8 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lorafold.server.engine.engine import LLMEngine, RequestOutput, StepStats
 from lorafold.server.engine.sampling_params import SamplingParams
@@ -31,7 +30,6 @@ class EngineDeadError(RuntimeError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    submitted: float = field(default_factory=time.monotonic)
 
 
 class AsyncEngine:

@@ -54,9 +54,14 @@ class StepStats:
     seconds: float = 0.0
 
 
-def adapter_key(name: str, adapter: LoRAAdapter) -> str:
+def adapter_key(name: str, content_hash: str) -> str:
     """Identity of an adapter's weights in the engine: a re-registered name is a new key."""
-    return f"{name}@{adapter.content_hash[:16]}"
+    return f"{name}@{content_hash[:16]}"
+
+
+def adapter_name_of(key: str) -> str:
+    """The registered name inside an `adapter_key` (names never contain '@')."""
+    return key.rsplit("@", 1)[0]
 
 
 class LLMEngine:
@@ -89,7 +94,7 @@ class LLMEngine:
         adapter_name: str | None = None,
     ) -> None:
         """Queue a request. Raises ValueError (bad request) or QueueFullError."""
-        key = adapter_key(adapter_name or "adapter", adapter) if adapter is not None else None
+        key = adapter_key(adapter_name or "adapter", adapter.content_hash) if adapter is not None else None
         vocab = self.runner.model.config.vocab_size
         if any(t >= vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be < vocab size {vocab}")
@@ -192,7 +197,7 @@ class LLMEngine:
         """Counts for metrics and health; call on the engine thread."""
         info = self.scheduler.lora_requests_info()
         for label in ("running_lora_adapters", "waiting_lora_adapters"):
-            names = {key.rsplit("@", 1)[0] for key in info[label].split(",") if key}
+            names = {adapter_name_of(key) for key in info[label].split(",") if key}
             info[label] = ",".join(sorted(names))
         bm, table = self.block_manager, self.adapter_table
         return {

@@ -46,9 +46,6 @@ class ModelRunner:
     def load_adapter(self, slot: int, adapter: LoRAAdapter) -> None:
         self.model.slots.fill(slot, adapter)
 
-    def clear_adapter(self, slot: int) -> None:
-        self.model.slots.clear(slot)
-
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run one step. Returns logits [n_sampling_chunks, vocab] in the order of the chunks
