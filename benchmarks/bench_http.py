@@ -20,30 +20,15 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
 
 from benchmarks._common import percentile, write_json
 from lorafold.server.api.settings import ServerSettings
 from lorafold.server.models.loader import LLAMA_TARGETS, load_base_model
+from tests.conftest import make_peft_adapter
 from tests.server.live import live_server
 
 ADMIN = {"Authorization": "Bearer admin"}
 USER = {"Authorization": "Bearer user"}
-
-
-def make_adapter(base, folder: Path, seed: int, rank: int = 16) -> None:  # noqa: ANN001
-    import copy
-
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LLAMA_TARGETS),
-                                                        init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                p.mul_(0.3)
-    pm.save_pretrained(folder)
 
 
 async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
@@ -127,7 +112,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="lorafold-http-"))
     names = [f"ad{i}" for i in range(args.adapters)]
     for i, name in enumerate(names):
-        make_adapter(bm.model, root / "adapters" / name, seed=i)
+        make_peft_adapter(bm.model, root / "adapters" / name, r=16, alpha=32, seed=i, targets=LLAMA_TARGETS, strength=0.3)
     settings = ServerSettings(adapter_root=root / "adapters", state_dir=root / "state", api_keys=("user",),
                               admin_key="admin", max_loras=min(16, args.adapters), max_num_seqs=32,
                               max_model_len=512, kv_blocks=512, max_queue=512)

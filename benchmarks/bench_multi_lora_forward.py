@@ -32,6 +32,7 @@ from lorafold.server.lora.context import lora_batch
 from lorafold.server.lora.peft_format import load_adapter
 from lorafold.server.lora.wrap import wrap_linears
 from lorafold.server.models.loader import LLAMA_TARGETS, load_base_model
+from tests.conftest import make_peft_adapter
 
 
 def machine_rates() -> tuple[float, float]:
@@ -40,23 +41,10 @@ def machine_rates() -> tuple[float, float]:
     return rates["read_bandwidth_Bps"], rates["matmul_flops"]
 
 
-def make_adapters(base, n: int, rank: int, folder: Path) -> list[Path]:
+def make_adapters(base, n: int, rank: int, folder: Path) -> list[Path]:  # noqa: ANN001
     """n random rank-`rank` PEFT adapters on all seven projections, saved by PEFT itself."""
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LLAMA_TARGETS), init_lora_weights=False)
-    paths = []
-    for i in range(n):
-        torch.manual_seed(i)
-        pm = get_peft_model(copy.deepcopy(base), cfg)
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if "lora_" in name:
-                    p.mul_(0.05)
-        pm.save_pretrained(folder / f"a{i}")
-        paths.append(folder / f"a{i}")
-        del pm
-    return paths
+    return [make_peft_adapter(base, folder / f"a{i}", r=rank, alpha=2 * rank, seed=i, targets=LLAMA_TARGETS,
+                              strength=0.05) for i in range(n)]
 
 
 def lean_batch(lean: LeanLlama, ids: torch.Tensor) -> tuple:

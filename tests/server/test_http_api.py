@@ -13,7 +13,6 @@ import torch
 
 from lorafold.server.api.settings import ServerSettings
 from lorafold.server.lora.peft_format import load_adapter
-from lorafold.server.models.chat import chat_prompt_ids
 from tests.conftest import make_peft_adapter, merged_model
 from tests.server.live import live_server
 
@@ -58,7 +57,6 @@ async def stream_text(client: httpx.AsyncClient, model: str, prompt: str, n: int
 
 def test_register_stream_restart_swap_delete(smollm2, adapters, tmp_path):
     base, tok = smollm2.model, smollm2.tokenizer
-    specs = None
     prompt = "The best way to learn a language is"
     state = tmp_path / "state"
     with live_server(settings_for(adapters, state), smollm2) as url:
