@@ -79,7 +79,6 @@ class LLMEngine:
         self._adapter_users: dict[str, int] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._generators: dict[str, torch.Generator] = {}
-        self._arrival: dict[str, float] = {}
         self._queue_seconds: dict[str, float] = {}  # until the first output reports it
         self.last_step = StepStats()
 
@@ -106,7 +105,6 @@ class LLMEngine:
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, stop=params.stop)
         if params.seed is not None:
             self._generators[request_id] = torch.Generator().manual_seed(params.seed)
-        self._arrival[request_id] = time.monotonic()
 
     def abort(self, request_id: str) -> bool:
         seq = self.scheduler.abort(request_id)
@@ -132,9 +130,9 @@ class LLMEngine:
         stats.adapter_loads, stats.adapter_load_seconds = len(out.adapter_loads), time.perf_counter() - t_load
         now = time.monotonic()
         for chunk in out.chunks:
-            arrived = self._arrival.pop(chunk.seq.request_id, None)
-            if arrived is not None:
-                self._queue_seconds[chunk.seq.request_id] = now - arrived
+            seq = chunk.seq
+            if chunk.start == 0 and seq.num_preemptions == 0:  # first time it is scheduled
+                self._queue_seconds[seq.request_id] = now - seq.arrival_time
         if out.chunks:
             outputs += self._run(out)
         stats.num_tokens = out.num_batched_tokens
@@ -184,7 +182,6 @@ class LLMEngine:
         """Drop per-request state; release the adapter weights when no request needs them."""
         self._detok.pop(seq.request_id, None)
         self._generators.pop(seq.request_id, None)
-        self._arrival.pop(seq.request_id, None)
         self._queue_seconds.pop(seq.request_id, None)
         key = seq.adapter
         if key is not None and key in self._adapter_users:

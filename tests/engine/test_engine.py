@@ -217,3 +217,15 @@ def test_async_stream_and_cancel_frees_blocks():
         asyncio.run(main())
     finally:
         front.shutdown()
+
+
+def test_queue_time_reported_once_on_the_first_output():
+    engine, _ = tiny_engine()
+    engine.add_request("q", [1, 2, 3], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert outs[0].queue_seconds is not None and outs[0].queue_seconds >= 0
+    assert all(o.queue_seconds is None for o in outs[1:])
+    assert_all_free(engine)
+    assert not engine._queue_seconds
