@@ -6,8 +6,8 @@ uses which slot* is computed here, so the per-layer ops do no sorting or host sy
 
 Layout (the contract with `reference.py` and `triton_lora.py`):
 
-    sorted_tokens [T_a]  int32   tokens with slot >= 0, stably sorted by slot
-    seg_slots     [S]    int32   distinct active slots, ascending
+    sorted_tokens [T_a]  int32   tokens with slot >= 0, stably sorted by their slot's first pool row
+    seg_slots     [S]    int32   distinct active slots, in order of their first pool row
     seg_starts    [S+1]  int32   segment k = sorted_tokens[seg_starts[k]:seg_starts[k+1]]
     max_seg_len   host int
     max_rank      host int       largest alloc rank among active slots (ops' y width)
@@ -15,6 +15,9 @@ Layout (the contract with `reference.py` and `triton_lora.py`):
 The CPU path additionally uses a *chunk plan*: each segment cut into chunks of at most C
 tokens, chunks grouped by the slot's allocated rank, so one batched matmul per rank group
 computes every adapter at its own rank without a Python loop over tokens or adapters.
+Segments are ordered by pool row (not slot id) so that a batch the caller ordered the same
+way (`AdapterSlots.batch_order_key`) has contiguous tokens *and* contiguous weights per rank
+group: the CPU path then reads both through strided views instead of copying them.
 """
 
 from __future__ import annotations
@@ -37,6 +40,15 @@ class RankGroup:
     rank: int
     chunk_tokens: torch.Tensor
     chunk_rows: torch.Tensor
+    # Layout facts for the fused no-grad CPU path (`reference.lora_apply_torch`), host values.
+    # When the caller orders its batch by adapter (the engine does), they turn gathers and
+    # scatters into views: no per-layer copy of activations or adapter weights.
+    token_lo: int = -1  # >= 0: the group's tokens are token_lo .. token_lo+num_tokens-1, in chunk order
+    num_tokens: int = 0
+    full: bool = False  # token_lo >= 0 and every chunk holds C real tokens (no pad positions)
+    row_first: int = -1  # >= 0: chunk k uses pool rows row_first + k*row_stride + [0, rank)
+    row_stride: int = 0
+    compact: torch.Tensor | None = None  # token_lo >= 0, not full: flat padded position of each token
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +68,9 @@ class LoRABatchMeta:
     @property
     def has_lora(self) -> bool:
         return self.num_segments > 0
+
+
+_MAX_FULL_CHUNK = 256  # equal segments longer than this are cut like unequal ones
 
 
 def _chunk_size(num_tokens: int, num_segments: int, rank: int) -> int:
@@ -98,7 +113,8 @@ def build_lora_meta(
     if num_tokens and int(slots.min()) < -1:
         raise ValueError("token slots must be >= -1 (-1 means no adapter)")
     active = torch.nonzero(slots >= 0).flatten()
-    order = torch.argsort(slots[active], stable=True)
+    # order by first pool row (distinct per occupied slot), see the module docstring
+    order = torch.argsort(row_start.to(device=device, dtype=torch.int64)[slots[active]], stable=True)
     sorted_tokens = active[order]
     seg_slots, counts = torch.unique_consecutive(slots[sorted_tokens], return_counts=True)
     seg_starts = torch.zeros(seg_slots.numel() + 1, dtype=torch.int64, device=device)
@@ -141,7 +157,11 @@ def _cpu_plan(
             continue
         in_group = alloc == rank
         g_segs = torch.nonzero(in_group).flatten()
-        chunk = _chunk_size(int(counts[g_segs].sum()), int(g_segs.numel()), rank)
+        g_counts = counts[g_segs]
+        if int(g_counts.min()) == int(g_counts.max()) <= _MAX_FULL_CHUNK:
+            chunk = int(g_counts[0])  # equal segments: one chunk each, no padding at all
+        else:
+            chunk = _chunk_size(int(g_counts.sum()), int(g_segs.numel()), rank)
         chunks_per_seg = (counts[g_segs] + chunk - 1) // chunk
         # chunk id of every token of this group: its segment's first chunk + pos // chunk
         first_chunk = torch.cumsum(chunks_per_seg, 0) - chunks_per_seg
@@ -155,6 +175,29 @@ def _cpu_plan(
         chunk_tokens = torch.full((n_chunks, chunk), num_tokens, dtype=torch.int64)
         chunk_tokens[chunk_id, pos % chunk] = sorted_tokens[tok_mask]
         chunk_slot = torch.repeat_interleave(seg_slots[g_segs].to(torch.int64), chunks_per_seg)
-        rows = (row_start.to(torch.int64)[chunk_slot][:, None] + torch.arange(rank)).reshape(-1)
-        groups.append(RankGroup(rank=int(rank), chunk_tokens=chunk_tokens, chunk_rows=rows))
+        chunk_first_row = row_start.to(torch.int64)[chunk_slot]
+        rows = (chunk_first_row[:, None] + torch.arange(rank)).reshape(-1)
+        groups.append(
+            RankGroup(
+                rank=int(rank),
+                chunk_tokens=chunk_tokens,
+                chunk_rows=rows,
+                **_layout(sorted_tokens[tok_mask], chunk_id * chunk + pos % chunk, n_chunks * chunk, chunk_first_row),
+            )
+        )
     return tuple(groups)
+
+
+def _layout(tokens: torch.Tensor, flat_pos: torch.Tensor, padded: int, chunk_first_row: torch.Tensor) -> dict:
+    """Which gathers of the group are views (see RankGroup). `tokens` in chunk order."""
+    facts: dict = {"num_tokens": int(tokens.numel())}
+    if tokens.numel() == 1 or bool((tokens[1:] - tokens[:-1] == 1).all()):
+        facts["token_lo"] = int(tokens[0])
+        facts["full"] = padded == tokens.numel()
+        if not facts["full"]:
+            facts["compact"] = flat_pos
+    steps = chunk_first_row[1:] - chunk_first_row[:-1]
+    if steps.numel() == 0 or (bool((steps == steps[0]).all()) and int(steps[0]) >= 0):
+        facts["row_first"] = int(chunk_first_row[0])
+        facts["row_stride"] = int(steps[0]) if steps.numel() else 0
+    return facts

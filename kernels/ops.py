@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from lorafold.kernels.meta import LoRABatchMeta, RankGroup
-from lorafold.kernels.reference import lora_expand_torch, lora_shrink_torch
+from lorafold.kernels.reference import lora_apply_torch, lora_expand_torch, lora_shrink_torch
 
 _BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("lorafold_lora_backend", default="auto")
 
@@ -174,3 +174,25 @@ def expand(
         y, b_pool, row_start, ranks, list(slice_offsets), meta.sorted_tokens, meta.seg_slots,
         meta.seg_starts, g_ranks, g_tokens, g_rows, meta.max_seg_len, meta.max_rank, out,
     )
+
+
+def apply(
+    x: torch.Tensor,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    row_start: torch.Tensor,
+    ranks: torch.Tensor,
+    slice_offsets: list[int],
+    meta: LoRABatchMeta,
+    out: torch.Tensor,
+) -> None:
+    """out[t, slice i cols] += (x[t] A_{i,s}ᵀ) B_{i,s}: `shrink` then `expand`, in place.
+
+    Eager CPU inference takes the fused torch path (`lora_apply_torch`: views instead of
+    gathers when the batch is ordered by adapter, no [n_slices, T, max_rank] intermediate);
+    autograd, CUDA, torch.compile and forced backends go through `shrink` / `expand`."""
+    if meta.groups and _eager_cpu(out) and not _needs_grad(x, a_pool, b_pool, out):
+        lora_apply_torch(x, a_pool, b_pool, meta.groups, list(slice_offsets), out)
+        return
+    y = shrink(x, a_pool, row_start, ranks, meta)
+    expand(y, b_pool, row_start, ranks, slice_offsets, meta, out)

@@ -57,7 +57,12 @@ class ModelRunner:
         token_slots: list[int] = []
         seqs: list[tuple[int, int, int, list[int]]] = []
         rows: list[int] = []
-        for chunk in chunks:
+        # Run sequences grouped by adapter (the CPU LoRA path then reads views instead of
+        # gathering); logits are put back in the callers' chunk order below.
+        order = self.model.slots.batch_order([c.seq.lora_slot for c in chunks])
+        sampled_in_order: list[int] = []
+        for idx in order:
+            chunk = chunks[idx]
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
             q_start = len(ids)
             ids.extend(seq.token_ids(start, start + n))
@@ -68,13 +73,19 @@ class ModelRunner:
             seqs.append((q_start, n, start + n, table))
             if chunk.sample:
                 rows.append(len(ids) - 1)
+                sampled_in_order.append(idx)
         attn_meta = build_attention_metadata(slot_mapping, seqs, bs, self.device)
         lora_meta = self.model.slots.meta(token_slots) if any(s >= 0 for s in token_slots) else None
         with lora_batch(lora_meta):
-            return self.model(
+            logits = self.model(
                 torch.tensor(ids, device=self.device),
                 torch.tensor(positions, device=self.device),
                 self.kv_caches,
                 attn_meta,
                 torch.tensor(rows, dtype=torch.int64, device=self.device),
             )
+        # row k of `logits` belongs to chunk sampled_in_order[k]; callers expect chunk order
+        back = sorted(range(len(sampled_in_order)), key=sampled_in_order.__getitem__)
+        if back == list(range(len(back))):
+            return logits
+        return logits[torch.tensor(back, device=logits.device)]

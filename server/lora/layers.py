@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafold.kernels.ops import expand, shrink
+from lorafold.kernels.ops import apply
 from lorafold.server.lora.context import current_meta
 
 
@@ -66,8 +66,7 @@ class MultiLoRALinear(nn.Module):
                 "build it from the same batch (one slot per token, in order)"
             )
         flat_out = out.reshape(-1, out.shape[-1])
-        y = shrink(flat_x, self.a_pool, self.row_start, self.ranks, meta)
-        expand(y, self.b_pool, self.row_start, self.ranks, self.slice_offsets, meta, flat_out)
+        apply(flat_x, self.a_pool, self.b_pool, self.row_start, self.ranks, self.slice_offsets, meta, flat_out)
         return out
 
     # --- slot updates (called by AdapterSlots between forwards) -------------------------

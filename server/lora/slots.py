@@ -104,6 +104,19 @@ class AdapterSlots:
         self.slot_alloc[slot] = 0
         self.occupant[slot] = None
 
+    def batch_order(self, token_slots: list[int]) -> list[int]:
+        """A stable order of `token_slots` (e.g. one entry per sequence) that groups the batch
+        as the CPU LoRA path reads it fastest: base first, then by (allocated rank, first pool
+        row). Tokens of one adapter then form one run, a rank group one contiguous block, and
+        its adapters' weights are read in pool order (views, not copies; see kernels/meta.py)."""
+        alloc, start = self.slot_alloc.tolist(), self.row_start.tolist()
+
+        def key(i: int) -> tuple[int, int]:
+            s = token_slots[i]
+            return (-1, -1) if s < 0 else (alloc[s], start[s])
+
+        return sorted(range(len(token_slots)), key=key)
+
     def meta(self, token_slots: torch.Tensor | list[int]) -> LoRABatchMeta:
         """Batch metadata for a forward whose token t uses slot token_slots[t] (-1: base)."""
         slots = torch.as_tensor(token_slots, dtype=torch.int64, device=self.row_start.device)

@@ -1,0 +1,105 @@
+"""The fused CPU path (`kernels.ops.apply` -> `lora_apply_torch`) against a float64 token loop.
+
+Every adapter mix runs in two batch orders (as given, and ordered by adapter as the engine
+orders it) over two pool layouts (shuffled rows with gaps, and packed rows), so both the
+view fast paths and the gather/scatter fallbacks are checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorafold.kernels.meta import build_lora_meta
+from lorafold.kernels.ops import apply
+
+from .lora_cases import MIXES, loop_reference, make_pools, token_slots_for
+
+RANK_CHOICES = torch.tensor([1, 4, 8, 16, 64, 128])
+
+
+def pack_rows(a_pool: torch.Tensor, b_pool: torch.Tensor, row_start: torch.Tensor, alloc: torch.Tensor):
+    """Move every slot's rows next to each other, ordered by (alloc, slot): the layout in which
+    a rank group's chunks are evenly spaced (its weights become strided views)."""
+    order = sorted(range(alloc.numel()), key=lambda s: (int(alloc[s]), s))
+    new_start = torch.zeros_like(row_start)
+    a_new = torch.zeros(a_pool.shape[0], int(alloc.sum()) + 1, a_pool.shape[2], dtype=a_pool.dtype)
+    b_new = torch.zeros(int(alloc.sum()) + 1, b_pool.shape[1], dtype=b_pool.dtype)
+    cursor = 0
+    for s in order:
+        r0, al = int(row_start[s]), int(alloc[s])
+        a_new[:, cursor : cursor + al] = a_pool[:, r0 : r0 + al]
+        b_new[cursor : cursor + al] = b_pool[r0 : r0 + al]
+        new_start[s] = cursor
+        cursor += al
+    return a_new, b_new, new_start
+
+
+def order_by_adapter(slots: torch.Tensor, row_start: torch.Tensor, alloc: torch.Tensor) -> torch.Tensor:
+    """The engine's batch order: base tokens first, then by (alloc rank, first pool row)."""
+    keys = [(-1, -1) if s < 0 else (int(alloc[s]), int(row_start[s])) for s in slots.tolist()]
+    perm = sorted(range(len(keys)), key=lambda t: keys[t])
+    return slots[torch.tensor(perm, dtype=torch.int64)]
+
+
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("slice_widths", [[37], [96, 32, 32]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ordered", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_apply_matches_loop(mix: str, slice_widths: list[int], dtype: torch.dtype, ordered: bool, packed: bool) -> None:
+    gen = torch.Generator().manual_seed(hash((mix, len(slice_widths), str(dtype), ordered, packed)) % 2**31)
+    num_tokens, num_slots, d_in = 40, 12, 101
+    n = len(slice_widths)
+    ranks = RANK_CHOICES[torch.randint(0, 3, (n, num_slots), generator=gen)]  # ranks 1/4/8: repeats per group
+    if n > 1:
+        ranks[1, 0] = 0  # a slice this adapter does not target
+    a_pool, b_pool, row_start, alloc = make_pools(ranks, d_in, slice_widths, dtype, gen)
+    if packed:
+        a_pool, b_pool, row_start = pack_rows(a_pool, b_pool, row_start, alloc)
+    slots = token_slots_for(mix, num_tokens, num_slots, gen)
+    if ordered:
+        slots = order_by_adapter(slots, row_start, alloc)
+    x = torch.randn(num_tokens, d_in, generator=gen).to(dtype)
+    meta = build_lora_meta(slots, row_start, alloc)
+    _, delta_ref = loop_reference(x, a_pool, b_pool, row_start, ranks, slice_widths, slots)
+    base = torch.randn(num_tokens, sum(slice_widths), generator=gen).to(dtype)
+    out = base.clone()
+    offsets = [0, *torch.tensor(slice_widths).cumsum(0).tolist()]
+    with torch.no_grad():
+        apply(x, a_pool, b_pool, row_start, ranks.to(torch.int32), offsets, meta, out)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(out.double(), base.double() + delta_ref, rtol=tol, atol=tol)
+    assert torch.equal(out[slots < 0], base[slots < 0]), "rows without adapter must be untouched"
+    if ordered and meta.groups:
+        assert all(g.token_lo >= 0 for g in meta.groups), "an adapter-ordered batch has contiguous rank groups"
+
+
+def test_decode_batch_ordered_and_packed_takes_only_views() -> None:
+    """64 decode tokens over 8 adapters of one rank, ordered: one full group, weights as a view."""
+    slots = torch.arange(64) // 8
+    row_start = torch.arange(8, dtype=torch.int32) * 16
+    meta = build_lora_meta(slots, row_start, torch.full((8,), 16, dtype=torch.int32))
+    (g,) = meta.groups
+    assert (g.token_lo, g.num_tokens, g.full, g.row_first, g.row_stride) == (0, 64, True, 0, 16)
+    assert tuple(g.chunk_tokens.shape) == (8, 8)
+
+
+def test_unordered_batch_falls_back_to_scatter() -> None:
+    slots = torch.tensor([1, 0, 1, 0])
+    row_start = torch.tensor([0, 16], dtype=torch.int32)
+    meta = build_lora_meta(slots, row_start, torch.full((2,), 16, dtype=torch.int32))
+    (g,) = meta.groups
+    assert g.token_lo == -1 and not g.full
+
+
+def test_apply_with_gradients_uses_the_differentiable_path() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ranks = torch.full((1, 3), 4)
+    a_pool, b_pool, row_start, alloc = make_pools(ranks, 16, [8], torch.float64, gen)
+    a_pool.requires_grad_(True)
+    slots = torch.tensor([0, 0, 1, 2])
+    x = torch.randn(4, 16, dtype=torch.float64, generator=gen)
+    out = torch.zeros(4, 8, dtype=torch.float64)
+    apply(x, a_pool, b_pool, row_start, ranks.to(torch.int32), [0, 8], build_lora_meta(slots, row_start, alloc), out)
+    out.sum().backward()
+    assert a_pool.grad is not None and a_pool.grad.abs().sum() > 0
