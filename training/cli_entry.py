@@ -4,6 +4,7 @@
         --optimizer scaled_adamw --rank 16 --steps 200 --register http://127.0.0.1:8000 --admin-key K
     lorafold train prepare sentiment --out data/sentiment
     lorafold train --config run.toml --steps 50      # flags override the TOML file
+    torchrun --nproc_per_node 2 -m lorafold.training.cli_entry --data ... --out ...   # data parallel
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -84,11 +86,16 @@ def train_main(argv: list[str]) -> int:
 
         return prepare_main(argv[1:])
     cfg, verbose = parse_config(argv)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun: only rank 0 logs progress and prints the summary
+    level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s{f' [rank {rank}]' if rank else ''} %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # `lorafold train` may have configured logging already
     from lorafold.training.trainer import train
 
     result = train(cfg)
+    if rank != 0:
+        return 0
     summary = {"out": str(result.out), "eval_before": result.report["eval_before"],
                "eval_after": result.report["eval_after"], "tokens_per_s": result.report["tokens_per_s"]}
     if result.registered is not None:

@@ -26,11 +26,12 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int,
-                    device: torch.device) -> float | None:
-    """Mean CE per labeled token over ``examples`` (None when there are none)."""
-    if not examples:
-        return None
+def validation_loss_sums(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int,
+                         device: torch.device) -> tuple[float, int]:
+    """``(sum of CE over labeled tokens, number of labeled tokens)`` over ``examples``.
+
+    Sums, not a mean, so that data-parallel ranks can add up their shards.
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -40,6 +41,15 @@ def validation_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, 
         total += float(loss)  # host sync, once per eval batch
         count += n
     model.train(was_training)
+    return total, count
+
+
+def validation_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int,
+                    device: torch.device) -> float | None:
+    """Mean CE per labeled token over ``examples`` (None when there are none)."""
+    if not examples:
+        return None
+    total, count = validation_loss_sums(model, examples, pad_id, batch_size, device)
     return total / max(count, 1)
 
 
@@ -68,12 +78,15 @@ def accuracy_applies(examples: Sequence[Example], tokenizer: Any, max_target_tok
 
 
 @torch.no_grad()
-def greedy_accuracy(model: nn.Module, tokenizer: Any, examples: Sequence[Example], device: torch.device,
-                    batch_size: int = 16) -> float | None:
-    """Share of examples whose greedy continuation of the prompt matches the completion."""
+def greedy_correct(model: nn.Module, tokenizer: Any, examples: Sequence[Example], device: torch.device,
+                   batch_size: int = 16) -> tuple[int, int]:
+    """``(correct, scored)``: greedy continuations of the prompts that match their completion.
+
+    Counts, not a share, so that data-parallel ranks can add up their shards.
+    """
     usable = [e for e in examples if e.target is not None]
     if not usable:
-        return None
+        return 0, 0
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -91,4 +104,11 @@ def greedy_accuracy(model: nn.Module, tokenizer: Any, examples: Sequence[Example
         for e, row in zip(chunk, out[:, width:].tolist()):
             correct += is_correct(tokenizer.decode(row, skip_special_tokens=True), e.target)
     model.train(was_training)
-    return correct / len(usable)
+    return correct, len(usable)
+
+
+def greedy_accuracy(model: nn.Module, tokenizer: Any, examples: Sequence[Example], device: torch.device,
+                    batch_size: int = 16) -> float | None:
+    """Share of examples whose greedy continuation of the prompt matches the completion."""
+    correct, scored = greedy_correct(model, tokenizer, examples, device, batch_size)
+    return correct / scored if scored else None

@@ -154,6 +154,10 @@ class USVLinear(nn.Module):
         assert self._probe_l is not None
         return self._probe_k, self._probe_l
 
+    def probe_leaves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two probe leaves themselves (created if missing), e.g. to all-reduce their gradients."""
+        return self._probes()
+
     def probe_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(G_Z V [m, r], G_Zᵀ U [n, r])`` accumulated since the last :meth:`clear_probe_grads`."""
         pk, pl = self._probe_k, self._probe_l

@@ -82,6 +82,20 @@ def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, USVLinear))}
 
 
+def gradient_leaves(model: nn.Module) -> list[torch.Tensor]:
+    """Every tensor whose ``.grad`` the optimizer reads: trainable parameters + USV gradient probes.
+
+    The order is the same in every process, so data-parallel ranks can all-reduce the list.
+    """
+    from lorafold.training.adapters.usv import USVLinear
+
+    leaves = [p for p in model.parameters() if p.requires_grad]
+    for mod in model.modules():
+        if isinstance(mod, USVLinear):
+            leaves.extend(mod.probe_leaves())
+    return leaves
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every adapter tensor (parameters and buffers), base weights excluded, cloned to CPU."""
     out = {}

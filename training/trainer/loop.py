@@ -1,4 +1,11 @@
-"""``train(cfg)``: the loop itself. Bookkeeping (data order, schedule) is plain Python."""
+"""``train(cfg)``: the loop itself. Bookkeeping (data order, schedule) is plain Python.
+
+Data parallel under ``torchrun`` (see :mod:`lorafold.training.distributed`): every rank
+draws the same global micro-batches and keeps ``batch[rank::world]``; the loss is divided by
+the *global* label count and the gradients are summed over ranks, so N processes take the
+same steps as one process on the same global batches. Evaluation is sharded the same way.
+Rank 0 alone writes checkpoints, the adapter folder, the report, and registers.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lorafold.training import evaluate
 from lorafold.training.config import TrainConfig
 from lorafold.training.data.jsonl import Example, collate, load_splits
+from lorafold.training.distributed import (DistContext, all_reduce_grads, all_reduce_sum, broadcast_params,
+                                           init_from_env, shard, shutdown)
 from lorafold.training.trainer import adapters, checkpoint
 from lorafold.training.trainer.progress import Progress
 
@@ -78,15 +88,21 @@ def total_steps(cfg: TrainConfig, n_train: int) -> int:
 
 
 def run_eval(model: nn.Module, tok: Any, val: list[Example], cfg: TrainConfig, device: torch.device,
-             step: int, with_accuracy: bool) -> dict[str, Any]:
+             step: int, with_accuracy: bool, ctx: DistContext | None = None) -> dict[str, Any]:
+    ctx = ctx or DistContext()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     t0 = time.perf_counter()
-    result: dict[str, Any] = {"step": step,
-                              "val_loss": evaluate.validation_loss(model, val, pad, cfg.batch_size, device)}
+    total, count = evaluate.validation_loss_sums(model, shard(val, ctx), pad, cfg.batch_size, device)
+    sums = [total, count]
     if with_accuracy:
-        result["accuracy"] = evaluate.greedy_accuracy(model, tok, val[: cfg.eval_samples], device)
+        sums += evaluate.greedy_correct(model, tok, shard(val[: cfg.eval_samples], ctx), device)
+    sums = all_reduce_sum(torch.tensor(sums, dtype=torch.float64, device=device), ctx).tolist()
+    result: dict[str, Any] = {"step": step, "val_loss": sums[0] / max(sums[1], 1) if val else None}
+    if with_accuracy:
+        result["accuracy"] = sums[2] / sums[3] if sums[3] else None
     result["seconds"] = round(time.perf_counter() - t0, 3)
-    logger.info("eval at step %d: %s", step, result)
+    if ctx.is_main:
+        logger.info("eval at step %d: %s", step, result)
     return result
 
 
@@ -98,19 +114,34 @@ def _payload(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, state: ad
             "evals": list(hist.evals), "tokens": hist.tokens, "seconds": hist.seconds, "config": cfg.to_dict()}
 
 
-def train_step(model: nn.Module, micro: list[dict[str, torch.Tensor]], cfg: TrainConfig,
-               device: torch.device) -> tuple[torch.Tensor, int]:
-    """Forward/backward over the micro-batches of one step; the loss is the token mean over all."""
-    n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+def train_step(model: nn.Module, micro: list[dict[str, torch.Tensor] | None], cfg: TrainConfig,
+               device: torch.device, ctx: DistContext | None = None) -> tuple[torch.Tensor, int]:
+    """Forward/backward over this rank's micro-batches of one step (``None``: an empty shard).
+
+    The loss is the token mean over the whole global step, so the gradients summed over ranks
+    (:func:`all_reduce_grads`, done here) equal the one-process gradient. Returns the global
+    mean loss and the global token count.
+    """
+    ctx = ctx or DistContext()
+    local = [b for b in micro if b is not None]
+    n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in local)
+    n_labels = n_local
+    if ctx.enabled:  # the global label count (a host sync; one small collective per step)
+        n_labels = int(all_reduce_sum(torch.tensor(n_local, dtype=torch.int64, device=device), ctx))
     total = torch.zeros((), device=device)
     tokens = 0
-    for batch in micro:
+    for batch in local:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(cfg, device):
             loss_sum, _ = evaluate.token_loss_sum(model, batch)
         (loss_sum / max(n_labels, 1)).backward()
-        total += loss_sum.detach()
+        total += loss_sum.detach().float()
         tokens += int(batch["attention_mask"].sum())
+    if ctx.enabled:
+        all_reduce_grads(adapters.gradient_leaves(model), ctx)
+        stats = all_reduce_sum(torch.stack([total.double(), torch.tensor(float(tokens), dtype=torch.float64,
+                                                                          device=device)]), ctx)
+        total, tokens = stats[0].float(), int(stats[1])
     return total / max(n_labels, 1), tokens
 
 
@@ -135,14 +166,33 @@ def _setup(cfg: TrainConfig, base: Any, device: torch.device):
     return base, model, tok, pad, train_ex, val_ex, state, ckpt
 
 
-def train(cfg: TrainConfig, base: Any = None) -> TrainResult:
-    """Train per ``cfg``. ``base``: an object with ``.model`` and ``.tokenizer`` (default: load ``cfg.model``)."""
+def train(cfg: TrainConfig, base: Any = None, ctx: DistContext | None = None) -> TrainResult:
+    """Train per ``cfg``. ``base``: an object with ``.model`` and ``.tokenizer`` (default: load ``cfg.model``).
+
+    ``ctx``: the data-parallel context; by default it is read from ``torchrun``'s environment
+    (one process without it) and the process group is shut down on return.
+    """
+    own_ctx = ctx is None
+    if ctx is None:
+        # a long collective timeout: rank 0 may checkpoint or export while the others wait
+        ctx = init_from_env(None if cfg.device == "auto" else cfg.device, timeout_s=1800)
+    try:
+        return _train(cfg, base, ctx)
+    finally:
+        if own_ctx:
+            shutdown(ctx)
+
+
+def _train(cfg: TrainConfig, base: Any, ctx: DistContext) -> TrainResult:
     from lorafold.training import register, report
 
-    device = pick_device(cfg.device)
+    device = ctx.device if ctx.enabled else pick_device(cfg.device)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     base, model, tok, pad, train_ex, val_ex, state, ckpt = _setup(cfg, base, device)
+    # identical start on every rank whatever each rank's init did (seeded, so normally a no-op)
+    broadcast_params([p for p in model.parameters() if p.requires_grad], ctx)
     opt = adapters.build_optimizer_for(model, cfg)
     steps = total_steps(cfg, len(train_ex))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, adapters.lr_lambda(cfg, steps))
@@ -154,15 +204,20 @@ def train(cfg: TrainConfig, base: Any = None) -> TrainResult:
         start = ckpt["step"]
         hist = History(ckpt["losses"], ckpt["evals"], ckpt["tokens"], ckpt["seconds"])
     else:
-        hist.evals.append(run_eval(model, tok, val_ex, cfg, device, 0, with_acc))
+        hist.evals.append(run_eval(model, tok, val_ex, cfg, device, 0, with_acc, ctx))
     order = BatchOrder(len(train_ex), cfg.batch_size, cfg.seed)
+    if ctx.enabled and ctx.is_main:
+        logger.info("data parallel: %d ranks (%s) share every global batch of %d rows",
+                    ctx.world_size, ctx.backend, cfg.batch_size)
     model.train()
-    progress = Progress(steps, start, cfg.progress)
+    progress = Progress(steps, start, cfg.progress, silent=not ctx.is_main)
     for step in range(start, steps):
         t0 = time.perf_counter()
-        micro = [collate([train_ex[j] for j in order.indices(step * cfg.grad_accum + k)], pad)
-                 for k in range(cfg.grad_accum)]
-        loss, tokens = train_step(model, micro, cfg, device)
+        micro = []
+        for k in range(cfg.grad_accum):
+            mine = shard(order.indices(step * cfg.grad_accum + k), ctx)
+            micro.append(collate([train_ex[j] for j in mine], pad) if mine else None)
+        loss, tokens = train_step(model, micro, cfg, device, ctx)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -172,19 +227,23 @@ def train(cfg: TrainConfig, base: Any = None) -> TrainResult:
         progress.update(step + 1, hist.losses[-1], tokens / max(time.perf_counter() - t0, 1e-9))
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
-            hist.evals.append(run_eval(model, tok, val_ex, cfg, device, done, with_acc))
+            hist.evals.append(run_eval(model, tok, val_ex, cfg, device, done, with_acc, ctx))
             model.train()
-        if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+        if ctx.is_main and cfg.save_every and done % cfg.save_every == 0 and done < steps:
             checkpoint.save_checkpoint(out, done, _payload(model, opt, sched, state, hist, cfg))
     progress.close()
     model.eval()
-    hist.evals.append(run_eval(model, tok, val_ex, cfg, device, steps, with_acc))
-    checkpoint.save_checkpoint(out, steps, _payload(model, opt, sched, state, hist, cfg))
-    base_name = str(getattr(base, "folder", None) or cfg.model or "") or None
-    adapters.export_adapter(model, state, out, base_name)
+    hist.evals.append(run_eval(model, tok, val_ex, cfg, device, steps, with_acc, ctx))
     rep = report.build_report(cfg, hist, len(train_ex), len(val_ex), steps, str(device))
-    report.write_report(out, rep, hist)
+    rep["world_size"] = ctx.world_size
     result = TrainResult(out, model, tok, rep)
-    if cfg.register:
-        result.registered = register.register_adapter(cfg.register, out, cfg.name or out.name, cfg.admin_key)
+    if ctx.is_main:
+        checkpoint.save_checkpoint(out, steps, _payload(model, opt, sched, state, hist, cfg))
+        base_name = str(getattr(base, "folder", None) or cfg.model or "") or None
+        adapters.export_adapter(model, state, out, base_name)
+        report.write_report(out, rep, hist)
+        if cfg.register:
+            result.registered = register.register_adapter(cfg.register, out, cfg.name or out.name, cfg.admin_key)
+    if ctx.enabled:
+        dist.barrier()  # every rank returns once the adapter folder is complete
     return result

@@ -9,11 +9,12 @@ logger = logging.getLogger(__name__)
 
 
 class Progress:
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
+    def __init__(self, total: int, start: int, enabled: bool, silent: bool = False) -> None:
+        """``enabled``: a tqdm bar if available (else log lines); ``silent``: neither (non-zero ranks)."""
+        self.total, self.enabled, self.silent = total, enabled and not silent, silent
         self.every = max(1, total // 20)
         self.bar = None
-        if enabled:
+        if self.enabled:
             try:
                 from tqdm import tqdm
             except ImportError:
@@ -25,7 +26,7 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
-        elif step % self.every == 0 or step == self.total:
+        elif not self.silent and (step % self.every == 0 or step == self.total):
             logger.info("step %d/%d loss %.4f %.0f tokens/s", step, self.total, loss, tokens_per_s)
 
     def close(self) -> None:
