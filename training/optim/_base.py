@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lorafold.training.adapters.lora import LoRAPair, lora_pairs, non_lora_trainable
-from lorafold.training.optim._common import adamw_foreach, sgd_foreach
+from lorafold.training.optim._common import adamw_fused, sgd_foreach
 
 
 @dataclass(slots=True)
@@ -122,7 +122,7 @@ class PairOptimizer(torch.optim.Optimizer):
         states = [self._adam_state(p) for p in params]
         for s in states:
             s["step"] += 1
-        adamw_foreach(
+        adamw_fused(
             params,
             [g.to(p.dtype) for p, g in zip(params, grads, strict=True)],
             [s["exp_avg"] for s in states],

@@ -5,7 +5,8 @@
   rank are stacked to ``[k, r, r]`` and go through ONE batched ``torch.linalg`` call.
 - Damping ``δ`` is added to Gram matrices; a factorization that fails (or yields a
   non-finite result) falls back to the identity for that layer only — never to NaN.
-- ``adamw_foreach`` is the multi-tensor Adam(W) update every Adam-based method here shares.
+- ``adamw_fused`` (torch's fused multi-tensor kernel, falling back to ``adamw_foreach``) is
+  the Adam(W) update every Adam-based pair method here shares.
 """
 
 from __future__ import annotations
@@ -75,20 +76,33 @@ def spd_inverse(mats: torch.Tensor, damping: float = DEFAULT_DAMPING, method: st
     """``(M + δI)⁻¹`` for a stack of symmetric PSD ``[k, r, r]`` matrices, float64.
 
     ``method="cholesky"``: one batched Cholesky; a layer whose factorization fails (singular
-    Gram, e.g. ``B = 0`` with ``δ = 0``) gets the identity. ``method="pinv"``: batched
-    Moore-Penrose pseudo-inverse (eigh-based), which maps a zero Gram to zero.
+    Gram, e.g. ``B = 0`` with ``δ = 0``) gets the identity. ``method="pinv"``: the
+    Moore-Penrose pseudo-inverse (eigh-based, ``torch.linalg.pinv(hermitian=True)``), which
+    maps a zero Gram to zero. It is computed the cheap way first: batched Cholesky, which
+    gives the same matrix whenever pinv's cut-off (eigenvalues below ``rtol·λ_max``,
+    ``rtol = r·eps``) removes nothing — guaranteed when ``tr(M)·tr(M⁻¹) < 1/rtol``, since
+    ``λ_max ≤ tr(M)`` and ``1/λ_min ≤ tr(M⁻¹)``. Only the layers that fail that bound (or
+    the factorization) go through the eigh-based pinv, so the result is pinv's exactly.
     """
+    if method not in ("cholesky", "pinv"):
+        raise ValueError(f"unknown inverse method {method!r}: use 'cholesky' or 'pinv'")
     damped = add_damping(mats, damping)
     finite = _finite_batch(damped)
-    safe = torch.where(finite[:, None, None], damped, _identity_like(damped))
-    if method == "pinv":
-        return _replace_failed(torch.linalg.pinv(safe, hermitian=True), finite, "pinv")
-    if method != "cholesky":
-        raise ValueError(f"unknown inverse method {method!r}: use 'cholesky' or 'pinv'")
-    chol, info = torch.linalg.cholesky_ex(safe)
+    chol, info = torch.linalg.cholesky_ex(damped)
     ok = finite & (info == 0)
-    chol = torch.where(ok[:, None, None], chol, _identity_like(chol))
-    return _replace_failed(torch.cholesky_inverse(chol), ok, "Cholesky inverse")
+    if not bool(ok.all()):  # host sync: one per batched call; the rare path substitutes I
+        chol = torch.where(ok[:, None, None], chol, _identity_like(chol))
+    inv = torch.cholesky_inverse(chol)
+    if method == "cholesky":
+        return _replace_failed(inv, ok, "Cholesky inverse")
+    rtol = torch.finfo(damped.dtype).eps * damped.shape[-1]  # torch.linalg.pinv's default
+    bound = damped.diagonal(dim1=-2, dim2=-1).sum(-1) * inv.diagonal(dim1=-2, dim2=-1).sum(-1)
+    exact = ok & (bound * rtol < 0.5)  # margin 2x against round-off in the bound itself
+    if not bool(exact.all()):  # host sync: one per batched call
+        redo = (~exact).nonzero().squeeze(-1)
+        safe = torch.where(finite[:, None, None], damped, _identity_like(damped)).index_select(0, redo)
+        inv = inv.index_copy(0, redo, torch.linalg.pinv(safe, hermitian=True))
+    return _replace_failed(inv, finite, "pinv")
 
 
 def sym_eigh(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,6 +180,60 @@ def adamw_foreach(
     torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1**t) for t in steps])
     if weight_decay:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+
+
+_FUSED_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def adamw_fused(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[int],
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """Same update as :func:`adamw_foreach` (Adam step, *then* decay), through torch's fused
+    multi-tensor Adam kernel (``torch._fused_adamw_``, one pass over the data instead of ~7).
+
+    The kernel is called with ``weight_decay = 0`` — torch's AdamW decays *before* the Adam
+    step — and the decay is applied afterwards, so the result is the one of
+    :func:`adamw_foreach` to round-off. Per-parameter step counts are passed as one shared
+    0-d float32 tensor per distinct value (the kernel only reads them). Falls back to
+    :func:`adamw_foreach` for tensors the kernel does not take (mixed devices or dtypes,
+    non-contiguous, non-float) or if it raises.
+    """
+    if not params:
+        return
+    dev, dt = params[0].device, params[0].dtype
+    fusable = dt in _FUSED_DTYPES and all(
+        t.device == dev and t.dtype == dt and t.is_contiguous()
+        for ts in (params, grads, exp_avgs, exp_avg_sqs)
+        for t in ts
+    )
+    if fusable:
+        table: dict[int, torch.Tensor] = {}
+        step_ts = []
+        for t in steps:
+            if t not in table:
+                table[t] = torch.tensor(float(t), dtype=torch.float32, device=dev)
+            step_ts.append(table[t])
+        try:
+            torch._fused_adamw_(
+                params, grads, exp_avgs, exp_avg_sqs, [], step_ts,
+                lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=0.0, eps=eps,
+                amsgrad=False, maximize=False,
+            )  # fmt: skip
+        except (RuntimeError, NotImplementedError):  # e.g. a build without the CPU kernel
+            fusable = False
+        else:
+            if weight_decay:
+                torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+            return
+    adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, weight_decay)
 
 
 def sgd_foreach(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float, weight_decay: float) -> None:

@@ -32,6 +32,7 @@ in the units of ``BᵀLB`` — so the result does not depend on the gradient's s
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,40 +44,202 @@ from lorafold.training.optim._common import LINALG_DTYPE, compute_dtype, spd_inv
 
 FullGradFn = Callable[[str], torch.Tensor]
 
-# Below, every tensor carries a leading batch dim k: the layers of one shape bucket
-# (A [k, r, n], B [k, m, r], scales s [k, 1, 1]); one op serves all k layers.
+# Layout. The layers of one shape bucket are stacked (A [k, r, n], B [k, m, r], scales
+# s [k, 1, 1]) so that every O((m + n) r²) operation is ONE r-wide batched matmul per bucket:
+# the Grams, the quadratic forms of the statistic and the two r×r applies per direction.
+# The r×r algebra in between runs on the Grams of ALL buckets of a rank at once (SmolLM2:
+# 210 layers, 4 buckets, one batch): inverses (Cholesky, pinv fallback) in float64, the r×r
+# products in the Grams' dtype (fp32 at least; float64 for float64 factors).
+
+
+@dataclass(slots=True)
+class Grams:
+    """r×r Grams of a batch of layers (fp32 at least), each taken once per step and shared."""
+
+    bb: torch.Tensor  # BᵀB
+    aa: torch.Tensor  # AAᵀ
+    ga_a: torch.Tensor  # g_A Aᵀ
+    b_gb: torch.Tensor | None = None  # Bᵀ g_B      (low-rank statistic only)
+    gb_gb: torch.Tensor | None = None  # g_Bᵀ g_B
+    ga_ga: torch.Tensor | None = None  # g_A g_Aᵀ
+
+    @staticmethod
+    def cat(parts: Sequence[Grams]) -> Grams:
+        def join(name: str) -> torch.Tensor | None:
+            ts = [getattr(g, name) for g in parts]
+            return None if ts[0] is None else torch.cat(ts)
+
+        return Grams(*(join(f) for f in ("bb", "aa", "ga_a", "b_gb", "gb_gb", "ga_ga")))  # type: ignore[arg-type]
+
+
+def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x @ y`` (an r×r Gram) in at least fp32."""
+    work = compute_dtype(x.dtype)
+    return x.to(work) @ y.to(work)
+
+
+def bucket_grams(a: torch.Tensor, b: torch.Tensor, g_a: torch.Tensor, g_b: torch.Tensor, lowrank: bool) -> Grams:
+    grams = Grams(_gram(b.mT, b), _gram(a, a.mT), _gram(g_a, a.mT))
+    if lowrank:
+        grams.b_gb, grams.gb_gb, grams.ga_ga = _gram(b.mT, g_b), _gram(g_b.mT, g_b), _gram(g_a, g_a.mT)
+    return grams
+
+
+@dataclass(slots=True)
+class StatKernels:
+    """Per layer, the symmetric 2r×2r kernels of the low-rank statistic in r×r blocks (float64):
+    ``rowsum(ĝ²) = diag([B, g_B] K_row [B, g_B]ᵀ)``, ``colsum(ĝ²) = diag([g_Aᵀ, Aᵀ] K_col [g_A; A])``."""
+
+    row11: torch.Tensor
+    row21: torch.Tensor
+    row22: torch.Tensor
+    col11: torch.Tensor
+    col12: torch.Tensor
+    col22: torch.Tensor
+
+    def split(self, sizes: Sequence[int]) -> list[StatKernels]:
+        parts = [t.split(list(sizes)) for t in (self.row11, self.row21, self.row22, self.col11, self.col12, self.col22)]
+        return [StatKernels(*p) for p in zip(*parts, strict=True)]
+
+
+def stat_kernels(grams: Grams, s: torch.Tensor, pinv_damping: float) -> StatKernels:
+    """The statistic's kernels from the Grams (all r×r; ``s`` is ``[k]`` or ``[k, 1, 1]``).
+
+    With ``P_B⁻¹ = pinv(BᵀB + δI)``, ``P_A⁻¹ = pinv(AAᵀ + δI)`` and LoRA-Pro's reduced gradients
+    ``g̃_A = s⁻² P_B⁻¹ g_A``, ``g̃_B = s⁻² (I − B P_B⁻¹ Bᵀ) g_B P_A⁻¹``, the equivalent gradient
+    is ``ĝ = P_T(G) = U Vᵀ``, ``U = [B, s g̃_B]`` [m, 2r], ``V = [s g̃_Aᵀ, Aᵀ]`` [n, 2r], so
+    ``rowsum(ĝ²) = diag(U VᵀV Uᵀ)`` and ``colsum(ĝ²) = diag(V UᵀU Vᵀ)``. Both factors are the
+    raw data times a 2r×2r matrix::
+
+        U = [B, g_B] T,    T   = [[I, X₂], [0, X₁]],  X₁ = P_A⁻¹ / s,  X₂ = −P_B⁻¹ (Bᵀg_B) X₁
+        V = [g_Aᵀ, Aᵀ] T_A, T_A = [[Z, 0], [0, I]],   Z  = P_B⁻¹ / s
+
+    hence ``K_row = T (VᵀV) Tᵀ`` and ``K_col = T_A (UᵀU) T_Aᵀ``, with ``VᵀV = T_Aᵀ Q_A T_A``,
+    ``UᵀU = Tᵀ Q_B T`` and ``Q_A``, ``Q_B`` the 2r×2r Grams of ``[g_Aᵀ, Aᵀ]`` and ``[B, g_B]``.
+    Written out in r×r blocks (X₁, Z symmetric)::
+
+        M₁₁ = Z (g_A g_Aᵀ) Z,  M₁₂ = Z (g_A Aᵀ),  M₂₂ = AAᵀ               (VᵀV)
+        N = M₁₂ + X₂ M₂₂
+        K_row: ₁₁ = M₁₁ + X₂ M₁₂ᵀ + N X₂ᵀ,  ₂₁ = X₁ Nᵀ,  ₂₂ = X₁ M₂₂ X₁
+        P = (BᵀB) X₂ + (Bᵀg_B) X₁                                           (UᵀU)₁₂
+        (UᵀU)₂₂ = X₂ᵀ P + X₁ ((Bᵀg_B)ᵀ X₂ + (g_Bᵀg_B) X₁)
+        K_col: ₁₁ = Z (BᵀB) Z,  ₁₂ = Z P,  ₂₂ = (UᵀU)₂₂
+    """
+    assert grams.b_gb is not None and grams.gb_gb is not None and grams.ga_ga is not None
+    work = grams.bb.dtype
+    sw = s.to(work).reshape(-1, 1, 1)
+    inv_b = spd_inverse(grams.bb, pinv_damping, "pinv").to(work)  # float64 factorization
+    inv_a = spd_inverse(grams.aa, pinv_damping, "pinv").to(work)
+    x1, z = inv_a / sw, inv_b / sw
+    x2 = -(inv_b @ grams.b_gb) @ x1
+    m12 = z @ grams.ga_a
+    n = m12 + x2 @ grams.aa
+    row11 = z @ grams.ga_ga @ z + x2 @ m12.mT + n @ x2.mT
+    p = grams.bb @ x2 + grams.b_gb @ x1
+    u22 = x2.mT @ p + x1 @ (grams.b_gb.mT @ x2 + grams.gb_gb @ x1)
+    return StatKernels(row11, x1 @ n.mT, x1 @ grams.aa @ x1, z @ grams.bb @ z, z @ p, u22)
+
+
+def quad_rows(
+    b: torch.Tensor, g_b: torch.Tensor, k11: torch.Tensor, k21: torch.Tensor, k22: torch.Tensor
+) -> torch.Tensor:
+    """``diag([B, g_B] K [B, g_B]ᵀ)`` -> ``[k, m]`` for ``B, g_B: [k, m, r]``, symmetric ``K`` in
+    blocks: ``rowsum((B K₁₁ + g_B (2K₂₁)) ∘ B + (g_B K₂₂) ∘ g_B)`` — three r-wide matmuls (two
+    fused in one), no concatenation of the data."""
+    work = compute_dtype(b.dtype)
+    b, g_b = b.to(work), g_b.to(work)
+    out = g_b @ torch.cat([2.0 * k21, k22], -1).to(work)  # [k, m, 2r]
+    acc = (b @ k11.to(work)).add_(out[..., : b.shape[-1]]).mul_(b)
+    acc.addcmul_(out[..., b.shape[-1] :], g_b)
+    return acc @ torch.ones(b.shape[-1], dtype=work, device=b.device)
+
+
+def quad_cols(
+    g_a: torch.Tensor, a: torch.Tensor, k11: torch.Tensor, k12: torch.Tensor, k22: torch.Tensor
+) -> torch.Tensor:
+    """``diag([g_Aᵀ, Aᵀ] K [g_A; A])`` -> ``[k, n]`` for ``g_A, A: [k, r, n]`` (column-wise
+    counterpart of :func:`quad_rows`): ``colsum((K₁₁ g_A + 2K₁₂ A) ∘ g_A + (K₂₂ A) ∘ A)``."""
+    work = compute_dtype(a.dtype)
+    a, g_a = a.to(work), g_a.to(work)
+    r = a.shape[-2]
+    out = torch.cat([2.0 * k12, k22], -2).to(work) @ a  # [k, 2r, n]
+    acc = (k11.to(work) @ g_a).add_(out[:, :r]).mul_(g_a)
+    acc.addcmul_(out[:, r:], a)
+    return torch.ones(r, dtype=work, device=a.device) @ acc
 
 
 def lowrank_row_col_sq(
-    a: torch.Tensor, b: torch.Tensor, g_a: torch.Tensor, g_b: torch.Tensor, s: torch.Tensor, pinv_damping: float
+    a: torch.Tensor,
+    b: torch.Tensor,
+    g_a: torch.Tensor,
+    g_b: torch.Tensor,
+    s: torch.Tensor,
+    pinv_damping: float,
+    kernels: StatKernels | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rowsum(ĝ²) [k, m], colsum(ĝ²) [k, n])`` of ``ĝ = P_T(G) = U Vᵀ`` without forming ĝ.
+    """``(rowsum(ĝ²) [k, m], colsum(ĝ²) [k, n])`` of ``ĝ = P_T(G)`` without forming ĝ (or any
+    m×2r / n×2r intermediate): the kernels of :func:`stat_kernels` (computed here from the
+    bucket's Grams unless given) and one quadratic form per row / column of the raw data."""
+    if kernels is None:
+        kernels = stat_kernels(bucket_grams(a, b, g_a, g_b, lowrank=True), s, pinv_damping)
+    k = kernels
+    return quad_rows(b, g_b, k.row11, k.row21, k.row22), quad_cols(g_a, a, k.col11, k.col12, k.col22)
 
-    With LoRA-Pro's reduced gradients ``g̃_A = s⁻² P_B⁻¹ g_A``, ``g̃_B = s⁻² (I − B P_B⁻¹ Bᵀ) g_B P_A⁻¹``:
-    ``U = [B, s g̃_B]`` [m, 2r], ``V = [s g̃_Aᵀ, Aᵀ]`` [n, 2r];
-    ``rowsum(ĝ²) = rowsum((U VᵀV) ∘ U)``, ``colsum(ĝ²) = rowsum((V UᵀU) ∘ V)``.
-    """
-    work = compute_dtype(a.dtype)  # Grams of bf16 factors in fp32 at least
-    inv_b = spd_inverse((b.mT.to(work) @ b.to(work)).to(LINALG_DTYPE), pinv_damping, "pinv").to(a.dtype)
-    inv_a = spd_inverse((a.to(work) @ a.mT.to(work)).to(LINALG_DTYPE), pinv_damping, "pinv").to(a.dtype)
-    s_gt_a = (inv_b @ g_a) / s  # s · g̃_A
-    gb_inv = g_b @ inv_a
-    s_gt_b = (gb_inv - b @ (inv_b @ (b.mT @ gb_inv))) / s  # s · g̃_B
-    u = torch.cat([b, s_gt_b], dim=-1)
-    v = torch.cat([s_gt_a.mT, a.mT], dim=-1)
-    return ((u @ (v.mT @ v)) * u).sum(-1), ((v @ (u.mT @ u)) * v).sum(-1)
+
+def weighted_grams(
+    a: torch.Tensor, b: torch.Tensor, ell: torch.Tensor, rho: torch.Tensor, damping: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``BᵀLB + δ mean(ℓ) I``, ``ARAᵀ + δ mean(ρ) I``: [k, r, r] each, float64."""
+    eye = torch.eye(a.shape[-2], dtype=LINALG_DTYPE, device=a.device)
+    bl = (b.mT @ (ell[..., None] * b)).to(LINALG_DTYPE)
+    ar = ((a * rho[:, None, :]) @ a.mT).to(LINALG_DTYPE)
+    bl = bl + damping * ell.mean(-1).to(LINALG_DTYPE)[:, None, None] * eye
+    ar = ar + damping * rho.mean(-1).to(LINALG_DTYPE)[:, None, None] * eye
+    return bl, ar
 
 
 def weighted_inverses(
     a: torch.Tensor, b: torch.Tensor, ell: torch.Tensor, rho: torch.Tensor, damping: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(BᵀLB + δ mean(ℓ) I)⁻¹``, ``(ARAᵀ + δ mean(ρ) I)⁻¹``: [k, r, r] each, float64."""
-    eye = torch.eye(a.shape[-2], dtype=LINALG_DTYPE, device=a.device)
-    bl = (b.mT @ (ell[..., None] * b)).to(LINALG_DTYPE)
-    ar = ((a * rho[:, None, :]) @ a.mT).to(LINALG_DTYPE)
-    bl = bl + damping * ell.mean(-1).to(LINALG_DTYPE)[:, None, None] * eye
-    ar = ar + damping * rho.mean(-1).to(LINALG_DTYPE)[:, None, None] * eye
+    bl, ar = weighted_grams(a, b, ell, rho, damping)
     return spd_inverse(bl, 0.0), spd_inverse(ar, 0.0)
+
+
+def direction_factors(
+    inv_l: torch.Tensor, inv_r: torch.Tensor, ga_a: torch.Tensor, s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(−s⁻² (BᵀLB)⁻¹, −s⁻² (ARAᵀ)⁻¹, −½ s⁻¹ C)`` with ``C = −s⁻¹ (BᵀLB)⁻¹ (g_A Aᵀ) (ARAᵀ)⁻¹``
+    (all r×r, in ``g_A Aᵀ``'s dtype), so that (see :func:`apply_directions`)::
+
+        dA = ((−s⁻² (BᵀLB)⁻¹) g_A) / ρ + (−½ s⁻¹ C) A
+        dB = (g_B (−s⁻² (ARAᵀ)⁻¹)) / ℓ + B (−½ s⁻¹ C)
+    """
+    work = ga_a.dtype
+    s2 = s.to(work).reshape(-1, 1, 1).square()
+    inv_l, inv_r = inv_l.to(work), inv_r.to(work)
+    half_c = (0.5 / s2) * (inv_l @ ga_a @ inv_r)
+    return -inv_l / s2, -inv_r / s2, half_c
+
+
+def apply_directions(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    g_a: torch.Tensor,
+    g_b: torch.Tensor,
+    ell: torch.Tensor,
+    rho: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    half_c: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dA, dB)`` from the factors of :func:`direction_factors`: two r-wide matmuls and one
+    fused ``addcdiv`` per direction."""
+    dt = g_a.dtype
+    hc = half_c.to(dt)
+    d_a = (hc @ a).addcdiv_(left.to(dt) @ g_a, rho[:, None, :].to(dt))
+    d_b = (b @ hc).addcdiv_(g_b @ right.to(dt), ell[..., None].to(dt))
+    return d_a, d_b
 
 
 def balanced_directions(
@@ -92,11 +255,8 @@ def balanced_directions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dA [k, r, n], dB [k, m, r])`` from the module formulas; ``ell`` = diag(L) [k, m],
     ``rho`` = diag(R) [k, n], ``s`` [k, 1, 1]."""
-    inv_l, inv_r = inv_l.to(g_a.dtype), inv_r.to(g_a.dtype)
-    c = -(inv_l @ (g_a @ a.mT) @ inv_r) / s
-    d_a = (-(inv_l @ (g_a / rho[:, None, :])) / s - 0.5 * c @ a) / s
-    d_b = (-((g_b / ell[..., None]) @ inv_r) / s - 0.5 * b @ c) / s
-    return d_a, d_b
+    factors = direction_factors(inv_l, inv_r, _gram(g_a, a.mT), s)
+    return apply_directions(a, b, g_a, g_b, ell, rho, *factors)
 
 
 class AdaPreLoRA(PairOptimizer):
@@ -138,23 +298,6 @@ class AdaPreLoRA(PairOptimizer):
         super().__init__(pairs, defaults, extra_params)
         self.full_grad_fn = full_grad_fn
 
-    def _row_col_sq(
-        self,
-        group: dict[str, Any],
-        pairs: list[ActivePair],
-        a: torch.Tensor,
-        b: torch.Tensor,
-        g_a: torch.Tensor,
-        g_b: torch.Tensor,
-        s: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rowsum(Ĝ²) [k, m], colsum(Ĝ²) [k, n])`` for one shape bucket."""
-        if group["statistic"] == "lowrank":
-            return lowrank_row_col_sq(a, b, g_a, g_b, s, group["damping"])
-        work = torch.promote_types(a.dtype, torch.float32)
-        g2 = torch.stack([self.full_grad_fn(p.name).to(work) for p in pairs]).square()  # type: ignore[misc]
-        return g2.sum(-1), g2.sum(-2)
-
     def _weights(
         self, group: dict[str, Any], pairs: list[ActivePair], row: torch.Tensor, col: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,19 +332,74 @@ class AdaPreLoRA(PairOptimizer):
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
 
+    def _row_col_sq(
+        self, group: dict[str, Any], bucket: _Bucket, kernels: StatKernels | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rowsum(Ĝ²) [k, m], colsum(Ĝ²) [k, n])`` for one shape bucket."""
+        if kernels is not None:
+            k = kernels
+            return quad_rows(bucket.b, bucket.g_b, k.row11, k.row21, k.row22), quad_cols(
+                bucket.g_a, bucket.a, k.col11, k.col12, k.col22
+            )
+        work = torch.promote_types(bucket.a.dtype, torch.float32)
+        g2 = torch.stack([self.full_grad_fn(p.name).to(work) for p in bucket.pairs]).square()  # type: ignore[misc]
+        return g2.sum(-1), g2.sum(-2)
+
     def _step_pairs(self, group: dict[str, Any], pairs: list[ActivePair]) -> None:
+        """Phases over all shape buckets, so the r×r algebra of all layers of a rank is one
+        batch: stack + Grams (per bucket) → statistic kernels (one batch per rank) →
+        statistics and weights (per bucket) → weighted Grams (per bucket) → inverses and
+        direction factors (one batch per rank) → directions (per bucket) → one update."""
+        lowrank = group["statistic"] == "lowrank"
+        buckets = []
         for idx in shape_buckets(pairs).values():
             sub = [pairs[i] for i in idx]
             a, b, g_a, g_b = stack_bucket(pairs, idx)
-            s = torch.tensor([p.scale for p in sub], dtype=a.dtype, device=a.device)[:, None, None]
-            row, col = self._row_col_sq(group, sub, a, b, g_a, g_b, s)
-            ell, rho = self._weights(group, sub, row, col)
-            ell, rho = ell.to(a.dtype), rho.to(a.dtype)
-            inv_l, inv_r = weighted_inverses(a, b, ell, rho, group["damping"])
-            d_a, d_b = balanced_directions(a, b, g_a, g_b, s, ell, rho, inv_l, inv_r)
-            params = [t for p in sub for t in (p.A, p.B)]
-            dirs = [t for pair in zip(d_a.unbind(0), d_b.unbind(0), strict=True) for t in pair]
-            self._apply(group, params, dirs)
+            s = torch.tensor([p.scale for p in sub], dtype=LINALG_DTYPE, device=a.device)
+            buckets.append(_Bucket(sub, a, b, g_a, g_b, s, bucket_grams(a, b, g_a, g_b, lowrank)))
+        for batch in _by_rank(buckets):
+            sizes = [len(bk.pairs) for bk in batch]
+            grams, s = Grams.cat([bk.grams for bk in batch]), torch.cat([bk.s for bk in batch])
+            kernels = stat_kernels(grams, s, group["damping"]).split(sizes) if lowrank else [None] * len(batch)
+            weighted_l, weighted_r = [], []
+            for bk, kern in zip(batch, kernels, strict=True):
+                row, col = self._row_col_sq(group, bk, kern)
+                ell, rho = self._weights(group, bk.pairs, row, col)
+                bk.ell, bk.rho = ell.to(bk.a.dtype), rho.to(bk.a.dtype)
+                bl, ar = weighted_grams(bk.a, bk.b, bk.ell, bk.rho, group["damping"])
+                weighted_l.append(bl)
+                weighted_r.append(ar)
+            inv_l, inv_r = spd_inverse(torch.cat(weighted_l), 0.0), spd_inverse(torch.cat(weighted_r), 0.0)
+            factors = [f.split(sizes) for f in direction_factors(inv_l, inv_r, grams.ga_a, s)]
+            for bk, left, right, half_c in zip(batch, *factors, strict=True):
+                bk.d_a, bk.d_b = apply_directions(bk.a, bk.b, bk.g_a, bk.g_b, bk.ell, bk.rho, left, right, half_c)
+        params = [t for bk in buckets for p in bk.pairs for t in (p.A, p.B)]
+        dirs = [t for bk in buckets for pair in zip(bk.d_a.unbind(0), bk.d_b.unbind(0), strict=True) for t in pair]
+        self._apply(group, params, dirs)
+
+
+@dataclass(slots=True)
+class _Bucket:
+    """One shape bucket during a step: stacked data, its Grams, then weights and directions."""
+
+    pairs: list[ActivePair]
+    a: torch.Tensor
+    b: torch.Tensor
+    g_a: torch.Tensor
+    g_b: torch.Tensor
+    s: torch.Tensor  # [k] float64
+    grams: Grams
+    ell: torch.Tensor | None = None
+    rho: torch.Tensor | None = None
+    d_a: torch.Tensor | None = None
+    d_b: torch.Tensor | None = None
+
+
+def _by_rank(buckets: list[_Bucket]) -> list[list[_Bucket]]:
+    out: dict[int, list[_Bucket]] = {}
+    for bk in buckets:
+        out.setdefault(bk.a.shape[-2], []).append(bk)
+    return list(out.values())
 
 
 class FullGradCapture:

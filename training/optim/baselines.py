@@ -22,12 +22,18 @@ def build_adamw(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """Stock AdamW; reference LoRA baseline lr 2e-4 (Zhang & Pilanci's GPT-2 setting)."""
+    """Stock AdamW; reference LoRA baseline lr 2e-4 (Zhang & Pilanci's GPT-2 setting).
+
+    ``foreach`` / ``fused`` pick torch's implementation (default: torch's choice, which on CPU
+    is the per-parameter for-loop)."""
     params = list(params)
     if not params:
         raise ValueError("no trainable parameters; did you call inject_lora(model, ...)?")
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+    return torch.optim.AdamW(
+        params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused
+    )
 
 
 def build_loraplus(
