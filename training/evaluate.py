@@ -15,14 +15,37 @@ from lorafold.training.data.jsonl import Example, collate
 logger = logging.getLogger(__name__)
 
 
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder body, LM head) of a Llama-family causal LM, whose logits are exactly
+    ``lm_head(body(...).last_hidden_state)``; None for anything else (full-logits path)."""
+    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    cfg = getattr(model, "config", None)
+    if body is None or not isinstance(head, nn.Linear) or cfg is None:
+        return None
+    if getattr(cfg, "model_type", None) not in ("llama", "mistral", "qwen2"):
+        return None
+    return body, head
+
+
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """``(sum of next-token CE over labeled tokens, number of labeled tokens)`` of one batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """``(sum of next-token CE over labeled tokens, number of labeled tokens)`` of one batch.
+
+    The LM head runs only on the positions that carry a label: a prompt/completion task with a
+    two-token answer needs 2 of ~40 rows of the [49152-wide] head, and no [B, L, vocab] logits
+    tensor (400 MB at 8 x 256 tokens) is built, kept for backward, or copied to fp32."""
     labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1].float()
-    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
+    keep = labels != -100
+    parts = _decoder_and_head(model)
+    if parts is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                           ignore_index=-100, reduction="sum")
+        return loss, int(keep.sum())
+    body, head = parts
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = head(hidden[:, :-1][keep]).float()  # [n_labeled, vocab]
+    loss = nn.functional.cross_entropy(logits, labels[keep], reduction="sum")
+    return loss, int(keep.sum())
 
 
 @torch.no_grad()
