@@ -50,6 +50,22 @@ def store_moments(state: dict, mod: USVLinear, m: torch.Tensor, v: torch.Tensor,
     st["step"] = step
 
 
+def store_moments_batch(
+    state: dict, mods: list[USVLinear], m: torch.Tensor, v: torch.Tensor, steps: list[int]
+) -> None:
+    """:func:`store_moments` for a batch at one rank (``m, v: [L, r1, r1]``): the same result —
+    block written, everything outside it zero — with multi-tensor ops instead of per layer."""
+    r1 = m.shape[-1]
+    sts = [core_state(state, mod) for mod in mods]
+    partial = [st[k] for st in sts for k in ("exp_avg", "exp_avg_sq") if st[k].shape[-1] != r1]
+    if partial:  # rank below r_max: zero outside the block first (put_block's invariant)
+        torch._foreach_zero_(partial)
+    torch._foreach_copy_([st["exp_avg"][:r1, :r1] for st in sts], list(m.unbind(0)))
+    torch._foreach_copy_([st["exp_avg_sq"][:r1, :r1] for st in sts], list(v.unbind(0)))
+    for st, t in zip(sts, steps, strict=True):
+        st["step"] = t
+
+
 def adam_direction(
     m: torch.Tensor,
     v: torch.Tensor,

@@ -49,12 +49,15 @@ def collect_usv(target: USVTarget) -> list[tuple[str, USVLinear]]:
 
 @dataclass(slots=True)
 class USVBatch:
-    """Layers of equal shape stacked along dim 0 (work dtype); grads only where requested."""
+    """Layers of equal shape stacked along dim 0 (work dtype); grads only where requested.
+
+    With ``core_only`` (see :func:`batches`) only ``S`` and ``GS`` are stacked; ``U``, ``V``,
+    ``GK``, ``GL`` are ``None``."""
 
     modules: list[USVLinear]
-    U: torch.Tensor  # [L, m, r]
+    U: torch.Tensor | None  # [L, m, r]
     S: torch.Tensor  # [L, r, r]
-    V: torch.Tensor  # [L, n, r]
+    V: torch.Tensor | None  # [L, n, r]
     GS: torch.Tensor | None = None  # [L, r, r]  UᵀG_Z V
     GK: torch.Tensor | None = None  # [L, m, r]  G_Z V
     GL: torch.Tensor | None = None  # [L, n, r]  G_Zᵀ U
@@ -64,37 +67,72 @@ class USVBatch:
         return self.S.shape[-1]
 
 
-def _has_finite_grads(mod: USVLinear) -> bool:
+def _grad_triple(mod: USVLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     pg = mod.probe_grads()
     if pg is None or mod.S.grad is None:
-        return False
+        return None
     r = mod.rank
-    ok = all(bool(torch.isfinite(t).all()) for t in (*pg, mod.S.grad[:r, :r]))  # host sync
-    if not ok:
-        logger.warning("non-finite gradient in a USV layer (%s); skipping its update this step", mod.extra_repr())
-    return ok
+    return pg[0], pg[1], mod.S.grad[:r, :r]
 
 
-def batches(modules: Iterable[USVLinear], with_grads: bool) -> list[USVBatch]:
+def with_finite_grads(modules: Iterable[USVLinear]) -> list[USVLinear]:
+    """The modules whose gradient triple ``(G V, Gᵀ U, UᵀGV)`` exists and is finite.
+
+    One batched test for all layers (a multi-tensor 2-norm per gradient, one host sync): a
+    finite norm means finite entries; a non-finite norm (NaN/inf entries, or an overflow of
+    the norm itself) is re-checked entry-wise for that layer only, so the verdict is exactly
+    ``isfinite(g).all()`` per tensor."""
+    mods, grads = [], []
+    for mod in modules:
+        triple = _grad_triple(mod)
+        if triple is not None:
+            mods.append(mod)
+            grads.extend(triple)
+    if not mods:
+        return []
+    norms = torch._foreach_norm(grads, 2)
+    try:
+        ok = torch.isfinite(torch.stack(norms).view(len(mods), 3)).all(dim=1)
+    except RuntimeError:  # mixed dtypes or devices across layers
+        ok = torch.tensor([bool(torch.isfinite(n)) for n in norms]).view(len(mods), 3).all(dim=1)
+    if bool(ok.all()):  # host sync: one per step
+        return mods
+    kept = []
+    for mod, fine in zip(mods, ok.tolist(), strict=True):
+        if not fine and not all(bool(torch.isfinite(t).all()) for t in _grad_triple(mod)):  # type: ignore[union-attr]
+            logger.warning("non-finite gradient in a USV layer (%s); skipping its update this step", mod.extra_repr())
+            continue
+        kept.append(mod)
+    return kept
+
+
+def batches(modules: Iterable[USVLinear], with_grads: bool, core_only: bool = False) -> list[USVBatch]:
     """Group by ``(m, n, r, dtype, device)`` and stack. With ``with_grads``, layers without
-    (finite) gradients are left out — they get no update and no state drift this step."""
+    (finite) gradients are left out — they get no update and no state drift this step.
+    ``core_only``: stack only ``S`` (and ``GS``) — what a coefficient step needs."""
+    if with_grads:
+        modules = with_finite_grads(modules)
     groups: dict[tuple[Any, ...], list[USVLinear]] = {}
     for mod in modules:
-        if with_grads and not _has_finite_grads(mod):
-            continue
         key = (mod.out_features, mod.in_features, mod.rank, mod.U.dtype, mod.U.device)
         groups.setdefault(key, []).append(mod)
     out = []
     for mods in groups.values():
         wd = work_dtype(mods[0].U.dtype)
-        U, S, V = (torch.stack([f.detach().to(wd) for f in fs]) for fs in zip(*(m.factors() for m in mods)))
-        batch = USVBatch(mods, U, S, V)
+        r = mods[0].rank
+        S = torch.stack([m.S.detach()[:r, :r].to(wd) for m in mods])
+        if core_only:
+            batch = USVBatch(mods, None, S, None)
+        else:
+            U = torch.stack([m.U.detach()[:, :r].to(wd) for m in mods])
+            V = torch.stack([m.V.detach()[:, :r].to(wd) for m in mods])
+            batch = USVBatch(mods, U, S, V)
         if with_grads:
-            r = mods[0].rank
             batch.GS = torch.stack([m.S.grad[:r, :r].to(wd) for m in mods])
-            grads = [m.probe_grads() for m in mods]
-            batch.GK = torch.stack([g[0].to(wd) for g in grads])  # type: ignore[index]
-            batch.GL = torch.stack([g[1].to(wd) for g in grads])  # type: ignore[index]
+            if not core_only:
+                grads = [m.probe_grads() for m in mods]
+                batch.GK = torch.stack([g[0].to(wd) for g in grads])  # type: ignore[index]
+                batch.GL = torch.stack([g[1].to(wd) for g in grads])  # type: ignore[index]
         out.append(batch)
     return out
 
@@ -112,10 +150,48 @@ def write_factors(mod: USVLinear, U: torch.Tensor, S: torch.Tensor, V: torch.Ten
 
 
 @torch.no_grad()
+def write_factors_batch(mods: list[USVLinear], U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
+    """:func:`write_factors` for layers truncated to the same rank ``r1`` (``U: [k, m, r1]``,
+    ``S: [k, r1, r1]``, ``V: [k, n, r1]``): multi-tensor zero/copy instead of per-layer ops."""
+    r1 = S.shape[-1]
+    for params, value in (([mod.U for mod in mods], U), ([mod.V for mod in mods], V)):
+        tails = [p[:, r1:] for p in params if p.shape[1] > r1]
+        if tails:
+            torch._foreach_zero_(tails)
+        torch._foreach_copy_([p[:, :r1] for p in params], list(value.unbind(0)))
+    cores = [mod.S for mod in mods]
+    torch._foreach_zero_(cores)
+    torch._foreach_copy_([c[:r1, :r1] for c in cores], list(S.unbind(0)))
+    for mod in mods:
+        mod.set_rank(r1)
+
+
+@torch.no_grad()
+def write_full_factors(
+    mods: list[USVLinear], U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, ranks: list[int]
+) -> None:
+    """Whole parameters at once: ``U: [k, m, r_max]``, ``S: [k, r_max, r_max]``,
+    ``V: [k, n, r_max]``, already zero outside each layer's active block of rank ``ranks[i]``
+    (what :func:`write_factors` leaves behind)."""
+    for params, value in (([m.U for m in mods], U), ([m.S for m in mods], S), ([m.V for m in mods], V)):
+        torch._foreach_copy_(params, list(value.unbind(0)))
+    for mod, r1 in zip(mods, ranks, strict=True):
+        mod.set_rank(r1)
+
+
+@torch.no_grad()
 def write_core(mod: USVLinear, S: torch.Tensor) -> None:
     """Store the active core only (bases and rank unchanged)."""
     r = mod.rank
     mod.S[:r, :r] = S.to(mod.S.dtype)
+
+
+@torch.no_grad()
+def write_cores(mods: list[USVLinear], S: torch.Tensor) -> None:
+    """:func:`write_core` for a batch (``S: [L, r, r]``, all at their current rank r): one
+    multi-tensor copy instead of one op per layer."""
+    r = S.shape[-1]
+    torch._foreach_copy_([mod.S[:r, :r] for mod in mods], list(S.unbind(0)))
 
 
 def put_block(buf: torch.Tensor, value: torch.Tensor) -> None:

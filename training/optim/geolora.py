@@ -28,7 +28,7 @@ import logging
 
 import torch
 
-from lorafold.training.optim._adam_core import adam_direction, stack_moments, store_moments
+from lorafold.training.optim._adam_core import adam_direction, stack_moments, store_moments_batch
 from lorafold.training.optim._lowrank import (
     augment_basis,
     fill_fresh,
@@ -37,7 +37,7 @@ from lorafold.training.optim._lowrank import (
     transport_truncate,
 )
 from lorafold.training.optim._truncate import truncate_into
-from lorafold.training.optim._usv_base import USVBatch, USVOptimizer, USVTarget, batches, write_core
+from lorafold.training.optim._usv_base import USVBatch, USVOptimizer, USVTarget, batches, write_cores
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +99,13 @@ class GeoLoRA(USVOptimizer):
         steps = steps + 1
         d, m, v = self._direction(batch.GS, m, v, steps)
         S = batch.S - hp["lr"] * (d + hp["weight_decay"] * batch.S)
-        for i, mod in enumerate(batch.modules):
-            write_core(mod, S[i])
-            store_moments(self.state, mod, m[i], v[i], int(steps[i]))
+        write_cores(batch.modules, S)
+        store_moments_batch(self.state, batch.modules, m, v, [int(t) for t in steps.flatten().tolist()])
 
     def _augment_step(self, batch: USVBatch) -> None:
         hp = self.hparams
         assert batch.GS is not None and batch.GK is not None and batch.GL is not None
+        assert batch.U is not None and batch.V is not None
         Uh, Vh = augment_basis(batch.U, batch.GK), augment_basis(batch.V, batch.GL)
         M, N = Uh.mT @ batch.U, batch.V.mT @ Vh
         g = tangent_coordinates(batch.GS, batch.GK, batch.GL, Uh, Vh, M, N)
@@ -118,9 +118,12 @@ class GeoLoRA(USVOptimizer):
         S0 = M @ batch.S @ N
         S_new = S0 - hp["lr"] * (d + hp["weight_decay"] * S0)
 
-        def on_truncate(i: int, mod, Pr: torch.Tensor, Qr: torch.Tensor) -> None:
-            mi, vi = transport_truncate(m[i], v[i], Pr, Qr)
-            store_moments(self.state, mod, mi, vi, int(steps[i]))
+        steps_list = [int(t) for t in steps.flatten().tolist()]
+
+        def on_truncate(idx: list[int], mods, Pr: torch.Tensor, Qr: torch.Tensor) -> None:
+            sel = torch.tensor(idx, device=m.device)
+            mi, vi = transport_truncate(m.index_select(0, sel), v.index_select(0, sel), Pr, Qr)
+            store_moments_batch(self.state, mods, mi, vi, [steps_list[i] for i in idx])
 
         ranks = truncate_into(batch.modules, Uh, S_new, Vh, hp["tau"], hp["absolute_tau"], on_truncate)
         if ranks is None:
@@ -136,7 +139,7 @@ class GeoLoRA(USVOptimizer):
         counter = self.state["geolora"]
         counter["step"] += 1
         augment = counter["step"] % self.hparams["coefficient_steps"] == 0
-        for batch in batches(self.modules, with_grads=True):
+        for batch in batches(self.modules, with_grads=True, core_only=not augment):
             (self._augment_step if augment else self._coefficient_step)(batch)
         for mod in self.modules:
             mod.clear_probe_grads()
