@@ -3,8 +3,10 @@
 One step's batch mixes prefill chunks (many query tokens of one sequence) and decode tokens
 (one query token each). K/V of every token are first written into fixed-size cache blocks;
 each sequence then attends over its whole context, read back through its block table.
-Decode sequences are batched into one SDPA call (padded to the longest context and masked);
-prefill chunks run one SDPA call each (a handful per step).
+Contexts are read back a whole block at a time (one `index_select` row = block_size tokens x
+all KV heads), measured ~2x cheaper than gathering token by token. Decode sequences are
+batched into one SDPA call (padded to the longest context in blocks and masked); prefill
+chunks run one SDPA call each (a handful per step).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ class PrefillSeq:
     q_start: int  # first query row in the flat batch
     q_len: int
     ctx_len: int  # context length including this chunk
-    kv_index: torch.Tensor  # [ctx_len] flat cache slots of the context, in order
+    blocks: torch.Tensor  # [ceil(ctx_len / block_size)] cache blocks of the context, in order
     mask: torch.Tensor  # [q_len, ctx_len] bool, True = attend
 
 
@@ -30,9 +32,10 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [N] flat cache slot (block * block_size + offset) of each token
     decode_rows: torch.Tensor  # [B] query rows of the decode tokens
-    decode_kv_index: torch.Tensor  # [B, L] flat cache slots of each decode sequence's context (padded)
-    decode_mask: torch.Tensor  # [B, 1, 1, L] bool, True = attend
+    decode_blocks: torch.Tensor  # [B, nb] cache blocks of each decode sequence's context (padded with 0)
+    decode_mask: torch.Tensor  # [B, 1, 1, nb * block_size] bool, True = attend
     prefills: tuple[PrefillSeq, ...]
+    block_size: int
 
 
 def build_attention_metadata(
@@ -47,37 +50,44 @@ def build_attention_metadata(
     for q_start, q_len, ctx_len, table in seqs:
         if q_len == 1:
             continue
-        kv_index = _flat_slots(table, ctx_len, block_size)
         offset = ctx_len - q_len
         mask = torch.arange(ctx_len)[None, :] <= (offset + torch.arange(q_len))[:, None]
-        prefills.append(PrefillSeq(q_start, q_len, ctx_len, kv_index.to(device), mask.to(device)))
+        blocks = torch.tensor(_context_blocks(table, ctx_len, block_size), dtype=torch.int64)
+        prefills.append(PrefillSeq(q_start, q_len, ctx_len, blocks.to(device), mask.to(device)))
     if decodes:
-        max_ctx = max(s[2] for s in decodes)
-        kv = torch.zeros(len(decodes), max_ctx, dtype=torch.int64)
-        for i, (_, _, ctx_len, table) in enumerate(decodes):
-            kv[i, :ctx_len] = _flat_slots(table, ctx_len, block_size)
+        tables = [_context_blocks(table, ctx_len, block_size) for _, _, ctx_len, table in decodes]
+        width = max(len(t) for t in tables)
+        blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
         lens = torch.tensor([s[2] for s in decodes])
-        mask = (torch.arange(max_ctx)[None, :] < lens[:, None])[:, None, None, :]
+        # padded positions read block 0 (zero-initialised or real K/V, always finite) and are masked
+        mask = (torch.arange(width * block_size)[None, :] < lens[:, None])[:, None, None, :]
         rows = torch.tensor([s[0] for s in decodes], dtype=torch.int64)
     else:
-        kv = torch.zeros(0, 0, dtype=torch.int64)
+        blocks = torch.zeros(0, 0, dtype=torch.int64)
         mask = torch.zeros(0, 1, 1, 0, dtype=torch.bool)
         rows = torch.zeros(0, dtype=torch.int64)
     return AttentionMetadata(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
         decode_rows=rows.to(device),
-        decode_kv_index=kv.to(device),
+        decode_blocks=blocks.to(device),
         decode_mask=mask.to(device),
         prefills=tuple(prefills),
+        block_size=block_size,
     )
 
 
-def _flat_slots(table: list[int], ctx_len: int, block_size: int) -> torch.Tensor:
-    blocks = torch.tensor(table, dtype=torch.int64)
-    slots = (blocks[:, None] * block_size + torch.arange(block_size)).reshape(-1)
-    if slots.numel() < ctx_len:
-        raise ValueError(f"block table covers {slots.numel()} tokens but the context has {ctx_len}")
-    return slots[:ctx_len]
+def _context_blocks(table: list[int], ctx_len: int, block_size: int) -> list[int]:
+    needed = (ctx_len + block_size - 1) // block_size
+    if len(table) < needed:
+        raise ValueError(f"block table covers {len(table) * block_size} tokens but the context has {ctx_len}")
+    return list(table[:needed])
+
+
+def _read_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """cache [num_slots_total, Hkv, D], blocks [...] -> [..., block_size, Hkv, D] (one copy)."""
+    _, heads, dim = cache.shape
+    rows = cache.view(-1, block_size * heads * dim).index_select(0, blocks.reshape(-1))
+    return rows.view(*blocks.shape, block_size, heads, dim)
 
 
 def paged_attention(
@@ -100,16 +110,17 @@ def paged_attention(
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
+    bs = meta.block_size
     if meta.decode_rows.numel():
         qd = q.index_select(0, meta.decode_rows)[:, :, None, :]  # [B, H, 1, D]
-        kd = k_cache[meta.decode_kv_index].transpose(1, 2)  # [B, Hkv, L, D]
-        vd = v_cache[meta.decode_kv_index].transpose(1, 2)
+        kd = _read_blocks(k_cache, meta.decode_blocks, bs).flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+        vd = _read_blocks(v_cache, meta.decode_blocks, bs).flatten(1, 2).transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
         out.index_copy_(0, meta.decode_rows, od[:, :, 0, :])
     for p in meta.prefills:
         qp = q[p.q_start : p.q_start + p.q_len].transpose(0, 1)[None]  # [1, H, q, D]
-        kp = k_cache[p.kv_index].transpose(0, 1)[None]  # [1, Hkv, ctx, D]
-        vp = v_cache[p.kv_index].transpose(0, 1)[None]
+        kp = _read_blocks(k_cache, p.blocks, bs).flatten(0, 1)[: p.ctx_len].transpose(0, 1)[None]  # [1, Hkv, ctx, D]
+        vp = _read_blocks(v_cache, p.blocks, bs).flatten(0, 1)[: p.ctx_len].transpose(0, 1)[None]
         op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale, enable_gqa=True)
         out[p.q_start : p.q_start + p.q_len] = op[0].transpose(0, 1)
     return out
