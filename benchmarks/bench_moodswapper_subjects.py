@@ -8,6 +8,7 @@ held-out-prompt answers. A style adapter should fit its own style best (diagonal
 column).
 
     python -m benchmarks.bench_moodswapper_subjects --steps 30 --batch 4 --lr 5e-3 --val-per-style 2 --max-new-tokens 30
+    lorafold serve --port 8011 &   # then the same with --server http://127.0.0.1:8011
 """
 
 from __future__ import annotations
@@ -62,22 +63,34 @@ def generate_in_process(model, tokenizer, prompts: list[tuple[str, str]], max_ne
     return [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
 
 
-def generate_via_server(url: str, folders: dict[str, Path], prompts: list[tuple[str, str]], max_new: int) -> list[str]:
-    import httpx
+def generate_via_server(url: str, folders: dict[str, Path], prompts: list[tuple[str, str]], max_new: int,
+                        admin_key: str | None = None, api_key: str | None = None) -> tuple[list[str], list[dict]]:
+    """Upload the nine folders as ``mood-STYLE``, check the registry lists them, ask each its prompts.
 
-    answers = []
-    with httpx.Client(base_url=url, timeout=300) as client:
+    Returns the answers and the server's registry entries of the nine adapters.
+    """
+    from lorafold.clients.client import LorafoldClient
+
+    names = {style: f"mood-{style}" for style in folders}
+    with LorafoldClient(url, api_key=api_key, admin_key=admin_key, timeout=600) as client:
         for style, folder in folders.items():
-            files = {"config": (folder / "adapter_config.json").read_bytes(),
-                     "weights": (folder / "adapter_model.safetensors").read_bytes()}
-            client.post("/v1/adapters", data={"name": f"mood-{style}"}, files=files).raise_for_status()
+            client.register_adapter(names[style], upload_dir=folder)
+        listed = {a.name: a for a in client.list_adapters()}
+        missing = sorted(set(names.values()) - set(listed))
+        if missing:
+            raise RuntimeError(f"the server does not list {missing} after upload")
+        served = {m.id for m in client.models()}
+        if not set(names.values()) <= served:
+            raise RuntimeError(f"/v1/models lacks {sorted(set(names.values()) - served)}")
+        answers = []
         for style, prompt in prompts:
-            r = client.post("/v1/chat/completions", json={
-                "model": f"mood-{style}", "messages": [{"role": "user", "content": prompt}],
-                "temperature": 0.0, "max_tokens": max_new})
-            r.raise_for_status()
-            answers.append(r.json()["choices"][0]["message"]["content"].strip())
-    return answers
+            reply = client.chat([{"role": "user", "content": prompt}], model=names[style], max_tokens=max_new,
+                                temperature=0.0)
+            answers.append((reply.choices[0].message.content or "").strip())
+        registry = [{"name": a.name, "rank": a.rank, "targets": list(a.targets), "source": a.source,
+                     "size_bytes": a.size_bytes, "requests_served": client.get_adapter(a.name).requests_served}
+                    for a in (listed[n] for n in names.values())]
+    return answers, registry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)  # 1 is 5-7x faster than 2 on the loaded 2-core box
     parser.add_argument("--server", default=None, help="base URL of a running lorafold server (else in-process)")
+    parser.add_argument("--admin-key", default=None, help="the server's admin key (default: LORAFOLD_ADMIN_KEY)")
+    parser.add_argument("--api-key", default=None, help="an inference key of the server (default: LORAFOLD_API_KEY)")
     parser.add_argument("--adapters-out", default="/tmp/lorafold_moodswapper_adapters")
     parser.add_argument("--out", default="benchmarks/results/moodswapper_subjects.json")
     args = parser.parse_args(argv)
@@ -122,17 +137,28 @@ def main(argv: list[str] | None = None) -> int:
 
     held = [r["messages"][0]["content"] for r in data["test"] if r["subject"] == STYLES[0]][: args.prompts_per_style]
     prompts = [(s, p) for s in STYLES for p in held]
-    answers = (generate_via_server(args.server, result.folders, prompts, args.max_new_tokens) if args.server
-               else generate_in_process(base.model, tok, prompts, args.max_new_tokens))
+    local = generate_in_process(base.model, tok, prompts, args.max_new_tokens)
+    registry: list[dict] | None = None
+    if args.server:
+        answers, registry = generate_via_server(args.server, result.folders, prompts, args.max_new_tokens,
+                                                args.admin_key, args.api_key)
+        print(f"server lists all {len(registry)} adapters: {', '.join(r['name'] for r in registry)}")
+    else:
+        answers = local
+    same = sum(a == b for a, b in zip(answers, local))
     for (s, p), a in zip(prompts, answers):
         print(f"[{s}] {p}\n    -> {a}")
+    if args.server:
+        print(f"served answer == in-process greedy answer for {same}/{len(prompts)} prompts")
     elapsed = time.perf_counter() - t0
     print(f"train {t_train:.0f} s ({args.steps} steps x {args.batch}); total {elapsed:.0f} s; "
           f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
     write_json(args.out, {
-        "args": vars(args), "losses": result.losses, "val_loss_matrix": matrix, "own_style_best_columns": diag_best,
-        "mean_diagonal": diag, "mean_off_diagonal": off, "generations": [
-            {"style": s, "prompt": p, "answer": a} for (s, p), a in zip(prompts, answers)],
+        "args": {**vars(args), "admin_key": bool(args.admin_key) or None, "api_key": bool(args.api_key) or None},
+        "losses": result.losses, "val_loss_matrix": matrix, "own_style_best_columns": diag_best,
+        "mean_diagonal": diag, "mean_off_diagonal": off, "generated_by": "server" if args.server else "in-process",
+        "registered": registry, "served_equals_in_process": same if args.server else None, "generations": [
+            {"style": s, "prompt": p, "answer": a, "in_process": b} for (s, p), a, b in zip(prompts, answers, local)],
         "adapters": {s: str(f) for s, f in result.folders.items()}, "train_seconds": t_train, "seconds": elapsed,
     })
     return 0
