@@ -40,11 +40,13 @@ def peft_logits(base_model, folder, ids):
         return peft(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("optimizer, init", [("adamw", "default"), ("scaled_adamw", "pissa"), ("geolora", "default")])
+@pytest.mark.parametrize(
+    "optimizer, init", [("adamw", "default"), ("scaled_adamw", "pissa"), ("geolora", "default"), ("dlrt", "default")]
+)
 def test_training_lowers_loss_and_peft_reproduces_it(tok, data, tmp_path, optimizer, init):
     base = tiny_base(tok)
     pristine = copy.deepcopy(base.model)
-    res = train(cfg_for(data, tmp_path / "run", optimizer=optimizer, init=init, lr=None if optimizer == "geolora" else 5e-3),
+    res = train(cfg_for(data, tmp_path / "run", optimizer=optimizer, init=init, lr=None if optimizer in ("geolora", "dlrt") else 5e-3),
                 base=base)
     rep = json.loads((tmp_path / "run" / "report.json").read_text())
     assert rep["eval_after"]["val_loss"] < rep["eval_before"]["val_loss"]

@@ -43,6 +43,9 @@ class DLRT(USVOptimizer):
         lr: λ. tau: truncation tolerance θ (relative ``‖σ_tail‖ ≤ θ‖σ‖`` unless ``absolute_tau``).
     """
 
+    #: the trainer passes ``step`` a closure that re-runs the step's batch (forward + backward)
+    needs_closure = True
+
     def __init__(self, target: USVTarget, lr: float = 1e-2, tau: float = 0.15, absolute_tau: bool = False) -> None:
         if lr <= 0 or tau < 0:
             raise ValueError(f"need lr > 0 and tau >= 0; got lr={lr}, tau={tau}")

@@ -205,6 +205,11 @@ def _train(cfg: TrainConfig, base: Any, ctx: DistContext) -> TrainResult:
         hist = History(ckpt["losses"], ckpt["evals"], ckpt["tokens"], ckpt["seconds"])
     else:
         hist.evals.append(run_eval(model, tok, val_ex, cfg, device, 0, with_acc, ctx))
+    needs_closure = bool(getattr(opt, "needs_closure", False))
+    if needs_closure and ctx.enabled:
+        raise ValueError(f"--optimizer {cfg.optimizer} runs a second pass with substituted factors each step, which "
+                         "data-parallel training does not synchronise; run it in one process (or pick geolora, "
+                         "its one-pass variant)")
     order = BatchOrder(len(train_ex), cfg.batch_size, cfg.seed)
     if ctx.enabled and ctx.is_main:
         logger.info("data parallel: %d ranks (%s) share every global batch of %d rows",
@@ -218,7 +223,10 @@ def _train(cfg: TrainConfig, base: Any, ctx: DistContext) -> TrainResult:
             mine = shard(order.indices(step * cfg.grad_accum + k), ctx)
             micro.append(collate([train_ex[j] for j in mine], pad) if mine else None)
         loss, tokens = train_step(model, micro, cfg, device, ctx)
-        opt.step()
+        if needs_closure:  # DLRT: its S-step needs a second pass over the same batch
+            opt.step(lambda: train_step(model, micro, cfg, device, ctx)[0])
+        else:
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         hist.losses.append(float(loss))  # host sync: one per optimizer step
