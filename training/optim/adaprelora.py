@@ -87,7 +87,7 @@ def bucket_grams(a: torch.Tensor, b: torch.Tensor, g_a: torch.Tensor, g_b: torch
 
 @dataclass(slots=True)
 class StatKernels:
-    """Per layer, the symmetric 2r×2r kernels of the low-rank statistic in r×r blocks (float64):
+    """Per layer, the symmetric 2r×2r kernels of the low-rank statistic in r×r blocks:
     ``rowsum(ĝ²) = diag([B, g_B] K_row [B, g_B]ᵀ)``, ``colsum(ĝ²) = diag([g_Aᵀ, Aᵀ] K_col [g_A; A])``."""
 
     row11: torch.Tensor
@@ -149,7 +149,7 @@ def quad_rows(
     work = compute_dtype(b.dtype)
     b, g_b = b.to(work), g_b.to(work)
     out = g_b @ torch.cat([2.0 * k21, k22], -1).to(work)  # [k, m, 2r]
-    acc = (b @ k11.to(work)).add_(out[..., : b.shape[-1]]).mul_(b)
+    acc = torch.baddbmm(out[..., : b.shape[-1]], b, k11.to(work)).mul_(b)
     acc.addcmul_(out[..., b.shape[-1] :], g_b)
     return acc @ torch.ones(b.shape[-1], dtype=work, device=b.device)
 
@@ -163,7 +163,7 @@ def quad_cols(
     a, g_a = a.to(work), g_a.to(work)
     r = a.shape[-2]
     out = torch.cat([2.0 * k12, k22], -2).to(work) @ a  # [k, 2r, n]
-    acc = (k11.to(work) @ g_a).add_(out[:, :r]).mul_(g_a)
+    acc = torch.baddbmm(out[:, :r], k11.to(work), g_a).mul_(g_a)
     acc.addcmul_(out[:, r:], a)
     return torch.ones(r, dtype=work, device=a.device) @ acc
 
