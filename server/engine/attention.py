@@ -36,6 +36,7 @@ class AttentionMetadata:
     decode_mask: torch.Tensor  # [B, 1, 1, nb * block_size] bool, True = attend
     prefills: tuple[PrefillSeq, ...]
     block_size: int
+    decode_only: bool = False  # every token is a decode token, rows in order: no row gather/scatter
 
 
 def build_attention_metadata(
@@ -73,6 +74,7 @@ def build_attention_metadata(
         decode_mask=mask.to(device),
         prefills=tuple(prefills),
         block_size=block_size,
+        decode_only=not prefills and [s[0] for s in decodes] == list(range(len(slot_mapping))),
     )
 
 
@@ -109,8 +111,14 @@ def paged_attention(
     """
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
     bs = meta.block_size
+    if meta.decode_only:  # a pure decode step (the common case): q rows are the decode rows
+        kd = _read_blocks(k_cache, meta.decode_blocks, bs).flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+        vd = _read_blocks(v_cache, meta.decode_blocks, bs).flatten(1, 2).transpose(1, 2)
+        od = F.scaled_dot_product_attention(q[:, :, None, :], kd, vd, attn_mask=meta.decode_mask, scale=scale,
+                                            enable_gqa=True)
+        return od[:, :, 0, :]
+    out = torch.empty_like(q)
     if meta.decode_rows.numel():
         qd = q.index_select(0, meta.decode_rows)[:, :, None, :]  # [B, H, 1, D]
         kd = _read_blocks(k_cache, meta.decode_blocks, bs).flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
@@ -119,6 +127,12 @@ def paged_attention(
         out.index_copy_(0, meta.decode_rows, od[:, :, 0, :])
     for p in meta.prefills:
         qp = q[p.q_start : p.q_start + p.q_len].transpose(0, 1)[None]  # [1, H, q, D]
+        if p.ctx_len == p.q_len:  # a whole prompt in one chunk: its own k/v are the context
+            kp = k[p.q_start : p.q_start + p.q_len].transpose(0, 1)[None]
+            vp = v[p.q_start : p.q_start + p.q_len].transpose(0, 1)[None]
+            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+            out[p.q_start : p.q_start + p.q_len] = op[0].transpose(0, 1)
+            continue
         kp = _read_blocks(k_cache, p.blocks, bs).flatten(0, 1)[: p.ctx_len].transpose(0, 1)[None]  # [1, Hkv, ctx, D]
         vp = _read_blocks(v_cache, p.blocks, bs).flatten(0, 1)[: p.ctx_len].transpose(0, 1)[None]
         op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale, enable_gqa=True)

@@ -82,7 +82,7 @@ class LeanDecoderLayer(nn.Module):
         h = h + self.o_proj(attn.reshape(n, -1))
         x = self.post_attention_layernorm(h)
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return h + self.down_proj(self.act(gate) * up)
+        return h + self.down_proj(self.act(gate).mul_(up))
 
 
 def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
