@@ -73,6 +73,18 @@ def lora_shrink_torch(
     return y[:, :num_tokens]
 
 
+def _chunk_deltas(y: torch.Tensor | list[torch.Tensor], bg: torch.Tensor, slice_offsets: list[int]) -> torch.Tensor:
+    """Each chunk's expand output [n_chunks, C, D_total]: slice i's columns = y[i] @ bg[..., slice i]."""
+    if len(slice_offsets) == 2:
+        return torch.bmm(y[0], bg)
+    n_chunks, chunk = y[0].shape[:2]
+    delta = torch.empty((n_chunks, chunk, bg.shape[2]), dtype=bg.dtype)
+    for i in range(len(slice_offsets) - 1):  # at most 3 slices (q/k/v)
+        lo, hi = slice_offsets[i], slice_offsets[i + 1]
+        delta[:, :, lo:hi] = torch.bmm(y[i], bg[:, :, lo:hi])
+    return delta
+
+
 def lora_expand_torch(
     y: torch.Tensor,
     b_pool: torch.Tensor,
@@ -104,14 +116,7 @@ def lora_expand_torch(
         tokens = g.chunk_tokens.reshape(-1)
         bg = b_pool.index_select(0, g.chunk_rows).to(cdt).view(n_chunks, g.rank, d_total)
         yg = y_pad[:, tokens, : g.rank].to(cdt).view(n_slices, n_chunks, chunk, g.rank)
-        if n_slices == 1:
-            delta = torch.bmm(yg[0], bg)
-        else:
-            delta = torch.empty((n_chunks, chunk, d_total), dtype=cdt)
-            for i in range(n_slices):  # at most 3 slices (q/k/v)
-                lo, hi = slice_offsets[i], slice_offsets[i + 1]
-                delta[:, :, lo:hi] = torch.bmm(yg[i], bg[:, :, lo:hi])
-        delta = delta.reshape(-1, d_total)
+        delta = _chunk_deltas(yg, bg, slice_offsets).reshape(-1, d_total)
         if chunk > 1:  # drop the pad positions of short chunks
             valid = tokens < num_tokens
             tokens, delta = tokens[valid], delta[valid]
@@ -196,14 +201,7 @@ def lora_apply_torch(
                     # measured 2x slower than a batched bmm plus one strided add
                     ov[:, :, lo:hi].add_(torch.bmm(y[i], bg[:, :, lo:hi]))
             continue
-        if n_slices == 1:
-            delta = torch.bmm(y[0], bg)
-        else:
-            delta = torch.empty((n_chunks, chunk, d_total), dtype=cdt)
-            for i in range(n_slices):  # at most 3 slices (q/k/v)
-                lo, hi = slice_offsets[i], slice_offsets[i + 1]
-                delta[:, :, lo:hi] = torch.bmm(y[i], bg[:, :, lo:hi])
-        flat = delta.view(-1, d_total)
+        flat = _chunk_deltas(y, bg, slice_offsets).view(-1, d_total)
         if g.token_lo >= 0:
             rows = flat if g.full else flat.index_select(0, g.compact)
             out[span] += rows.to(out.dtype)
