@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot_curves(out.with_name("sentiment_loss.png"), {r["optimizer"]: r["losses"] for r in runs},
-                f"Pang & Lee sentiment, SmolLM2-135M, r={args.rank}, {args.steps} steps")
+                f"Pang & Lee sentiment, SmolLM2-135M, r={args.rank}, {args.steps} steps",
+                evals={r["optimizer"]: [{"step": st, "val_loss": v} for st, v in r["val_curve"]] for r in runs})
     lines = [f"base accuracy {before:.3f} greedy, {choice_before:.3f} ranked choice, on {len(test)} held-out sentences",
              f"{'optimizer':<14}{'acc after':>10}{'choice':>8}{'val loss':>18}{'tok/s':>9}{'step s':>9}{'vs adamw':>9}"
              f"  steps to AdamW's final val loss {target:.3f}"]
