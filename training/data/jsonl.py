@@ -20,7 +20,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -213,7 +213,14 @@ def load_splits(
     return train, encode_rows(val_rows, tokenizer, max_length)
 
 
-def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+class Tokenized(Protocol):
+    """What :func:`collate` reads: an :class:`Example` or a per-subject row."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def collate(batch: Sequence[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: ``input_ids``, ``labels``, ``attention_mask``: [B, T]."""
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

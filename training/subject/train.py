@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorafold.training.data.jsonl import IGNORE, collate
 from lorafold.training.distributed import DistContext, all_reduce_grads, all_reduce_sum, broadcast_params, shard
 from lorafold.training.optim.registry import build_optimizer
 from lorafold.training.peft_export import peft_key, save_peft_adapter
@@ -27,7 +28,6 @@ from lorafold.training.subject.layer import inject_subject_lora, subject_batch, 
 
 logger = logging.getLogger(__name__)
 
-IGNORE = -100
 #: ``loss_fn(model, rows, device) -> (summed loss, number of loss terms)``; called inside the
 #: routing context, so it only runs the model on its rows.
 LossFn = Callable[[nn.Module, Sequence[Any], torch.device], tuple[torch.Tensor, int]]
@@ -65,15 +65,8 @@ def global_batches(n_rows: int, batch_size: int, steps: int, seed: int) -> list[
 
 
 def pad_rows(rows: Sequence[SubjectRow], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``labels`` and ``attention_mask`` [B, T]."""
-    width = max(len(r.input_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r.input_ids)
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r.input_ids), torch.tensor(r.labels), 1
-    return {k: v.to(device) for k, v in (("input_ids", ids), ("labels", labels), ("attention_mask", mask))}
+    """Right-padded ``input_ids``, ``labels`` and ``attention_mask`` [B, T] on ``device``."""
+    return {k: v.to(device) for k, v in collate(rows, pad_id).items()}
 
 
 def token_losses(model: nn.Module, rows: Sequence[SubjectRow], device: torch.device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
