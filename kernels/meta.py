@@ -44,11 +44,19 @@ class RankGroup:
     # When the caller orders its batch by adapter (the engine does), they turn gathers and
     # scatters into views: no per-layer copy of activations or adapter weights.
     token_lo: int = -1  # >= 0: the group's tokens are token_lo .. token_lo+num_tokens-1, in chunk order
-    num_tokens: int = 0
-    full: bool = False  # token_lo >= 0 and every chunk holds C real tokens (no pad positions)
     row_first: int = -1  # >= 0: chunk k uses pool rows row_first + k*row_stride + [0, rank)
     row_stride: int = 0
-    compact: torch.Tensor | None = None  # token_lo >= 0, not full: flat padded position of each token
+    compact: torch.Tensor | None = None  # token_lo >= 0 with pad positions: flat padded position of each token
+
+    @property
+    def full(self) -> bool:
+        """Tokens contiguous and every chunk holds C real tokens (no pad positions)."""
+        return self.token_lo >= 0 and self.compact is None
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens of the group (meaningful when token_lo >= 0)."""
+        return int(self.compact.numel()) if self.compact is not None else int(self.chunk_tokens.numel())
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,11 +198,10 @@ def _cpu_plan(
 
 def _layout(tokens: torch.Tensor, flat_pos: torch.Tensor, padded: int, chunk_first_row: torch.Tensor) -> dict:
     """Which gathers of the group are views (see RankGroup). `tokens` in chunk order."""
-    facts: dict = {"num_tokens": int(tokens.numel())}
+    facts: dict = {}
     if tokens.numel() == 1 or bool((tokens[1:] - tokens[:-1] == 1).all()):
         facts["token_lo"] = int(tokens[0])
-        facts["full"] = padded == tokens.numel()
-        if not facts["full"]:
+        if padded != tokens.numel():
             facts["compact"] = flat_pos
     steps = chunk_first_row[1:] - chunk_first_row[:-1]
     if steps.numel() == 0 or (bool((steps == steps[0]).all()) and int(steps[0]) >= 0):
