@@ -35,3 +35,59 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def toy_rows(n: int = 24) -> list[dict]:
     words = ["red", "blue", "green", "gold"]
     return [{"prompt": f"Color {i}: {words[i % 4]} is", "completion": f" {words[(i + 1) % 4]}"} for i in range(n)]
+
+
+def one_thread_fixture(scope: str = "function"):
+    """An autouse fixture running each test (or module, with scope="module") on one intra-op thread.
+
+    Tiny matmuls on a loaded machine run far faster on one thread. Assign it in the test module
+    that wants it (``_one_thread = one_thread_fixture(...)``); it is never autouse for the directory.
+    """
+    from lorafold.training.optim.testbed import single_thread
+
+    @pytest.fixture(autouse=True, scope=scope)
+    def _one_thread():
+        with single_thread():
+            yield
+
+    return _one_thread
+
+
+def tiny_llama_cfg(hidden_size: int, intermediate_size: int, vocab_size: int, max_position_embeddings: int,
+                   seed: int = 0, eval_mode: bool = True):
+    """A 2-layer, 4-head (2 KV heads) random LlamaForCausalLM built after ``torch.manual_seed(seed)``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=intermediate_size,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    return model.eval() if eval_mode else model
+
+
+def usv_start(r: int = 3, seed: int = 0, r_max: int = 10):
+    """A USV test-bed layer at a random rank-r point with a dense S, and its κ = 4 target."""
+    import torch
+
+    from lorafold.training.optim.testbed import make_target
+    from lorafold.training.optim.usv_testbed import usv_layer
+
+    layer = usv_layer(r0=r, r_max=r_max, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        layer.S[:r, :r] = torch.randn(r, r, generator=gen, dtype=torch.float64)
+    return layer, make_target(kappa=4.0, seed=seed)
+
+
+def usv_point(layer):
+    """Detached copies of the layer's U, S, V and its dense W = U S Vᵀ."""
+    U, S, V = (t.detach().clone() for t in layer.factors())
+    return U, S, V, U @ S @ V.T

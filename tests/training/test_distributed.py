@@ -10,17 +10,12 @@ import torch
 import torch.multiprocessing as mp
 
 from lorafold.training.distributed import DistContext, all_reduce_grads, init_from_env, shard, shutdown
+from tests.training.helpers import one_thread_fixture
 
 STEPS, BATCH = 4, 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny matmuls on a loaded 2-core machine run ~20x faster than with two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = one_thread_fixture()
 
 
 def _free_port() -> int:

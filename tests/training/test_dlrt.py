@@ -7,7 +7,7 @@ import torch
 
 from lorafold.training.adapters.usv import inject_usv
 from lorafold.training.optim.dlrt import DLRT
-from lorafold.training.optim.testbed import make_target, single_thread
+from lorafold.training.optim.testbed import make_target
 from lorafold.training.optim.usv_testbed import (
     fixed_batch,
     tangent_project,
@@ -18,23 +18,17 @@ from lorafold.training.optim.usv_testbed import (
     usv_loss,
     usv_step,
 )
+from tests.training.helpers import one_thread_fixture, usv_point, usv_start
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+_one_thread = one_thread_fixture()
 
 
 def _start(r: int = 3, seed: int = 0):
-    layer = usv_layer(r0=r, r_max=10, seed=seed)
-    with torch.no_grad():
-        layer.S[:r, :r] = torch.randn(r, r, generator=torch.Generator().manual_seed(seed + 100), dtype=F64)
-    target = make_target(kappa=4.0, seed=seed)
-    U, S, V = (t.detach().clone() for t in layer.factors())
-    W = U @ S @ V.T
+    layer, target = usv_start(r=r, seed=seed)
+    U, S, V, W = usv_point(layer)
     return layer, target, U, S, V, W, W - target
 
 

@@ -8,7 +8,7 @@ import torch
 from lorafold.training.adapters.usv import inject_usv
 from lorafold.training.optim.geolora import GeoLoRA
 from lorafold.training.optim.geometric import GeometricAdam, GeometricHeavyBall
-from lorafold.training.optim.testbed import FactorModel, make_target, one_step, random_factors, single_thread
+from lorafold.training.optim.testbed import FactorModel, make_target, one_step, random_factors
 from lorafold.training.optim.usv_testbed import (
     fixed_batch,
     tangent_project,
@@ -18,21 +18,16 @@ from lorafold.training.optim.usv_testbed import (
     usv_loss,
     usv_step,
 )
+from tests.training.helpers import one_thread_fixture, usv_start
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+_one_thread = one_thread_fixture()
 
 
 def _start(r: int = 3, seed: int = 0):
-    layer = usv_layer(r0=r, r_max=10, seed=seed)
-    with torch.no_grad():
-        layer.S[:r, :r] = torch.randn(r, r, generator=torch.Generator().manual_seed(seed + 100), dtype=F64)
-    return layer, make_target(kappa=4.0, seed=seed)
+    return usv_start(r=r, seed=seed)
 
 
 def test_heavy_ball_matches_dense_recursion() -> None:

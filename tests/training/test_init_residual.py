@@ -9,30 +9,17 @@ from lorafold.training.adapters.lora import inject_lora, lora_pairs
 from lorafold.training.init.lora_ga import init_lora_ga, lora_ga_factors
 from lorafold.training.init.pissa import init_pissa, pissa_factors
 from lorafold.training.init.residual import export_against_original
-from lorafold.training.optim.testbed import single_thread
+from tests.training.helpers import one_thread_fixture, tiny_llama_cfg
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+_one_thread = one_thread_fixture(scope="module")
 
 
 def tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama_cfg(hidden_size=64, intermediate_size=128, vocab_size=128, max_position_embeddings=64)
 
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(7))

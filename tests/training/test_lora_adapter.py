@@ -9,31 +9,19 @@ import torch
 from torch import nn
 
 from lorafold.training.adapters.lora import LoRALinear, inject_lora, lora_pairs, merge_lora
-from lorafold.training.optim.testbed import single_thread
 from lorafold.training.peft_export import export_lora_model, peft_key, save_peft_adapter
+from tests.training.helpers import one_thread_fixture, tiny_llama_cfg
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+_one_thread = one_thread_fixture(scope="module")
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama_cfg(hidden_size=64, intermediate_size=128, vocab_size=128, max_position_embeddings=64,
+                          seed=seed)
 
 
 def _randomize_lora(model: nn.Module, seed: int = 1) -> None:

@@ -9,15 +9,13 @@ import torch
 
 from lorafold.training.adapters.lora import inject_lora, lora_pairs
 from lorafold.training.optim.registry import OPTIMIZERS, build_optimizer
-from lorafold.training.optim.testbed import FactorModel, make_target, one_step, random_factors, single_thread
+from lorafold.training.optim.testbed import FactorModel, make_target, one_step, random_factors
+from tests.training.helpers import one_thread_fixture, tiny_llama_cfg
 
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+_one_thread = one_thread_fixture(scope="module")
 
 
 # Step sizes from a small sweep on this exact problem (30 steps, r = 4).
@@ -37,17 +35,8 @@ MINE = sorted(TRAIN_SETTINGS)
 
 
 def tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=64,
-        max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama_cfg(hidden_size=32, intermediate_size=64, vocab_size=64, max_position_embeddings=32,
+                          eval_mode=False)
 
 
 def test_all_names_registered() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from lorafold.training.optim.rite import LoRARite
@@ -13,14 +12,11 @@ from lorafold.training.optim.testbed import (
     one_step,
     random_factors,
     random_gauge,
-    single_thread,
 )
+from tests.training.helpers import one_thread_fixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+_one_thread = one_thread_fixture(scope="module")
 
 
 def test_gauge_invariant_after_five_steps() -> None:

@@ -13,14 +13,11 @@ from lorafold.training.optim.testbed import (
     one_step,
     random_factors,
     random_gauge,
-    single_thread,
 )
+from tests.training.helpers import one_thread_fixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
+_one_thread = one_thread_fixture(scope="module")
 
 
 ONE = torch.ones(1, 1, dtype=torch.float64)

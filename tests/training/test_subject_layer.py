@@ -11,17 +11,12 @@ from torch import nn
 
 from lorafold.training.optim.registry import build_optimizer
 from lorafold.training.subject.layer import SubjectLoRALinear, inject_subject_lora, subject_batch, subject_pairs
+from tests.training.helpers import one_thread_fixture
 
 SUBJECTS = ["a", "b", "c", "d"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny matmuls on a loaded 2-core machine run ~20x faster than with two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = one_thread_fixture()
 
 
 def _layer(seed: int = 0, dtype: torch.dtype = torch.float64, train_base: bool = False) -> SubjectLoRALinear:

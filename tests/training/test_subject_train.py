@@ -13,18 +13,13 @@ import torch
 from lorafold.training.subject.layer import subject_batch, subject_pairs
 from lorafold.training.subject.train import SubjectRow, global_batches, subject_eval_losses, train_subjects
 from tests.conftest import build_tiny_llama
+from tests.training.helpers import one_thread_fixture
 
 SUBJECTS = ["s0", "s1", "s2"]
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny matmuls on a loaded 2-core machine run ~20x faster than with two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = one_thread_fixture()
 
 
 def tiny_model(dtype: torch.dtype = torch.float32):
