@@ -151,6 +151,39 @@ def generation_body(
     return body
 
 
+def completion_spec(
+    model: str, prompt: str, max_tokens: int, temperature: float, stream: bool, kw: dict[str, Any]
+) -> RequestSpec:
+    """`POST /v1/completions` for `model` (already resolved); see `generation_body`."""
+    body = generation_body(model, max_tokens, temperature, stream, kw)
+    return RequestSpec("POST", "/v1/completions", json={**body, "prompt": prompt})
+
+
+def chat_spec(
+    model: str,
+    messages: Sequence[Mapping[str, Any] | Any],
+    max_tokens: int,
+    temperature: float,
+    stream: bool,
+    kw: dict[str, Any],
+) -> RequestSpec:
+    """`POST /v1/chat/completions` for `model` (already resolved); see `generation_body`."""
+    body = generation_body(model, max_tokens, temperature, stream, kw)
+    return RequestSpec("POST", "/v1/chat/completions", json={**body, "messages": chat_messages(messages)})
+
+
+def load_lora_spec(lora_name: str, lora_path: str) -> RequestSpec:
+    """vLLM-compatible `POST /v1/load_lora_adapter`."""
+    return RequestSpec(
+        "POST", "/v1/load_lora_adapter", admin=True, json={"lora_name": lora_name, "lora_path": lora_path}
+    )
+
+
+def unload_lora_spec(lora_name: str) -> RequestSpec:
+    """vLLM-compatible `POST /v1/unload_lora_adapter`."""
+    return RequestSpec("POST", "/v1/unload_lora_adapter", admin=True, json={"lora_name": lora_name})
+
+
 def chat_messages(messages: Sequence[Mapping[str, Any] | Any]) -> list[dict[str, Any]]:
     """Messages as plain dicts (accepts dicts or `ChatMessage` models)."""
     out = []

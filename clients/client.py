@@ -21,8 +21,8 @@ from typing import Any, Literal, Mapping, Sequence, overload
 
 import httpx
 
-from ._core import RequestSpec, RetryPolicy, Settings, adapter_path, chat_messages
-from ._core import generation_body, register_spec
+from ._core import RequestSpec, RetryPolicy, Settings, adapter_path, chat_spec, completion_spec
+from ._core import load_lora_spec, register_spec, unload_lora_spec
 from .errors import APIConnectionError, LorafoldError, ServerUnavailableError, error_from_response, error_from_transport
 from .streaming import AsyncStream, Stream
 from .types import AdapterInfo, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, ModelInfo
@@ -44,18 +44,22 @@ def _base_model(models: list[ModelInfo]) -> str:
 
 
 class _ClientBase:
+    _http_class: type[httpx.Client] | type[httpx.AsyncClient]
+
     def __init__(
         self,
-        base_url: str | None,
-        api_key: str | None,
-        admin_key: str | None,
-        timeout: float,
-        max_retries: int,
-        backoff_base: float,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        admin_key: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        *,
+        backoff_base: float = 0.5,
     ) -> None:
         self.settings = Settings.resolve(base_url, api_key, admin_key, timeout)
         self.retry = RetryPolicy(max_retries=max_retries, backoff_base=backoff_base)
         self._base_model: str | None = None
+        self._http = self._http_class(base_url=self.settings.base_url, timeout=timeout)
 
     @property
     def base_url(self) -> str:
@@ -64,6 +68,24 @@ class _ClientBase:
     def _log_retry(self, spec: RequestSpec, attempt: int, delay: float, why: object) -> None:
         logger.warning("%s %s failed (%s); retry %d/%d in %.2fs", spec.method, spec.path, why, attempt + 1,
                        self.retry.max_retries, delay)
+
+    # The decisions of `_send`'s retry loop; the sync/async subclasses keep only the I/O.
+
+    def _delay_after_exception(self, spec: RequestSpec, exc: httpx.TransportError, attempt: int) -> float:
+        """Seconds to wait before retrying after a transport failure; raises when not retrying."""
+        delay = self.retry.delay_after_exception(exc, attempt) if spec.retry else None
+        if delay is None:
+            raise error_from_transport(exc) from exc
+        self._log_retry(spec, attempt, delay, type(exc).__name__)
+        return delay
+
+    def _delay_after_status(self, spec: RequestSpec, response: httpx.Response, attempt: int) -> float:
+        """Seconds to wait before retrying a (read, closed) error response; raises when not retrying."""
+        delay = self.retry.delay_after_status(response, attempt) if spec.retry else None
+        if delay is None:
+            raise error_from_response(response)
+        self._log_retry(spec, attempt, delay, response.status_code)
+        return delay
 
 
 class LorafoldClient(_ClientBase):
@@ -76,18 +98,8 @@ class LorafoldClient(_ClientBase):
     Retry-After; other errors raise at once.
     """
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        admin_key: str | None = None,
-        timeout: float = 60.0,
-        max_retries: int = 3,
-        *,
-        backoff_base: float = 0.5,
-    ) -> None:
-        super().__init__(base_url, api_key, admin_key, timeout, max_retries, backoff_base)
-        self._http = httpx.Client(base_url=self.settings.base_url, timeout=timeout)
+    _http_class = httpx.Client
+    _http: httpx.Client
 
     def close(self) -> None:
         self._http.close()
@@ -105,19 +117,13 @@ class LorafoldClient(_ClientBase):
             try:
                 response = self._http.send(spec.build(self._http, self.settings), stream=stream)
             except httpx.TransportError as exc:
-                delay = self.retry.delay_after_exception(exc, attempt) if spec.retry else None
-                if delay is None:
-                    raise error_from_transport(exc) from exc
-                self._log_retry(spec, attempt, delay, type(exc).__name__)
+                delay = self._delay_after_exception(spec, exc, attempt)
             else:
                 if response.is_success:
                     return response
                 response.read()
                 response.close()
-                delay = self.retry.delay_after_status(response, attempt) if spec.retry else None
-                if delay is None:
-                    raise error_from_response(response)
-                self._log_retry(spec, attempt, delay, response.status_code)
+                delay = self._delay_after_status(spec, response, attempt)
             time.sleep(delay)
             attempt += 1
 
@@ -166,8 +172,7 @@ class LorafoldClient(_ClientBase):
         With stream=True the request is sent now (HTTP errors raise here) and a `Stream` of
         `CompletionChunk` is returned.
         """
-        body = generation_body(self._model(model), max_tokens, temperature, stream, kw)
-        spec = RequestSpec("POST", "/v1/completions", json={**body, "prompt": prompt})
+        spec = completion_spec(self._model(model), prompt, max_tokens, temperature, stream, kw)
         if stream:
             return Stream(self._send(spec, stream=True), CompletionChunk)
         return parse(Completion, self._json(spec))
@@ -182,8 +187,7 @@ class LorafoldClient(_ClientBase):
     def chat(self, messages: Messages, model: str | None = None, max_tokens: int = 16, temperature: float = 0.0,
              stream: bool = False, **kw: Any) -> ChatCompletion | Stream[ChatCompletionChunk]:
         """`POST /v1/chat/completions` with `messages` = [{"role", "content"}, ...]; see `complete`."""
-        body = generation_body(self._model(model), max_tokens, temperature, stream, kw)
-        spec = RequestSpec("POST", "/v1/chat/completions", json={**body, "messages": chat_messages(messages)})
+        spec = chat_spec(self._model(model), messages, max_tokens, temperature, stream, kw)
         if stream:
             return Stream(self._send(spec, stream=True), ChatCompletionChunk)
         return parse(ChatCompletion, self._json(spec))
@@ -208,12 +212,11 @@ class LorafoldClient(_ClientBase):
 
     def load_lora_adapter(self, lora_name: str, lora_path: str) -> None:
         """vLLM-compatible alias of `register_adapter(lora_name, lora_path)`."""
-        self._send(RequestSpec("POST", "/v1/load_lora_adapter", admin=True,
-                               json={"lora_name": lora_name, "lora_path": lora_path}))
+        self._send(load_lora_spec(lora_name, lora_path))
 
     def unload_lora_adapter(self, lora_name: str) -> None:
         """vLLM-compatible alias of `delete_adapter(lora_name)`."""
-        self._send(RequestSpec("POST", "/v1/unload_lora_adapter", admin=True, json={"lora_name": lora_name}))
+        self._send(unload_lora_spec(lora_name))
 
 
 class AsyncLorafoldClient(_ClientBase):
@@ -222,18 +225,8 @@ class AsyncLorafoldClient(_ClientBase):
     Streams: `async with await client.complete(..., stream=True) as s: async for c in s: ...`
     """
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        admin_key: str | None = None,
-        timeout: float = 60.0,
-        max_retries: int = 3,
-        *,
-        backoff_base: float = 0.5,
-    ) -> None:
-        super().__init__(base_url, api_key, admin_key, timeout, max_retries, backoff_base)
-        self._http = httpx.AsyncClient(base_url=self.settings.base_url, timeout=timeout)
+    _http_class = httpx.AsyncClient
+    _http: httpx.AsyncClient
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -250,19 +243,13 @@ class AsyncLorafoldClient(_ClientBase):
             try:
                 response = await self._http.send(spec.build(self._http, self.settings), stream=stream)
             except httpx.TransportError as exc:
-                delay = self.retry.delay_after_exception(exc, attempt) if spec.retry else None
-                if delay is None:
-                    raise error_from_transport(exc) from exc
-                self._log_retry(spec, attempt, delay, type(exc).__name__)
+                delay = self._delay_after_exception(spec, exc, attempt)
             else:
                 if response.is_success:
                     return response
                 await response.aread()
                 await response.aclose()
-                delay = self.retry.delay_after_status(response, attempt) if spec.retry else None
-                if delay is None:
-                    raise error_from_response(response)
-                self._log_retry(spec, attempt, delay, response.status_code)
+                delay = self._delay_after_status(spec, response, attempt)
             await asyncio.sleep(delay)
             attempt += 1
 
@@ -291,16 +278,14 @@ class AsyncLorafoldClient(_ClientBase):
 
     async def complete(self, prompt: str, model: str | None = None, max_tokens: int = 16, temperature: float = 0.0,
                        stream: bool = False, **kw: Any) -> Completion | AsyncStream[CompletionChunk]:
-        body = generation_body(await self._model(model), max_tokens, temperature, stream, kw)
-        spec = RequestSpec("POST", "/v1/completions", json={**body, "prompt": prompt})
+        spec = completion_spec(await self._model(model), prompt, max_tokens, temperature, stream, kw)
         if stream:
             return AsyncStream(await self._send(spec, stream=True), CompletionChunk)
         return parse(Completion, await self._json(spec))
 
     async def chat(self, messages: Messages, model: str | None = None, max_tokens: int = 16, temperature: float = 0.0,
                    stream: bool = False, **kw: Any) -> ChatCompletion | AsyncStream[ChatCompletionChunk]:
-        body = generation_body(await self._model(model), max_tokens, temperature, stream, kw)
-        spec = RequestSpec("POST", "/v1/chat/completions", json={**body, "messages": chat_messages(messages)})
+        spec = chat_spec(await self._model(model), messages, max_tokens, temperature, stream, kw)
         if stream:
             return AsyncStream(await self._send(spec, stream=True), ChatCompletionChunk)
         return parse(ChatCompletion, await self._json(spec))
@@ -319,8 +304,7 @@ class AsyncLorafoldClient(_ClientBase):
         return str((await self._json(RequestSpec("DELETE", adapter_path(name), admin=True))).get("deleted", name))
 
     async def load_lora_adapter(self, lora_name: str, lora_path: str) -> None:
-        await self._send(RequestSpec("POST", "/v1/load_lora_adapter", admin=True,
-                                     json={"lora_name": lora_name, "lora_path": lora_path}))
+        await self._send(load_lora_spec(lora_name, lora_path))
 
     async def unload_lora_adapter(self, lora_name: str) -> None:
-        await self._send(RequestSpec("POST", "/v1/unload_lora_adapter", admin=True, json={"lora_name": lora_name}))
+        await self._send(unload_lora_spec(lora_name))
