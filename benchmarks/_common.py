@@ -23,6 +23,21 @@ def timeit(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(jobs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median wall time of every job, timed in interleaved rounds (each job once per round,
+    after one untimed warm-up round). Machine-speed drift on a shared VM then hits every job
+    alike, so the ratios between jobs are stable even when absolute times wander."""
+    for fn in jobs.values():
+        fn()
+    times: dict[str, list[float]] = {label: [] for label in jobs}
+    for _ in range(rounds):
+        for label, fn in jobs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - t0)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
 def machine_rates() -> dict[str, float]:
     """Measured read bandwidth (bytes/s) and fp32 matmul rate (FLOP/s) of this machine."""
     big = torch.randn(128 * 1024 * 1024 // 4)

@@ -10,6 +10,9 @@ All three run the same transformers forward; ours swaps the target linears for
 Next to each measurement: the roofline bound of that forward, max(bytes read / measured
 read bandwidth, FLOPs / measured matmul rate), with bytes = base weights + the distinct
 adapters' weights.
+
+Timing: every configuration of a shape runs once per round, rounds interleaved, median over
+`--reps` rounds (PEFT, 2-10x slower, is timed on its own afterwards).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import json
 import platform
 import sys
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from benchmarks._common import machine_rates as measure_rates
-from benchmarks._common import timeit
+from benchmarks._common import interleaved_medians, timeit
 from lorafold.server.engine.attention import build_attention_metadata
 from lorafold.server.engine.llama import LeanLlama
 from lorafold.server.lora.context import lora_batch
@@ -70,6 +75,16 @@ def base_bytes_flops(model, tokens: int) -> tuple[int, int]:
     return linear_params * 4, 2 * tokens * linear_params
 
 
+def _run_wrapped(model, slots, token_slots: torch.Tensor, ids: torch.Tensor) -> None:  # noqa: ANN001
+    with lora_batch(slots.meta(token_slots)):
+        model(ids)
+
+
+def _run_lean(lean: LeanLlama, token_slots: torch.Tensor, inputs: tuple) -> None:
+    with lora_batch(lean.slots.meta(token_slots)):
+        lean(*inputs)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/multi_lora_forward.json")
@@ -110,52 +125,43 @@ def main() -> int:
         ids = torch.randint(0, base.config.vocab_size, (batch, seq))
         tokens = batch * seq
         wbytes, wflops = base_bytes_flops(base, tokens)
-        with torch.no_grad():
-            t_base = timeit(lambda: base(ids), args.reps)
-        rows.append(dict(shape=shape_name, method="base", adapters=0, seconds=t_base, vs_base=1.0,
-                         bound_s=max(wbytes / bw, wflops / rate)))
         lean_inputs = lean_batch(lean, ids)
-        with torch.no_grad():
-            t_lean = timeit(lambda: lean(*lean_inputs), args.reps)
-        rows.append(dict(shape=shape_name, method="lean base", adapters=0, seconds=t_lean, vs_base=t_lean / t_base,
-                         bound_s=max(wbytes / bw, wflops / rate)))
+        # Every configuration of this shape is timed in the same interleaved rounds, so the
+        # "x base" ratios compare runs taken side by side (see `interleaved_medians`).
+        jobs: dict[tuple[str, int], Callable[[], None]] = {
+            ("base", 0): lambda: base(ids),
+            ("lean base", 0): lambda: lean(*lean_inputs),
+        }
+        bounds = {0: max(wbytes / bw, wflops / rate)}
+        peft_names: dict[int, list[str]] = {}
         for n in args.adapters:
             # Sequences ordered by adapter, as the engine's model runner orders every step
             # (`AdapterSlots.batch_order`); the same ordered batch is given to PEFT. The
             # "lean unordered" row shows the round-robin batch (gather/scatter fallback).
+            # The LoRA metadata is built inside every timed forward, as the engine does.
             round_robin = torch.arange(batch) % n
             per_row = round_robin[torch.tensor(lean.slots.batch_order(round_robin.tolist()))]
             token_slots = per_row.repeat_interleave(seq)
-            bound = max((wbytes + n * adapter_bytes) / bw, wflops / rate)
-
-            def run_ours() -> None:
-                with torch.no_grad(), lora_batch(slots.meta(token_slots)):  # metadata built per forward
-                    ours(ids)
-
-            t = timeit(run_ours, args.reps)
-            rows.append(dict(shape=shape_name, method="lorafold", adapters=n, seconds=t, vs_base=t / t_base, bound_s=bound))
-
-            def run_lean() -> None:
-                with torch.no_grad(), lora_batch(lean.slots.meta(token_slots)):
-                    lean(*lean_inputs)
-
-            t = timeit(run_lean, args.reps)
-            rows.append(dict(shape=shape_name, method="lean", adapters=n, seconds=t, vs_base=t / t_base, bound_s=bound))
             unordered_slots = round_robin.repeat_interleave(seq)
-
-            def run_lean_unordered() -> None:
-                with torch.no_grad(), lora_batch(lean.slots.meta(unordered_slots)):
-                    lean(*lean_inputs)
-
+            bounds[n] = max((wbytes + n * adapter_bytes) / bw, wflops / rate)
+            jobs[("lorafold", n)] = partial(_run_wrapped, ours, slots, token_slots, ids)
+            jobs[("lean", n)] = partial(_run_lean, lean, token_slots, lean_inputs)
             if n > 1:
-                t = timeit(run_lean_unordered, args.reps)
-                rows.append(dict(shape=shape_name, method="lean unordered", adapters=n, seconds=t, vs_base=t / t_base,
-                                 bound_s=bound))
-            if peft_model is not None:
-                names = [f"a{int(s)}" for s in per_row]
+                jobs[("lean unordered", n)] = partial(_run_lean, lean, unordered_slots, lean_inputs)
+            peft_names[n] = [f"a{int(s)}" for s in per_row]
+        with torch.no_grad():
+            medians = interleaved_medians(jobs, args.reps)
+        t_base = medians[("base", 0)]
+        for (method, n), t in medians.items():
+            rows.append(dict(shape=shape_name, method=method, adapters=n, seconds=t, vs_base=t / t_base,
+                             bound_s=bounds[n]))
+        if peft_model is not None:
+            # PEFT is 2-10x slower: timed on its own, fewer repetitions, ratio to the same base median
+            for n, names in peft_names.items():
                 with torch.no_grad():
                     tp = timeit(lambda: peft_model(input_ids=ids, adapter_names=names), max(2, args.reps // 2))
-                rows.append(dict(shape=shape_name, method="peft", adapters=n, seconds=tp, vs_base=tp / t_base, bound_s=bound))
+                rows.append(dict(shape=shape_name, method="peft", adapters=n, seconds=tp, vs_base=tp / t_base,
+                                 bound_s=bounds[n]))
 
     for r in rows:
         r["vs_bound"] = r["seconds"] / r["bound_s"]

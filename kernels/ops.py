@@ -192,7 +192,7 @@ def apply(
     gathers when the batch is ordered by adapter, no [n_slices, T, max_rank] intermediate);
     autograd, CUDA, torch.compile and forced backends go through `shrink` / `expand`."""
     if meta.groups and _eager_cpu(out) and not _needs_grad(x, a_pool, b_pool, out):
-        lora_apply_torch(x, a_pool, b_pool, meta.groups, list(slice_offsets), out)
+        lora_apply_torch(x, a_pool, b_pool, meta.groups, slice_offsets, out)
         return
     y = shrink(x, a_pool, row_start, ranks, meta)
     expand(y, b_pool, row_start, ranks, slice_offsets, meta, out)

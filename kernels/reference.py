@@ -149,6 +149,47 @@ def _weight_views(
     return ag, bg
 
 
+def _apply_views(
+    x: torch.Tensor,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    g: RankGroup,
+    slice_offsets: list[int],
+    out: torch.Tensor,
+) -> None:
+    """`lora_apply_torch` for one rank group whose tokens, chunks and pool rows are all evenly
+    laid out (an adapter-ordered batch): every operand is ONE `as_strided` view, straight in
+    the shape the matmul wants, and the expand accumulates into `out` in place.
+
+    Written for dispatch count, not brevity: a SmolLM2 decode step makes 120-210 of these
+    calls, each a few tiny matmuls, so every extra view/slice/transpose/`.to` (~1-2 us each)
+    measured as several ms per forward. All tensors are contiguous and of one dtype here.
+    """
+    n_slices, rows, d_in = a_pool.shape
+    d_total = b_pool.shape[1]
+    n_chunks, chunk = g.chunk_tokens.shape
+    rank, stride = g.rank, g.row_stride
+    xg = x.as_strided((n_chunks, chunk, d_in), (chunk * d_in, d_in, 1), x.storage_offset() + g.token_lo * d_in)
+    a_off = a_pool.storage_offset() + g.row_first * d_in
+    b_off = b_pool.storage_offset() + g.row_first * d_total
+    o_off = out.storage_offset() + g.token_lo * d_total
+    # chunk k's A_iᵀ [d_in, rank] / B_i [rank, cols] / output rows, read in place
+    a_t_shape, a_t_strides = (n_chunks, d_in, rank), (stride * d_in, 1, d_in)
+    accumulate = n_slices == 1 or n_chunks == 1
+    for i in range(n_slices):
+        lo, hi = slice_offsets[i], slice_offsets[i + 1]
+        a_t = a_pool.as_strided(a_t_shape, a_t_strides, a_off + i * rows * d_in)
+        bg = b_pool.as_strided((n_chunks, rank, hi - lo), (stride * d_total, d_total, 1), b_off + lo)
+        ov = out.as_strided((n_chunks, chunk, hi - lo), (chunk * d_total, d_total, 1), o_off + lo)
+        y = torch.bmm(xg, a_t)
+        if accumulate:
+            ov.baddbmm_(y, bg)
+        else:
+            # baddbmm_ into a column slice of several chunks falls back to one addmm per
+            # chunk: measured 2x slower than a batched bmm plus one strided add
+            ov.add_(torch.bmm(y, bg))
+
+
 def lora_apply_torch(
     x: torch.Tensor,
     a_pool: torch.Tensor,
@@ -174,9 +215,22 @@ def lora_apply_torch(
     n_slices, _, d_in = a_pool.shape
     d_total = b_pool.shape[1]
     cdt = _compute_dtype(x.dtype)
-    x = x.contiguous()  # the full-chunk views below need it (a no-op for layer activations)
+    if not x.is_contiguous():  # the full-chunk views below need it (layer activations are)
+        x = x.contiguous()
+    direct = (
+        x.dtype == cdt
+        and a_pool.dtype == cdt
+        and b_pool.dtype == cdt
+        and out.dtype == cdt
+        and a_pool.is_contiguous()
+        and b_pool.is_contiguous()
+        and out.is_contiguous()
+    )
     x_pad: torch.Tensor | None = None
     for g in groups:
+        if direct and g.row_first >= 0 and g.full:
+            _apply_views(x, a_pool, b_pool, g, slice_offsets, out)
+            continue
         n_chunks, chunk = g.chunk_tokens.shape
         span = slice(g.token_lo, g.token_lo + g.num_tokens)
         if g.full:

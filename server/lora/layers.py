@@ -10,6 +10,7 @@ is their concatenation and the LoRA shrink/expand run once for all slices.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorafold.kernels.ops import apply
@@ -55,7 +56,9 @@ class MultiLoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        # F.linear on the base's parameters rather than calling the base module: one nn.Module
+        # dispatch less per layer (210 per SmolLM2 forward; measurable at decode sizes).
+        out = F.linear(x, self.base.weight, self.base.bias)
         meta = current_meta()
         if meta is None or not meta.has_lora:
             return out
