@@ -19,7 +19,9 @@ LoRA pairs** (the equivalent rank-16 LoRA); ``adamw_usv`` (AdamW over U, S, V) i
 reference. GeoLoRA alternates two kinds of step: ``geolora_coef`` (Adam on S, bases fixed)
 and ``geolora_aug`` (augment + Adam in the augmented basis + truncate, what every step is
 with ``coefficient_steps = 1``); ``geolora`` is the default schedule's amortized cost,
-``(29 · coef + aug) / 30``.
+``(29 · coef + aug) / 30``. Likewise ``adaprelora_skip`` times AdaPreLoRA's step without the
+statistic (``stat_interval`` never due) and ``adaprelora_every10`` is ``stat_interval = 10``
+amortized, ``(9 · skip + adaprelora) / 10``.
 
 The base is the real SmolLM2 checkpoint when ``--model`` points at one, else a random
 LlamaForCausalLM with SmolLM2-135M's exact config.
@@ -71,6 +73,7 @@ METHODS = [
     ("lora_pro", "lora_pro", {}, "lora"),
     ("lora_pro_sgd", "lora_pro_sgd", {}, "lora"),
     ("adaprelora", "adaprelora", {}, "lora"),
+    ("adaprelora_skip", "adaprelora", {"stat_interval": BIG}, "lora"),
     ("lora_rite", "lora_rite", {}, "lora"),
     ("adamw_usv", "adamw", {}, "usv"),
     ("geolora_coef", "geolora", {"coefficient_steps": BIG}, "usv"),
@@ -78,6 +81,7 @@ METHODS = [
 ]
 BASELINES = ("adamw", "adamw_foreach", "adamw_fused")
 GEOLORA_PERIOD = 30  # GeoLoRA's default coefficient_steps
+ADAPRELORA_INTERVAL = 10  # AdaPreLoRA's stat_interval shown amortized (the default is 1)
 
 
 def load_base(path: Path) -> tuple[torch.nn.Module, str]:
@@ -179,6 +183,18 @@ def summarize(times: dict[str, list[float]], opts: dict[str, torch.optim.Optimiz
                 "min_s": ((k - 1) * c["min_s"] + a["min_s"]) / k,
                 "state_bytes": max(c["state_bytes"], a["state_bytes"]),
                 "note": f"default schedule: ({k - 1} * geolora_coef + geolora_aug) / {k}",
+            }
+        )
+    if "adaprelora" in by and "adaprelora_skip" in by:
+        full, skip = by["adaprelora"], by["adaprelora_skip"]
+        k = ADAPRELORA_INTERVAL
+        rows.append(
+            {
+                "method": f"adaprelora_every{k}",
+                "median_s": ((k - 1) * skip["median_s"] + full["median_s"]) / k,
+                "min_s": ((k - 1) * skip["min_s"] + full["min_s"]) / k,
+                "state_bytes": full["state_bytes"],
+                "note": f"stat_interval={k}: ({k - 1} * adaprelora_skip + adaprelora) / {k}",
             }
         )
     by = {r["method"]: r for r in rows}

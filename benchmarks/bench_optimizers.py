@@ -41,6 +41,8 @@ METHODS: dict[str, tuple[str | None, dict, list[float], bool]] = {
     "lora_pro": ("lora_pro", {}, ADAM_GRID, False),
     "adaprelora": ("adaprelora", {}, ADAM_GRID, True),
     "adaprelora_full": ("adaprelora", {"statistic": "full"}, ADAM_GRID, True),
+    "adaprelora_every10": ("adaprelora", {"stat_interval": 10}, ADAM_GRID, True),
+    "adaprelora_every20": ("adaprelora", {"stat_interval": 20}, ADAM_GRID, True),
     "lora_rite": ("lora_rite", {"skip_threshold": 0.0}, ADAM_GRID, True),
     # the U S Vᵀ engineer's methods, when registered
     # τ = 1e-5: the spec's τ = 0.15 would truncate A*'s small singular values (f stalls at ½σ_min²)

@@ -143,3 +143,45 @@ def test_full_grad_capture_matches_autograd() -> None:
     wrapper(x).pow(2).sum().backward()
     torch.testing.assert_close(capture("0"), layer.base.weight.grad, atol=1e-5, rtol=1e-5)
     capture.remove()
+
+
+def test_stat_interval_refreshes_on_schedule_with_the_constant_input_ema() -> None:
+    """``stat_interval = 3``: the statistic is measured at steps 1, 4, 7 only, and a refresh
+    ``j`` steps after the previous one is ``r ← β2^j r + (1 − β2^j) rowsum(G²)``; in between
+    the stored statistic is reused. Checked against that recurrence run by hand (exact G)."""
+    target = make_target()
+    x, y = random_factors()
+    model = FactorModel(x, y)
+    beta2 = 0.9  # small, so a wrong exponent j would show at 1e-12
+    opt = AdaPreLoRA(model.pairs(), lr=1e-2, beta2=beta2, statistic="full", stat_interval=3,
+                     full_grad_fn=lambda _: model.full_grad(target))
+    state = lambda: opt.state[model.pairs()[0].A]  # noqa: E731
+    row_ref = torch.zeros(target.shape[0], dtype=torch.float64)
+    col_ref = torch.zeros(target.shape[1], dtype=torch.float64)
+    last = 0
+    for step in range(1, 9):
+        g = model.full_grad(target)
+        one_step(model, opt, target)
+        if step in (1, 4, 7):
+            w = 1.0 - beta2 ** (step - last)
+            row_ref = beta2 ** (step - last) * row_ref + w * (g**2).sum(1)
+            col_ref = beta2 ** (step - last) * col_ref + w * (g**2).sum(0)
+            last = step
+        assert state()["step"] == step and state()["stat_at"] == last
+        torch.testing.assert_close(state()["row_sq"], row_ref, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(state()["col_sq"], col_ref, atol=1e-12, rtol=1e-12)
+
+
+def test_stat_interval_keeps_gauge_invariance_and_is_validated() -> None:
+    target = make_target()
+    x, y = random_factors()
+    products = []
+    for xx, yy in [(x, y), gauge_transform(x, y, random_gauge())]:
+        model = FactorModel(xx, yy)
+        opt = AdaPreLoRA(model.pairs(), lr=1e-2, damping=0.0, stat_interval=2)
+        for _ in range(5):
+            one_step(model, opt, target)
+        products.append(model.product().detach())
+    assert (products[0] - products[1]).abs().max() < 1e-10
+    with pytest.raises(ValueError, match="stat_interval"):
+        AdaPreLoRA(FactorModel(x, y).pairs(), stat_interval=0)
