@@ -42,8 +42,15 @@ def _use_triton(x: torch.Tensor) -> bool:
     return backend == "triton" or (backend == "auto" and x.is_cuda)
 
 
-def _groups(ranks: list[int], tokens: list[torch.Tensor], rows: list[torch.Tensor]) -> tuple[RankGroup, ...]:
-    return tuple(RankGroup(rank=r, chunk_tokens=t, chunk_rows=w) for r, t, w in zip(ranks, tokens, rows))
+def _groups(
+    ranks: list[int], tokens: list[torch.Tensor], rows: list[torch.Tensor], num_tokens: int
+) -> tuple[RankGroup, ...]:
+    """The chunk plan back from the ops' flat arguments (tensors and lists only); `padded` is
+    recomputed from the tokens (the pad index is `num_tokens`)."""
+    return tuple(
+        RankGroup(rank=r, chunk_tokens=t, chunk_rows=w, padded=bool((t >= num_tokens).any()))
+        for r, t, w in zip(ranks, tokens, rows)
+    )
 
 
 @torch.library.custom_op("lorafold::lora_shrink", mutates_args=())
@@ -70,7 +77,7 @@ def _lora_shrink_op(
             x, a_pool, row_start, ranks, sorted_tokens, seg_slots, seg_starts, max_seg_len, max_rank,
             check_values=False,
         )
-    return lora_shrink_torch(x, a_pool, _groups(group_ranks, group_tokens, group_rows), max_rank)
+    return lora_shrink_torch(x, a_pool, _groups(group_ranks, group_tokens, group_rows, x.shape[0]), max_rank)
 
 
 @_lora_shrink_op.register_fake
@@ -104,7 +111,7 @@ def _lora_expand_op(
             max_seg_len, max_rank, out, check_values=False,
         )
         return
-    lora_expand_torch(y, b_pool, _groups(group_ranks, group_tokens, group_rows), slice_offsets, out)
+    lora_expand_torch(y, b_pool, _groups(group_ranks, group_tokens, group_rows, y.shape[1]), slice_offsets, out)
 
 
 @_lora_expand_op.register_fake

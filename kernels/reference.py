@@ -29,9 +29,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _has_short_chunks(groups: tuple[RankGroup, ...]) -> bool:
-    """Chunks of more than one token may be padded with the index T (a zero pad row)."""
-    return any(g.chunk_tokens.shape[1] > 1 for g in groups)
+def _has_pads(groups: tuple[RankGroup, ...]) -> bool:
+    """Some chunk position holds the pad index T (read as a zero row, its result dropped)."""
+    return any(g.padded for g in groups)
 
 
 def lora_shrink_torch(
@@ -59,7 +59,7 @@ def lora_shrink_torch(
     if not groups:
         return y[:, :num_tokens]
     cdt = _compute_dtype(x.dtype)
-    if _has_short_chunks(groups):
+    if _has_pads(groups):
         # one zero pad row (index T) for the unused positions of short chunks
         x_pad = torch.cat([x.to(cdt), x.new_zeros((1, d_in), dtype=cdt)])
     else:  # decode-shaped: one token per chunk, nothing to pad (saves a copy per layer)
@@ -107,7 +107,7 @@ def lora_expand_torch(
     n_slices, num_tokens, _ = y.shape
     d_total = b_pool.shape[1]
     cdt = _compute_dtype(b_pool.dtype)
-    if _has_short_chunks(groups):
+    if _has_pads(groups):
         y_pad = torch.cat([y, y.new_zeros((n_slices, 1, y.shape[2]))], dim=1)
     else:
         y_pad = y
@@ -117,7 +117,7 @@ def lora_expand_torch(
         bg = b_pool.index_select(0, g.chunk_rows).to(cdt).view(n_chunks, g.rank, d_total)
         yg = y_pad[:, tokens, : g.rank].to(cdt).view(n_slices, n_chunks, chunk, g.rank)
         delta = _chunk_deltas(yg, bg, slice_offsets).reshape(-1, d_total)
-        if chunk > 1:  # drop the pad positions of short chunks
+        if g.padded:  # drop the pad positions
             valid = tokens < num_tokens
             tokens, delta = tokens[valid], delta[valid]
         # index_put_ with accumulate: measured 10-20x cheaper than index_add_ for the small row
@@ -261,7 +261,7 @@ def lora_apply_torch(
             out[span] += rows.to(out.dtype)
         else:
             tokens = g.chunk_tokens.reshape(-1)
-            if chunk > 1:  # drop pad positions
+            if g.padded:  # drop pad positions
                 valid = tokens < x.shape[0]
                 tokens, flat = tokens[valid], flat[valid]
             out.index_put_((tokens,), flat.to(out.dtype), accumulate=True)

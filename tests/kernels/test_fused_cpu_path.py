@@ -103,3 +103,43 @@ def test_apply_with_gradients_uses_the_differentiable_path() -> None:
     apply(x, a_pool, b_pool, row_start, ranks.to(torch.int32), [0, 8], build_lora_meta(slots, row_start, alloc), out)
     out.sum().backward()
     assert a_pool.grad is not None and a_pool.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("tokens_per_adapter", [1, 3])
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_gapped_adapters_read_their_row_span_as_tiles(tokens_per_adapter: int, with_grad: bool) -> None:
+    """A decode step where only some resident adapters are active: 7 of 10 packed rank-8 slots.
+    The group reads the 10-tile row span as a view (inactive tiles get pad tokens only) and the
+    result still equals the token loop, with the inactive adapters' weights left out."""
+    gen = torch.Generator().manual_seed(7)
+    num_slots, d_in, widths = 10, 33, [24, 8]
+    ranks = torch.full((2, num_slots), 8)
+    ranks[1, 2] = 4  # a slot whose second slice has a smaller rank (zero rows up to the alloc)
+    a_pool, b_pool, row_start, alloc = make_pools(ranks, d_in, widths, torch.float64, gen)
+    a_pool, b_pool, row_start = pack_rows(a_pool, b_pool, row_start, alloc)
+    active = torch.tensor([0, 1, 3, 4, 6, 7, 9])  # inactive 2, 5, 8 hold real (finite) weights
+    slots = order_by_adapter(active.repeat_interleave(tokens_per_adapter), row_start, alloc)
+    meta = build_lora_meta(slots, row_start, alloc)
+    (g,) = meta.groups
+    assert (g.row_first, g.row_stride, g.token_lo) == (0, 8, 0)
+    assert g.chunk_tokens.shape == (10, tokens_per_adapter) and g.compact is not None
+    assert bool((g.chunk_tokens[[2, 5, 8]] == slots.numel()).all()), "inactive tiles hold pad tokens only"
+    x = torch.randn(slots.numel(), d_in, dtype=torch.float64, generator=gen)
+    _, delta_ref = loop_reference(x, a_pool, b_pool, row_start, ranks, widths, slots)
+    out = torch.zeros(slots.numel(), sum(widths), dtype=torch.float64)
+    a_pool.requires_grad_(with_grad)
+    with torch.set_grad_enabled(with_grad):
+        apply(x, a_pool, b_pool, row_start, ranks.to(torch.int32), [0, 24, 32], meta, out)
+    tol = 1e-6 if with_grad else 1e-12  # the differentiable path's shrink output is float32
+    torch.testing.assert_close(out.detach(), delta_ref, rtol=tol, atol=tol)
+    if with_grad:
+        out.sum().backward()
+        for s in (2, 5, 8):  # no gradient reaches the adapters that had no tokens
+            assert float(a_pool.grad[:, int(row_start[s]) : int(row_start[s]) + 8].abs().sum()) == 0.0
+
+
+def test_gapped_span_too_wide_is_gathered() -> None:
+    row_start = torch.arange(10, dtype=torch.int32) * 8
+    meta = build_lora_meta(torch.tensor([0, 1, 9]), row_start, torch.full((10,), 8, dtype=torch.int32))
+    (g,) = meta.groups
+    assert g.row_first == -1 and g.chunk_tokens.shape[0] == 3
