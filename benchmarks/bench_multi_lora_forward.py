@@ -13,6 +13,11 @@ adapters' weights.
 
 Timing: every configuration of a shape runs once per round, rounds interleaved, median over
 `--reps` rounds (PEFT, 2-10x slower, is timed on its own afterwards).
+
+`decode 64x1 @128` (``--context``): one decode step of 64 sequences holding 128 cached tokens
+each, transformers' forward with its KV cache against the lean decoder's paged cache — the
+like-for-like decode comparison (the no-cache "decode 64x1" rows give the lean decoder the
+cache writes and reads that transformers skips there).
 """
 
 from __future__ import annotations
@@ -70,6 +75,39 @@ def lean_batch(lean: LeanLlama, ids: torch.Tensor) -> tuple:
     return ids.reshape(-1), positions, caches, meta, None
 
 
+def decode_with_context_rows(base, lean: LeanLlama, batch: int, context: int, reps: int, bound: float) -> list[dict]:  # noqa: ANN001
+    """One decode step of `batch` sequences that each already hold `context` tokens of KV
+    cache: transformers' forward with its DynamicCache (cropped back after every step) against
+    the lean decoder over the paged cache. Both write the new token's K/V and attend over
+    context + 1 positions; no adapters. The prefill that fills the caches is not timed."""
+    gen = torch.Generator().manual_seed(1)
+    ctx_ids = torch.randint(0, base.config.vocab_size, (batch, context), generator=gen)
+    step_ids = torch.randint(0, base.config.vocab_size, (batch, 1), generator=gen)
+    with torch.no_grad():
+        cache = base(ctx_ids, use_cache=True).past_key_values
+
+    def run_hf() -> None:
+        base(step_ids, past_key_values=cache, use_cache=True)
+        cache.crop(-1)  # back to `context` tokens (transformers 5: negative = tokens to drop)
+
+    block = 16
+    per_seq = (context + 1 + block - 1) // block
+    shape = (batch * per_seq * block, lean.num_kv_heads, lean.head_dim)
+    caches = [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) for _ in lean.layers]
+    seqs, slot_mapping = [], []
+    for b in range(batch):
+        table = list(range(b * per_seq, (b + 1) * per_seq))
+        seqs.append((b, 1, context + 1, table))
+        slot_mapping.append(table[context // block] * block + context % block)
+    meta = build_attention_metadata(slot_mapping, seqs, block, torch.device("cpu"))
+    inputs = (step_ids.reshape(-1), torch.full((batch,), context), caches, meta, None)
+    with torch.no_grad():
+        medians = interleaved_medians({"base + KV cache": run_hf, "lean base": lambda: lean(*inputs)}, reps)
+    t_base = medians["base + KV cache"]
+    name = f"decode {batch}x1 @{context}"
+    return [dict(shape=name, method=m, adapters=0, seconds=t, vs_base=t / t_base, bound_s=bound) for m, t in medians.items()]
+
+
 def base_bytes_flops(model, tokens: int) -> tuple[int, int]:
     linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     return linear_params * 4, 2 * tokens * linear_params
@@ -92,6 +130,8 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--context", type=int, default=128,
+                        help="also time one decode step over this many cached tokens per sequence (0: skip)")
     args = parser.parse_args()
     torch.manual_seed(0)
     bw, rate = machine_rates()
@@ -163,6 +203,9 @@ def main() -> int:
                 rows.append(dict(shape=shape_name, method="peft", adapters=n, seconds=tp, vs_base=tp / t_base,
                                  bound_s=bounds[n]))
 
+    if args.context > 0:
+        wbytes, wflops = base_bytes_flops(base, 64)
+        rows += decode_with_context_rows(base, lean, 64, args.context, args.reps, max(wbytes / bw, wflops / rate))
     for r in rows:
         r["vs_bound"] = r["seconds"] / r["bound_s"]
     speedups = {}
