@@ -17,7 +17,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "model": "model", "host": "host", "port": "port", "adapter_root": "adapter_root", "state_dir": "state_dir",
         "admin_key": "admin_key", "max_loras": "max_loras", "max_num_seqs": "max_num_seqs",
         "max_model_len": "max_model_len", "kv_blocks": "kv_blocks", "max_tokens_cap": "max_tokens_cap",
-        "max_queue": "max_queue",
+        "max_queue": "max_queue", "prepack_weights": "prepack_weights",
     }
     for arg, field in mapping.items():
         value = getattr(args, arg, None)

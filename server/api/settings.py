@@ -46,6 +46,7 @@ class ServerSettings:
     max_adapter_rank: int = 512
     metrics_top_adapters: int = 20
     served_model_name: str | None = None
+    prepack_weights: bool = True  # see EngineConfig.prepack_weights
 
     def __post_init__(self) -> None:
         self.adapter_root = Path(self.adapter_root).expanduser()

@@ -18,6 +18,7 @@ from torch import nn
 from lorafold.server.engine.attention import AttentionMetadata, paged_attention
 from lorafold.server.lora.layers import MultiLoRALinear
 from lorafold.server.lora.slots import AdapterSlots, Target
+from lorafold.server.models.packed_linear import PackedLinear, can_prepack
 
 
 def _fuse(linears: list[nn.Linear]) -> nn.Linear:
@@ -99,7 +100,9 @@ def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 class LeanLlama(nn.Module):
     """Flat-batch decoder over a paged KV cache, with multi-LoRA fused projections."""
 
-    def __init__(self, hf_model: nn.Module, *, num_slots: int, rows: int) -> None:
+    def __init__(self, hf_model: nn.Module, *, num_slots: int, rows: int, prepack: bool = True) -> None:
+        """prepack: keep oneDNN-packed copies of the base weights for inference (fp32 CPU
+        only; one more copy of the weights in memory; see `server.models.packed_linear`)."""
         super().__init__()
         config = hf_model.config
         inner = hf_model.model
@@ -113,6 +116,11 @@ class LeanLlama(nn.Module):
         for i, layer in enumerate(self.layers):
             targets.update(layer.targets(f"model.layers.{i}"))
         self.slots = AdapterSlots(targets, num_slots=num_slots, rows=rows)
+        if prepack and can_prepack(self.lm_head.weight):
+            for layer in self.layers:
+                for proj in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj):
+                    proj.prepack_base()
+            self.lm_head = PackedLinear(self.lm_head)
 
     @property
     def num_kv_heads(self) -> int:

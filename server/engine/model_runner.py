@@ -27,7 +27,10 @@ class ModelRunner:
         self.config = config
         self.device = next(hf_model.parameters()).device
         self.dtype = next(hf_model.parameters()).dtype
-        self.model = LeanLlama(hf_model, num_slots=config.max_loras, rows=config.max_loras * lora_rows_per_slot)
+        self.model = LeanLlama(
+            hf_model, num_slots=config.max_loras, rows=config.max_loras * lora_rows_per_slot,
+            prepack=config.prepack_weights,
+        )
         shape = (config.num_kv_blocks * config.block_size, self.model.num_kv_heads, self.model.head_dim)
         # The KV budget is reserved once, at start: [slots, kv_heads, head_dim] per layer for K and V.
         self.kv_caches = [

@@ -70,6 +70,7 @@ def test_engine_config_defaults_are_valid() -> None:
         (dict(max_overtakes=-1), "max_overtakes"),
         (dict(block_size=16.0), "must be an int"),
         (dict(max_loras=True), "must be an int"),
+        (dict(prepack_weights="yes"), "prepack_weights"),
     ],
 )
 def test_invalid_engine_config(kwargs: dict, match: str) -> None:
