@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import os
@@ -23,6 +24,18 @@ S = argparse.SUPPRESS  # only flags actually given reach the config, so the TOML
 
 def _targets(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _keyword(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (KEY, VALUE as a Python literal when it parses as one, else the string)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. stat_interval=10), got {text!r}")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw.strip()
+    return key.strip(), value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", help="output folder: PEFT adapter + report.json + loss_curve.png + checkpoints/")
     a("--model", help="base model: HF folder or .gguf (default: the packaged SmolLM2-135M-Instruct)")
     a("--optimizer", choices=sorted(OPTIMIZERS))
+    a("--optimizer-arg", dest="optimizer_args", action="append", type=_keyword, metavar="KEY=VALUE",
+      help="optimizer-specific keyword, repeatable, e.g. --optimizer-arg stat_interval=10 (AdaPreLoRA)")
     a("--init", choices=INITS)
     a("--rank", type=int)
     a("--alpha", type=float)

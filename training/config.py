@@ -21,6 +21,8 @@ class TrainConfig:
     val_fraction: float = 0.1
     model: str | None = None  # None: the packaged SmolLM2-135M-Instruct
     optimizer: str = "adamw"
+    # optimizer-specific keywords beyond lr / weight_decay, e.g. {"stat_interval": 10}
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
     init: str = "default"
     rank: int = 16
     alpha: float = 32.0
@@ -55,6 +57,15 @@ class TrainConfig:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.optimizer in USV_OPTIMIZERS and self.init != "default":
             raise ValueError(f"optimizer {self.optimizer!r} trains USV adapters; it supports only --init default")
+        if isinstance(self.optimizer_args, list):  # (key, value) pairs from repeated CLI flags
+            self.optimizer_args = dict(self.optimizer_args)
+        if not isinstance(self.optimizer_args, dict) or not all(
+            isinstance(k, str) and k.isidentifier() for k in self.optimizer_args
+        ):
+            raise ValueError(f"optimizer_args must map keyword names to values, got {self.optimizer_args!r}")
+        for key in ("lr", "weight_decay"):
+            if key in self.optimizer_args:
+                raise ValueError(f"set {key} with --{key.replace('_', '-')} (the `{key}` key), not in optimizer_args")
         if self.accuracy not in ("auto", "on", "off"):
             raise ValueError(f"accuracy must be auto, on or off, got {self.accuracy!r}")
         for name in ("rank", "batch_size", "grad_accum", "max_length"):

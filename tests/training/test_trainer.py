@@ -115,3 +115,31 @@ def test_bf16_autocast_trains_on_cpu_and_exports_fp32(tok, data, tmp_path):
     with torch.no_grad():
         want = bf16.model.eval()(input_ids=ids).logits
     torch.testing.assert_close(peft_logits(pristine, tmp_path / "bf16", ids), want, atol=1e-4, rtol=1e-4)
+
+
+def test_optimizer_args_reach_the_optimizer(tmp_path):
+    """`--optimizer-arg KEY=VALUE` (repeatable; TOML `[train.optimizer_args]`) becomes keywords
+    of the optimizer; unknown ones and lr/weight_decay in it are refused with a message."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorafold.training.adapters.lora import inject_lora
+    from lorafold.training.trainer.adapters import build_optimizer_for
+
+    flags = ["--data", "d.jsonl", "--out", "o", "--optimizer", "adaprelora",
+             "--optimizer-arg", "stat_interval=10", "--optimizer-arg", "statistic=lowrank"]
+    cfg, _ = parse_config(flags)
+    assert cfg.optimizer_args == {"stat_interval": 10, "statistic": "lowrank"}
+    (tmp_path / "c.toml").write_text('[train]\ndata = "d.jsonl"\nout = "o"\noptimizer = "adaprelora"\n'
+                                     '[train.optimizer_args]\nstat_interval = 10\nstatistic = "lowrank"\n')
+    assert parse_config(["--config", str(tmp_path / "c.toml")])[0] == cfg
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    inject_lora(model, r=2, alpha=4)
+    assert build_optimizer_for(model, cfg).param_groups[0]["stat_interval"] == 10
+    bad, _ = parse_config(["--data", "d", "--out", "o", "--optimizer", "adamw", "--optimizer-arg", "stat_interval=10"])
+    with pytest.raises(ValueError, match="does not take"):
+        build_optimizer_for(model, bad)
+    with pytest.raises(ValueError, match="--lr"):
+        parse_config(["--data", "d", "--out", "o", "--optimizer-arg", "lr=0.1"])
+    with pytest.raises(SystemExit):
+        parse_config(["--data", "d", "--out", "o", "--optimizer-arg", "no-equals-sign"])

@@ -149,7 +149,16 @@ def build_optimizer_for(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optim
         overrides["lr"] = cfg.lr
     if cfg.weight_decay is not None:
         overrides["weight_decay"] = cfg.weight_decay
-    return build_optimizer(cfg.optimizer, model, **overrides)
+    overrides.update(cfg.optimizer_args)
+    try:
+        return build_optimizer(cfg.optimizer, model, **overrides)
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise ValueError(
+            f"optimizer {cfg.optimizer!r} does not take {sorted(cfg.optimizer_args)} ({exc}); "
+            "check --optimizer-arg against its class's keyword arguments"
+        ) from None
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
