@@ -62,7 +62,7 @@ class ModelRunner:
         rows: list[int] = []
         # Run sequences grouped by adapter (the CPU LoRA path then reads views instead of
         # gathering); logits are put back in the callers' chunk order below.
-        order = self.model.slots.batch_order([c.seq.lora_slot for c in chunks])
+        order = self.model.slots.batch_order([c.seq.lora_slot for c in chunks], [c.num_tokens for c in chunks])
         sampled_in_order: list[int] = []
         for idx in order:
             chunk = chunks[idx]

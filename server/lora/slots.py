@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafold.kernels.meta import LoRABatchMeta, build_lora_meta
+from lorafold.kernels.meta import SHORT_SEGMENT, LoRABatchMeta, build_lora_meta
 from lorafold.server.lora.layers import MultiLoRALinear
 from lorafold.server.lora.peft_format import AdapterError, LoRAAdapter, ModuleSpec
 from lorafold.server.lora.rows import RowAllocator
@@ -104,16 +104,24 @@ class AdapterSlots:
         self.slot_alloc[slot] = 0
         self.occupant[slot] = None
 
-    def batch_order(self, token_slots: list[int]) -> list[int]:
+    def batch_order(self, token_slots: list[int], num_tokens: list[int] | None = None) -> list[int]:
         """A stable order of `token_slots` (e.g. one entry per sequence) that groups the batch
-        as the CPU LoRA path reads it fastest: base first, then by (allocated rank, first pool
-        row). Tokens of one adapter then form one run, a rank group one contiguous block, and
-        its adapters' weights are read in pool order (views, not copies; see kernels/meta.py)."""
-        alloc, start = self.slot_alloc.tolist(), self.row_start.tolist()
+        as the CPU LoRA path reads it fastest: base first, then by (allocated rank, short or
+        long, first pool row). Tokens of one adapter then form one run, each of the CPU plan's
+        groups one contiguous block, and its adapters' weights are read in pool order (views,
+        not copies; see kernels/meta.py).
 
-        def key(i: int) -> tuple[int, int]:
+        num_tokens: tokens of each entry (default 1). An adapter whose entries add up to more
+        than `SHORT_SEGMENT` tokens (a prefill chunk) is "long": the plan chunks those apart
+        from the short ones (decode tokens), and this order keeps both blocks contiguous."""
+        alloc, start = self.slot_alloc.tolist(), self.row_start.tolist()
+        totals: dict[int, int] = {}
+        for i, s in enumerate(token_slots):
+            totals[s] = totals.get(s, 0) + (1 if num_tokens is None else num_tokens[i])
+
+        def key(i: int) -> tuple[int, bool, int]:
             s = token_slots[i]
-            return (-1, -1) if s < 0 else (alloc[s], start[s])
+            return (-1, False, -1) if s < 0 else (alloc[s], totals[s] > SHORT_SEGMENT, start[s])
 
         return sorted(range(len(token_slots)), key=key)
 

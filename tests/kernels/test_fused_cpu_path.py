@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafold.kernels.meta import build_lora_meta
+from lorafold.kernels.meta import SHORT_SEGMENT, build_lora_meta
 from lorafold.kernels.ops import apply
 
 from .lora_cases import MIXES, loop_reference, make_pools, token_slots_for
@@ -35,8 +35,12 @@ def pack_rows(a_pool: torch.Tensor, b_pool: torch.Tensor, row_start: torch.Tenso
 
 
 def order_by_adapter(slots: torch.Tensor, row_start: torch.Tensor, alloc: torch.Tensor) -> torch.Tensor:
-    """The engine's batch order: base tokens first, then by (alloc rank, first pool row)."""
-    keys = [(-1, -1) if s < 0 else (int(alloc[s]), int(row_start[s])) for s in slots.tolist()]
+    """The engine's batch order (`AdapterSlots.batch_order`): base tokens first, then by
+    (alloc rank, adapter's tokens > SHORT_SEGMENT, first pool row)."""
+    values, totals = torch.unique(slots, return_counts=True)
+    counts = dict(zip(values.tolist(), totals.tolist()))
+    keys = [(-1, False, -1) if s < 0 else (int(alloc[s]), int(counts[s]) > SHORT_SEGMENT, int(row_start[s]))
+            for s in slots.tolist()]
     perm = sorted(range(len(keys)), key=lambda t: keys[t])
     return slots[torch.tensor(perm, dtype=torch.int64)]
 
@@ -143,3 +147,25 @@ def test_gapped_span_too_wide_is_gathered() -> None:
     meta = build_lora_meta(torch.tensor([0, 1, 9]), row_start, torch.full((10,), 8, dtype=torch.int32))
     (g,) = meta.groups
     assert g.row_first == -1 and g.chunk_tokens.shape[0] == 3
+
+
+def test_mixed_decode_and_prefill_step_chunks_short_and_long_segments_apart() -> None:
+    """Six one-token decodes and a 30-token prefill chunk, all rank 8, in the engine's order:
+    two groups (the decodes are not padded to the prefill's chunk length), each contiguous,
+    and the result equals the token loop."""
+    gen = torch.Generator().manual_seed(3)
+    ranks = torch.full((1, 7), 8)
+    a_pool, b_pool, row_start, alloc = make_pools(ranks, 20, [12], torch.float64, gen)
+    a_pool, b_pool, row_start = pack_rows(a_pool, b_pool, row_start, alloc)
+    slots = order_by_adapter(torch.cat([torch.full((30,), 6), torch.arange(6)]), row_start, alloc)
+    meta = build_lora_meta(slots, row_start, alloc)
+    short, long = meta.groups
+    assert tuple(short.chunk_tokens.shape) == (6, 1) and not short.padded and short.token_lo == 0
+    assert short.row_first >= 0, "the decodes' adapters are evenly spaced in the packed pool: a view"
+    assert long.token_lo == 6 and long.chunk_tokens.numel() >= 30
+    x = torch.randn(36, 20, dtype=torch.float64, generator=gen)
+    _, delta_ref = loop_reference(x, a_pool, b_pool, row_start, ranks, [12], slots)
+    out = torch.zeros(36, 12, dtype=torch.float64)
+    with torch.no_grad():
+        apply(x, a_pool, b_pool, row_start, ranks.to(torch.int32), [0, 12], meta, out)
+    torch.testing.assert_close(out, delta_ref, rtol=1e-12, atol=1e-12)
