@@ -52,7 +52,7 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 def use_packed(x: torch.Tensor) -> bool:
     """No gradients, a CPU input (the packed copy stays on the CPU if the module is moved), and
     a batch small enough for the packed call to win (`PACKED_MAX_ROWS`)."""
-    return not torch.is_grad_enabled() and not x.is_cuda and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]
+    return not torch.is_grad_enabled() and x.device.type == "cpu" and x.numel() <= PACKED_MAX_ROWS * x.shape[-1]
 
 
 class PackedLinear(nn.Module):
