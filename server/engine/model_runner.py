@@ -14,6 +14,7 @@ from torch import nn
 
 from lorafold.server.engine.attention import build_attention_metadata
 from lorafold.server.engine.config import EngineConfig
+from lorafold.server.engine.host_memory import keep_freed_memory
 from lorafold.server.engine.llama import LeanLlama
 from lorafold.server.engine.scheduler import ScheduledChunk
 from lorafold.server.lora.context import lora_batch
@@ -27,6 +28,8 @@ class ModelRunner:
         self.config = config
         self.device = next(hf_model.parameters()).device
         self.dtype = next(hf_model.parameters()).dtype
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page faults on every step's temporaries (see host_memory)
         self.model = LeanLlama(
             hf_model, num_slots=config.max_loras, rows=config.max_loras * lora_rows_per_slot,
             prepack=config.prepack_weights,
