@@ -154,6 +154,19 @@ def build_lora_meta(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Segments:
+    """The sorted batch the chunk plan is cut from (all on the host, int64 but seg_slots)."""
+
+    sorted_tokens: torch.Tensor  # [T_a] tokens with an adapter, by segment
+    seg_slots: torch.Tensor  # [S] slot of each segment, in pool-row order
+    counts: torch.Tensor  # [S] tokens per segment
+    row_start: torch.Tensor  # [num_slots] first pool row of each slot
+    seg_ids: torch.Tensor  # [T_a] segment of each sorted token
+    pos_in_seg: torch.Tensor  # [T_a] its position inside the segment
+    num_tokens: int  # T, also the pad index
+
+
 def _cpu_plan(
     sorted_tokens: torch.Tensor,
     seg_slots: torch.Tensor,
@@ -167,6 +180,8 @@ def _cpu_plan(
     seg_ids = torch.repeat_interleave(torch.arange(seg_slots.numel()), counts)
     seg_first = torch.cumsum(counts, 0) - counts
     pos_in_seg = torch.arange(sorted_tokens.numel()) - seg_first[seg_ids]
+    row_start = row_start.to(torch.int64)
+    sg = _Segments(sorted_tokens, seg_slots, counts, row_start, seg_ids, pos_in_seg, num_tokens)
     # Groups: distinct allocated ranks (a handful), each split into short and long segments
     # when it has both, so a step mixing decode tokens with prefill chunks does not pad every
     # decode token to the prefill chunks' length (see SHORT_SEGMENT).
@@ -179,44 +194,51 @@ def _cpu_plan(
         if not bool(in_group.any()):
             continue
         g_segs = torch.nonzero(in_group).flatten()
-        g_counts = counts[g_segs]
-        if int(g_counts.min()) == int(g_counts.max()) <= _MAX_FULL_CHUNK:
-            chunk = int(g_counts[0])  # equal segments: one chunk each, no padding at all
-        else:
-            chunk = _chunk_size(int(g_counts.sum()), int(g_segs.numel()), rank)
-        chunks_per_seg = (counts[g_segs] + chunk - 1) // chunk
-        # chunk id of every token of this group: its segment's first chunk + pos // chunk
-        first_chunk = torch.cumsum(chunks_per_seg, 0) - chunks_per_seg
-        seg_to_group = torch.full((seg_slots.numel(),), -1, dtype=torch.int64)
-        seg_to_group[g_segs] = torch.arange(g_segs.numel())
-        tok_mask = in_group[seg_ids]
-        local_seg = seg_to_group[seg_ids[tok_mask]]
-        pos = pos_in_seg[tok_mask]
-        chunk_id = first_chunk[local_seg] + pos // chunk
-        n_chunks = int(chunks_per_seg.sum())
-        chunk_slot = torch.repeat_interleave(seg_slots[g_segs].to(torch.int64), chunks_per_seg)
-        chunk_first_row = row_start.to(torch.int64)[chunk_slot]
-        tiles = _tile_gaps(chunk_first_row, rank) if n_chunks == g_segs.numel() else None
-        if tiles is not None:
-            # one chunk per adapter with gaps between their pool rows: chunk k becomes the
-            # k-th rank-row tile of the rows' span (empty tiles: pad tokens only), so the
-            # weights stay views instead of per-layer copies (see `_tile_gaps`)
-            chunk_id = tiles[chunk_id]
-            n_chunks = int((chunk_first_row[-1] - chunk_first_row[0]) // rank + 1)
-            chunk_first_row = chunk_first_row[0] + rank * torch.arange(n_chunks)
-        chunk_tokens = torch.full((n_chunks, chunk), num_tokens, dtype=torch.int64)
-        chunk_tokens[chunk_id, pos % chunk] = sorted_tokens[tok_mask]
-        rows = (chunk_first_row[:, None] + torch.arange(rank)).reshape(-1)
-        groups.append(
-            RankGroup(
-                rank=int(rank),
-                chunk_tokens=chunk_tokens,
-                chunk_rows=rows,
-                padded=n_chunks * chunk != int(tok_mask.sum()),
-                **_layout(sorted_tokens[tok_mask], chunk_id * chunk + pos % chunk, n_chunks * chunk, chunk_first_row),
-            )
-        )
+        for part in _split_runs(g_segs, row_start[seg_slots[g_segs].to(torch.int64)], int(rank)):
+            groups.append(_rank_group(sg, part, int(rank)))
     return tuple(groups)
+
+
+def _rank_group(sg: _Segments, g_segs: torch.Tensor, rank: int) -> RankGroup:
+    """The chunks of segments `g_segs` (all of allocated rank `rank`) as one RankGroup."""
+    seg_slots, counts, num_tokens = sg.seg_slots, sg.counts, sg.num_tokens
+    in_group = torch.zeros(seg_slots.numel(), dtype=torch.bool)
+    in_group[g_segs] = True
+    g_counts = counts[g_segs]
+    if int(g_counts.min()) == int(g_counts.max()) <= _MAX_FULL_CHUNK:
+        chunk = int(g_counts[0])  # equal segments: one chunk each, no padding at all
+    else:
+        chunk = _chunk_size(int(g_counts.sum()), int(g_segs.numel()), rank)
+    chunks_per_seg = (counts[g_segs] + chunk - 1) // chunk
+    # chunk id of every token of this group: its segment's first chunk + pos // chunk
+    first_chunk = torch.cumsum(chunks_per_seg, 0) - chunks_per_seg
+    seg_to_group = torch.full((seg_slots.numel(),), -1, dtype=torch.int64)
+    seg_to_group[g_segs] = torch.arange(g_segs.numel())
+    tok_mask = in_group[sg.seg_ids]
+    local_seg = seg_to_group[sg.seg_ids[tok_mask]]
+    pos = sg.pos_in_seg[tok_mask]
+    chunk_id = first_chunk[local_seg] + pos // chunk
+    n_chunks = int(chunks_per_seg.sum())
+    chunk_slot = torch.repeat_interleave(seg_slots[g_segs].to(torch.int64), chunks_per_seg)
+    chunk_first_row = sg.row_start[chunk_slot]
+    tiles = _tile_gaps(chunk_first_row, rank) if n_chunks == g_segs.numel() else None
+    if tiles is not None:
+        # one chunk per adapter with gaps between their pool rows: chunk k becomes the
+        # k-th rank-row tile of the rows' span (empty tiles: pad tokens only), so the
+        # weights stay views instead of per-layer copies (see `_tile_gaps`)
+        chunk_id = tiles[chunk_id]
+        n_chunks = int((chunk_first_row[-1] - chunk_first_row[0]) // rank + 1)
+        chunk_first_row = chunk_first_row[0] + rank * torch.arange(n_chunks)
+    chunk_tokens = torch.full((n_chunks, chunk), num_tokens, dtype=torch.int64)
+    chunk_tokens[chunk_id, pos % chunk] = sg.sorted_tokens[tok_mask]
+    rows = (chunk_first_row[:, None] + torch.arange(rank)).reshape(-1)
+    return RankGroup(
+        rank=int(rank),
+        chunk_tokens=chunk_tokens,
+        chunk_rows=rows,
+        padded=n_chunks * chunk != int(tok_mask.sum()),
+        **_layout(sg.sorted_tokens[tok_mask], chunk_id * chunk + pos % chunk, n_chunks * chunk, chunk_first_row),
+    )
 
 
 # A gapped span is read whole when it is at most this many times the adapters' own rows: a
@@ -243,6 +265,44 @@ def _tile_gaps(chunk_first_row: torch.Tensor, rank: int) -> torch.Tensor | None:
     if int(tiles[-1]) + 1 > _MAX_TILE_SPAN * chunk_first_row.numel():
         return None
     return tiles
+
+
+# A run of same-rank adapters becomes a group of its own (read as views) when it holds at
+# least this many pool rows; smaller runs join one gather group. A group costs ~6 more
+# dispatches in each of a forward's ~120 fused LoRA calls (~3-4 ms per SmolLM2 decode
+# step); a gather copies the adapter's rows and reads them twice (rank 16: ~1 ms, rank 64:
+# ~6 ms more than a view, same step).
+MIN_VIEW_RUN_ROWS = 64
+
+
+def _split_runs(g_segs: torch.Tensor, first_rows: torch.Tensor, rank: int) -> list[torch.Tensor]:
+    """Split a rank group's segments (in pool-row order, `first_rows` ascending) into runs
+    that each read their weights as one view: rows on a grid of `rank`-row tiles from the
+    run's first row, the span within `_MAX_TILE_SPAN` of the run's rows. Runs of fewer than
+    `MIN_VIEW_RUN_ROWS` rows are put together in one last part (gathered).
+
+    A group that is one view already (evenly spaced or tileable rows) is not split, nor one
+    whose segments repeat a row (several chunks per adapter: gathered either way)."""
+    rows = first_rows.tolist()
+    if len(rows) < 2 or len(set(rows)) != len(rows):
+        return [g_segs]
+    steps = {b - a for a, b in zip(rows, rows[1:])}
+    if len(steps) == 1 or _tile_gaps(first_rows, rank) is not None:
+        return [g_segs]
+    runs: list[list[int]] = [[0]]
+    for i in range(1, len(rows)):
+        first = rows[runs[-1][0]]
+        span = (rows[i] - first) // rank + 1
+        if (rows[i] - first) % rank == 0 and span <= _MAX_TILE_SPAN * (len(runs[-1]) + 1):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    views = [r for r in runs if len(r) * rank >= MIN_VIEW_RUN_ROWS]
+    rest = sorted(i for r in runs if len(r) * rank < MIN_VIEW_RUN_ROWS for i in r)
+    parts = [g_segs[torch.tensor(r)] for r in views]
+    if rest:
+        parts.append(g_segs[torch.tensor(rest)])
+    return parts
 
 
 def _layout(tokens: torch.Tensor, flat_pos: torch.Tensor, padded: int, chunk_first_row: torch.Tensor) -> dict:

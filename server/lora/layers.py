@@ -15,6 +15,7 @@ from torch import nn
 
 from lorafold.kernels.ops import apply
 from lorafold.server.lora.context import current_meta
+from lorafold.server.lora.rows import Move
 from lorafold.server.models.packed_linear import DEFAULT_BATCH_HINT, can_prepack, packed_linear, prepack, use_packed
 
 
@@ -99,14 +100,12 @@ class MultiLoRALinear(nn.Module):
         self.b_pool[start : start + r, lo:hi].copy_(b_scaled.t())
         self.ranks[slice_idx, slot] = r
 
-    def move_rows(self, src: int, dst: int, rows: int) -> None:
-        self.a_pool[:, dst : dst + rows] = self.a_pool[:, src : src + rows].clone()
-        self.b_pool[dst : dst + rows] = self.b_pool[src : src + rows].clone()
-
-    def resize_rows(self, rows: int) -> None:
-        old = self.a_pool.shape[1]
+    def relayout_rows(self, rows: int, moves: list[Move]) -> None:
+        """New pools of `rows` rows holding every owned range where `moves` puts it (copied
+        from the old pools, so the moves may overlap in any order); other rows are zero."""
         a = self.a_pool.new_zeros((self.a_pool.shape[0], rows, self.a_pool.shape[2]))
         b = self.b_pool.new_zeros((rows, self.b_pool.shape[1]))
-        a[:, :old] = self.a_pool
-        b[:old] = self.b_pool
+        for m in moves:
+            a[:, m.dst : m.dst + m.rows] = self.a_pool[:, m.src : m.src + m.rows]
+            b[m.dst : m.dst + m.rows] = self.b_pool[m.src : m.src + m.rows]
         self.a_pool, self.b_pool = a, b

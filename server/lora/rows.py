@@ -3,12 +3,27 @@
 Every LoRA layer keeps its adapters' weights in one pool of rows; a slot owns the same
 contiguous row range in every pool, sized to its adapter's largest rank. Small adapters
 therefore pay only for their own rank, and a rank-256 adapter needs no restart: when no
-contiguous range is free the pools are compacted or grown (see `AdapterSlots`).
+range is free the pools are re-laid out and grown (see `AdapterSlots`).
+
+Ranges live in *zones*: a zone holds equal ranges of one size (one allocated rank) side by
+side. The CPU LoRA path reads a group of same-rank adapters whose rows are evenly spaced as
+one strided view of the pool, and copies (gathers) them otherwise; first-fit placement in
+load order interleaves ranks, so with mixed ranks every group was a gather. Measured on
+SmolLM2 (64 resident adapters of ranks 8-128, a 64-sequence decode step): 1.0 s with the
+adapters interleaved, 0.65 s with each rank's adapters side by side.
+
+A new zone is sized to the ranges its class already has (at least `MIN_ZONE_SLOTS`), so a
+class's zones double like a vector's storage and at most half of a class's reserved rows
+are empty. When a range finds no place, `relayout` packs the zones to the front, one merged
+zone per class in increasing size with room for the new range's class, and grows the pool
+when they do not fit.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+MIN_ZONE_SLOTS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,64 +34,130 @@ class Move:
     rows: int
 
 
-class RowAllocator:
-    """First-fit allocation of contiguous row ranges in a pool of `capacity` rows."""
+@dataclass(slots=True)
+class _Zone:
+    """`len(members)` ranges of `size` rows from row `start`; `members[p]` owns range p."""
 
-    def __init__(self, capacity: int) -> None:
+    start: int
+    size: int
+    members: list[int | None] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return self.size * len(self.members)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.rows
+
+
+class RowAllocator:
+    """Zoned allocation of contiguous row ranges in a pool of `capacity` rows."""
+
+    def __init__(self, capacity: int, *, max_owners: int | None = None) -> None:
+        """max_owners: most ranges held at once (the adapter slots); caps new zones."""
         if capacity < 0:
             raise ValueError("capacity must be >= 0")
         self.capacity = capacity
-        self._ranges: dict[int, tuple[int, int]] = {}  # owner -> (start, rows)
+        self.max_owners = max_owners
+        self._zones: list[_Zone] = []  # sorted by start
+        self._where: dict[int, tuple[_Zone, int]] = {}  # owner -> (zone, position)
 
     def start_of(self, owner: int) -> int:
-        return self._ranges[owner][0]
+        zone, pos = self._where[owner]
+        return zone.start + pos * zone.size
 
     def rows_of(self, owner: int) -> int:
-        return self._ranges[owner][1]
+        return self._where[owner][0].size
 
     def __contains__(self, owner: int) -> bool:
-        return owner in self._ranges
+        return owner in self._where
 
     @property
     def used(self) -> int:
-        return sum(rows for _, rows in self._ranges.values())
+        """Rows owned by ranges."""
+        return sum(zone.size for zone, _ in self._where.values())
+
+    @property
+    def reserved(self) -> int:
+        """Rows held by zones (owned ranges and the free positions between them)."""
+        return sum(zone.rows for zone in self._zones)
+
+    def zone_slots(self, rows: int) -> int:
+        """Ranges a new zone of `rows`-row ranges is made for: as many as its class holds
+        already (at least MIN_ZONE_SLOTS), never more than `max_owners` allows."""
+        held = sum(len(z.members) for z in self._zones if z.size == rows)
+        want = max(MIN_ZONE_SLOTS, held)
+        if self.max_owners is not None:
+            want = min(want, max(1, self.max_owners - held))
+        return want
 
     def _gaps(self) -> list[tuple[int, int]]:
         gaps, cursor = [], 0
-        for start, rows in sorted(self._ranges.values()):
-            if start > cursor:
-                gaps.append((cursor, start - cursor))
-            cursor = start + rows
+        for zone in self._zones:
+            if zone.start > cursor:
+                gaps.append((cursor, zone.start - cursor))
+            cursor = zone.end
         if cursor < self.capacity:
             gaps.append((cursor, self.capacity - cursor))
         return gaps
 
     def allocate(self, owner: int, rows: int) -> int | None:
-        """Reserve `rows` contiguous rows for `owner`; None if no gap is large enough."""
-        if owner in self._ranges:
+        """Reserve `rows` contiguous rows for `owner`: a free position of a zone of that size,
+        else a new zone in the first gap that holds it. None when neither exists."""
+        if owner in self._where:
             raise ValueError(f"owner {owner} already holds rows; free them first")
         if rows <= 0:
             raise ValueError("rows must be positive")
+        for zone in self._zones:
+            if zone.size == rows and None in zone.members:
+                return self._place(owner, zone, zone.members.index(None))
+        slots = self.zone_slots(rows)
         for start, size in self._gaps():
-            if size >= rows:
-                self._ranges[owner] = (start, rows)
-                return start
+            if size >= rows * slots:
+                zone = _Zone(start, rows, [None] * slots)
+                self._zones.append(zone)
+                self._zones.sort(key=lambda z: z.start)
+                return self._place(owner, zone, 0)
         return None
 
+    def _place(self, owner: int, zone: _Zone, pos: int) -> int:
+        zone.members[pos] = owner
+        self._where[owner] = (zone, pos)
+        return zone.start + pos * zone.size
+
     def free(self, owner: int) -> None:
-        self._ranges.pop(owner, None)
+        found = self._where.pop(owner, None)
+        if found is None:
+            return
+        zone, pos = found
+        zone.members[pos] = None
+        if all(m is None for m in zone.members):
+            self._zones.remove(zone)
 
-    def compact(self) -> list[Move]:
-        """Pack every range to the front; returns the moves, in an order safe for in-place copies."""
-        moves, cursor = [], 0
-        for owner, (start, rows) in sorted(self._ranges.items(), key=lambda kv: kv[1][0]):
-            if start != cursor:
-                moves.append(Move(owner=owner, src=start, dst=cursor, rows=rows))
-                self._ranges[owner] = (cursor, rows)
-            cursor += rows
+    def relayout(self, size: int | None = None, extra_slots: int = 0) -> list[Move]:
+        """Pack the zones to the front, one zone per size class in increasing size (owners in
+        their current order, then the class's free positions, plus `extra_slots` free ones
+        for class `size`), growing `capacity` (at least doubling it) when they do not fit.
+
+        Returns every owned range with its old and new place (src == dst when it stays):
+        the new pools are built from a snapshot of the old ones."""
+        sizes = {z.size for z in self._zones} | ({size} if size is not None and extra_slots else set())
+        moves: list[Move] = []
+        zones, cursor = [], 0
+        for cls in sorted(sizes):
+            members = [m for z in self._zones if z.size == cls for m in z.members]
+            owners = [m for m in members if m is not None]
+            free = len(members) - len(owners) + (extra_slots if cls == size else 0)
+            zone = _Zone(cursor, cls, owners + [None] * free)
+            moves += [Move(owner=o, src=self.start_of(o), dst=cursor + p * cls, rows=cls) for p, o in enumerate(owners)]
+            zones.append(zone)
+            cursor = zone.end
+        self._zones = zones
+        for zone in zones:
+            for pos, owner in enumerate(zone.members):
+                if owner is not None:
+                    self._where[owner] = (zone, pos)
+        if cursor > self.capacity:
+            self.capacity = max(2 * self.capacity, cursor)
         return moves
-
-    def grow(self, capacity: int) -> None:
-        if capacity < self.capacity:
-            raise ValueError("pools only grow")
-        self.capacity = capacity

@@ -36,7 +36,7 @@ class AdapterSlots:
         self.num_slots = num_slots
         self.layers: list[MultiLoRALinear] = list({id(t.layer): t.layer for t in targets.values()}.values())
         device = self.layers[0].a_pool.device if self.layers else torch.device("cpu")
-        self.allocator = RowAllocator(rows)
+        self.allocator = RowAllocator(rows, max_owners=num_slots)
         self.row_start = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.slot_alloc = torch.zeros(num_slots, dtype=torch.int32, device=device)
         for layer in self.layers:
@@ -54,19 +54,18 @@ class AdapterSlots:
         start = self.allocator.allocate(slot, rows)
         if start is not None:
             return start
-        if self.allocator.capacity - self.allocator.used >= rows:
-            for move in self.allocator.compact():
-                for layer in self.layers:
-                    layer.move_rows(move.src, move.dst, move.rows)
-                self.row_start[move.owner] = move.dst
-        else:
-            capacity = max(self.allocator.capacity * 2, self.allocator.used + rows)
-            logger.info("growing LoRA row pools from %d to %d rows", self.allocator.capacity, capacity)
-            self.allocator.grow(capacity)
-            for layer in self.layers:
-                layer.resize_rows(capacity)
+        # No free range of this size: re-lay the pools (zones packed by rank, room for more
+        # ranges of this one, grown when that does not fit) in one copy per layer.
+        old_capacity = self.allocator.capacity
+        moves = self.allocator.relayout(rows, self.allocator.zone_slots(rows))
+        if self.allocator.capacity != old_capacity:
+            logger.info("growing LoRA row pools from %d to %d rows", old_capacity, self.allocator.capacity)
+        for layer in self.layers:
+            layer.relayout_rows(self.allocator.capacity, moves)
+        for move in moves:
+            self.row_start[move.owner] = move.dst
         start = self.allocator.allocate(slot, rows)
-        assert start is not None, "allocation after compaction/growth cannot fail"
+        assert start is not None, "allocation after a relayout cannot fail"
         return start
 
     @torch.no_grad()

@@ -169,3 +169,44 @@ def test_mixed_decode_and_prefill_step_chunks_short_and_long_segments_apart() ->
     with torch.no_grad():
         apply(x, a_pool, b_pool, row_start, ranks.to(torch.int32), [0, 12], meta, out)
     torch.testing.assert_close(out, delta_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_zoned_mixed_rank_pool_reads_each_run_as_a_view() -> None:
+    """Adapters of ranks 16 and 8 loaded in turns, placed by the serving allocator: each
+    rank's adapters sit in zones (runs of evenly spaced rows) with the other rank's zones in
+    between. A decode step over all of them splits each rank group into one view group per
+    run of >= MIN_VIEW_RUN_ROWS rows and gathers the small runs; the result equals the loop."""
+    from lorafold.kernels.meta import MIN_VIEW_RUN_ROWS
+    from lorafold.server.lora.rows import RowAllocator
+
+    gen = torch.Generator().manual_seed(11)
+    # zones: rank 16 [0, 64), rank 8 [64, 96), rank 64 [96, 352), rank 16 [352, 416), rank 8 [416, 448)
+    sizes = [16] * 4 + [8] * 4 + [64] * 4 + [16] * 4 + [8]
+    rows = RowAllocator(1024)
+    row_start = torch.tensor([rows.allocate(s, r) for s, r in enumerate(sizes)], dtype=torch.int32)
+    alloc = torch.tensor(sizes, dtype=torch.int32)
+    d_in, widths = 24, [20, 12]
+    ranks = alloc.repeat(2, 1)
+    ranks[1, 3], ranks[0, 9] = 5, 0  # rows past a module's rank stay zero; a slice left out
+    a_pool = torch.zeros(2, rows.capacity, d_in, dtype=torch.float64)
+    b_pool = torch.zeros(rows.capacity, sum(widths), dtype=torch.float64)
+    offs = [0, 20, 32]
+    for s, r0 in enumerate(row_start.tolist()):
+        for i in range(2):
+            r = int(ranks[i, s])
+            a_pool[i, r0 : r0 + r] = torch.randn(r, d_in, generator=gen, dtype=torch.float64)
+            b_pool[r0 : r0 + r, offs[i] : offs[i + 1]] = torch.randn(r, widths[i], generator=gen, dtype=torch.float64)
+    slots = order_by_adapter(torch.arange(len(sizes)), row_start, alloc)
+    meta = build_lora_meta(slots, row_start, alloc)
+    views = [g for g in meta.groups if g.row_first >= 0]
+    gathers = [g for g in meta.groups if g.row_first < 0]
+    assert row_start.tolist()[11:] == [288, 352, 368, 384, 400, 416]
+    assert sorted((g.rank, g.row_first, g.chunk_tokens.shape[0]) for g in views) == [(16, 0, 4), (16, 352, 4), (64, 96, 4)]
+    assert all(g.rank * g.num_tokens >= MIN_VIEW_RUN_ROWS and g.full for g in views)
+    assert [(g.rank, g.chunk_tokens.shape[0]) for g in gathers] == [(8, 5)], "runs under MIN_VIEW_RUN_ROWS: one gather"
+    x = torch.randn(len(sizes), d_in, dtype=torch.float64, generator=gen)
+    _, delta_ref = loop_reference(x, a_pool, b_pool, row_start, ranks, widths, slots)
+    out = torch.zeros(len(sizes), sum(widths), dtype=torch.float64)
+    with torch.no_grad():
+        apply(x, a_pool, b_pool, row_start, ranks.to(torch.int32), offs, meta, out)
+    torch.testing.assert_close(out, delta_ref, rtol=1e-12, atol=1e-12)

@@ -1,41 +1,111 @@
-"""Rank-row allocator bookkeeping (torch-free)."""
+"""Rank-row allocator bookkeeping (torch-free): zones keep same-size ranges side by side."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from lorafold.server.lora.rows import RowAllocator
+from lorafold.server.lora.rows import MIN_ZONE_SLOTS, RowAllocator
 
 
-def test_first_fit_free_and_reuse():
-    rows = RowAllocator(64)
-    assert rows.allocate(0, 16) == 0
-    assert rows.allocate(1, 8) == 16
-    assert rows.allocate(2, 40) == 24
-    assert rows.allocate(3, 1) is None  # full
+def _check_disjoint(rows: RowAllocator, owners: dict[int, int]) -> None:
+    """Every owner holds its own size, inside the pool, overlapping no other owner."""
+    spans = sorted((rows.start_of(o), rows.rows_of(o), o) for o in owners)
+    for (s0, n0, o0), (s1, _, o1) in zip(spans, spans[1:]):
+        assert s0 + n0 <= s1, f"owners {o0} and {o1} overlap"
+    for start, size, owner in spans:
+        assert size == owners[owner]
+        assert 0 <= start and start + size <= rows.capacity
+
+
+def test_same_size_ranges_share_a_zone_in_order():
+    rows = RowAllocator(256)
+    assert [rows.allocate(o, 16) for o in range(3)] == [0, 16, 32]
+    # a rank-8 range opens its own zone after the rank-16 zone's MIN_ZONE_SLOTS positions
+    assert rows.allocate(10, 8) == 16 * MIN_ZONE_SLOTS
+    assert rows.allocate(3, 16) == 48  # the rank-16 zone's last free position
+    assert rows.used == 4 * 16 + 8
+    assert rows.reserved == 16 * MIN_ZONE_SLOTS + 8 * MIN_ZONE_SLOTS
+
+
+def test_freed_position_is_reused_and_empty_zone_released():
+    rows = RowAllocator(128)
+    for o in range(4):
+        rows.allocate(o, 16)
     rows.free(1)
-    assert rows.allocate(3, 4) == 16  # reuses the gap
-    assert rows.used == 60
+    assert rows.allocate(7, 16) == 16
+    for o in (0, 2, 3, 7):
+        rows.free(o)
+    assert rows.reserved == 0  # the empty zone is gone; a rank-32 zone fits from row 0
+    assert rows.allocate(8, 32) == 0
 
 
-def test_compaction_moves_in_safe_order():
-    rows = RowAllocator(32)
-    for owner, size in enumerate([8, 8, 8, 8]):
-        rows.allocate(owner, size)
-    rows.free(0)
+def test_new_zones_double_and_respect_max_owners():
+    rows = RowAllocator(4096, max_owners=10)
+    for o in range(MIN_ZONE_SLOTS):
+        rows.allocate(o, 8)
+    assert rows.zone_slots(8) == MIN_ZONE_SLOTS  # as many as the class holds
+    for o in range(MIN_ZONE_SLOTS, 2 * MIN_ZONE_SLOTS):
+        rows.allocate(o, 8)
+    assert rows.zone_slots(8) == 10 - 2 * MIN_ZONE_SLOTS  # capped by max_owners
+    assert rows.allocate(99, 512) == 64  # a new class opens its zone after the rank-8 zones
+
+
+def test_full_pool_returns_none_then_relayout_packs_classes_and_grows():
+    rows = RowAllocator(96)
+    rows.allocate(0, 16)  # zone [0, 64)
+    rows.allocate(1, 8)  # zone [64, 96)
+    assert rows.allocate(2, 32) is None  # no gap for a rank-32 zone
+    moves = rows.relayout(32, rows.zone_slots(32))
+    # every owner is listed with its old and new place; classes in increasing size
+    assert sorted((m.owner, m.src, m.dst, m.rows) for m in moves) == [(0, 0, 32, 16), (1, 64, 0, 8)]
+    assert rows.capacity >= 32 + 64 + 32 * MIN_ZONE_SLOTS
+    assert rows.allocate(2, 32) == 96
+
+
+def test_relayout_merges_a_class_into_one_zone():
+    rows = RowAllocator(64 * 16)
+    order = [16, 8, 16, 16, 8, 16, 16, 8]
+    for o, size in enumerate(order):
+        rows.allocate(o, size)
     rows.free(2)
-    assert rows.allocate(9, 16) is None  # 16 free rows, but fragmented
-    moves = rows.compact()
-    assert [(m.owner, m.src, m.dst) for m in moves] == [(1, 8, 0), (3, 24, 8)]
-    assert rows.allocate(9, 16) == 16
+    moves = rows.relayout()
+    got = {m.owner: m.dst for m in moves}
+    sixteens = [o for o, s in enumerate(order) if s == 16 and o != 2]
+    eights = [o for o, s in enumerate(order) if s == 8]
+    assert [got[o] for o in eights] == [0, 8, 16]  # one rank-8 zone, load order kept
+    first16 = got[sixteens[0]]
+    assert [got[o] for o in sixteens] == [first16 + 16 * k for k in range(len(sixteens))]
 
 
-def test_grow_and_errors():
-    rows = RowAllocator(4)
+def test_random_churn_keeps_ranges_disjoint():
+    rng = random.Random(0)
+    rows = RowAllocator(64, max_owners=16)
+    owners: dict[int, int] = {}
+    for step in range(2000):
+        if owners and (len(owners) == 16 or rng.random() < 0.4):
+            victim = rng.choice(sorted(owners))
+            rows.free(victim)
+            del owners[victim]
+            continue
+        owner = step
+        size = rng.choice([1, 4, 8, 16, 32, 128])
+        if rows.allocate(owner, size) is None:
+            moves = rows.relayout(size, rows.zone_slots(size))
+            assert sorted(m.owner for m in moves) == sorted(owners)
+            assert rows.allocate(owner, size) is not None
+        owners[owner] = size
+        _check_disjoint(rows, owners)
+    assert rows.used == sum(owners.values())
+
+
+def test_errors():
+    rows = RowAllocator(64)
     rows.allocate(0, 4)
-    rows.grow(12)
-    assert rows.allocate(1, 8) == 4
     with pytest.raises(ValueError):
-        rows.grow(2)
+        rows.allocate(0, 2)
     with pytest.raises(ValueError):
-        rows.allocate(1, 2)
+        rows.allocate(1, 0)
+    with pytest.raises(ValueError):
+        RowAllocator(-1)
