@@ -101,8 +101,17 @@ class MultiLoRALinear(nn.Module):
         self.ranks[slice_idx, slot] = r
 
     def relayout_rows(self, rows: int, moves: list[Move]) -> None:
-        """New pools of `rows` rows holding every owned range where `moves` puts it (copied
-        from the old pools, so the moves may overlap in any order); other rows are zero."""
+        """Put every owned range where `moves` says (each read before any is written, so the
+        moves may overlap in any order). New pools only when `rows` grows them; otherwise the
+        moved ranges are copied in place and the rows they leave keep stale, finite values,
+        which no slot reads (a slot filled there is zeroed first)."""
+        if rows == self.a_pool.shape[1]:
+            moved = [(m, self.a_pool[:, m.src : m.src + m.rows].clone(), self.b_pool[m.src : m.src + m.rows].clone())
+                     for m in moves if m.src != m.dst]
+            for m, a, b in moved:
+                self.a_pool[:, m.dst : m.dst + m.rows] = a
+                self.b_pool[m.dst : m.dst + m.rows] = b
+            return
         a = self.a_pool.new_zeros((self.a_pool.shape[0], rows, self.a_pool.shape[2]))
         b = self.b_pool.new_zeros((rows, self.b_pool.shape[1]))
         for m in moves:
