@@ -268,10 +268,10 @@ def _tile_gaps(chunk_first_row: torch.Tensor, rank: int) -> torch.Tensor | None:
 
 
 # A run of same-rank adapters becomes a group of its own (read as views) when it holds at
-# least this many pool rows; smaller runs join one gather group. A group costs ~6 more
-# dispatches in each of a forward's ~120 fused LoRA calls (~3-4 ms per SmolLM2 decode
-# step); a gather copies the adapter's rows and reads them twice (rank 16: ~1 ms, rank 64:
-# ~6 ms more than a view, same step).
+# least this many pool rows; smaller runs join one gather group. The trade-off, estimated
+# for a SmolLM2 decode step, not tuned: a group adds ~6 dispatches to each of the forward's
+# ~120 fused LoRA calls (a few ms), while gathering an adapter writes a copy of its rows
+# and reads them twice (~1.2 MB per row over the model: ~1 ms at rank 16, a few ms at 64).
 MIN_VIEW_RUN_ROWS = 64
 
 
@@ -281,10 +281,9 @@ def _split_runs(g_segs: torch.Tensor, first_rows: torch.Tensor, rank: int) -> li
     run's first row, the span within `_MAX_TILE_SPAN` of the run's rows. Runs of fewer than
     `MIN_VIEW_RUN_ROWS` rows are put together in one last part (gathered).
 
-    A group that is one view already (evenly spaced or tileable rows) is not split, nor one
-    whose segments repeat a row (several chunks per adapter: gathered either way)."""
+    A group that is one view already (evenly spaced or tileable rows) is not split."""
     rows = first_rows.tolist()
-    if len(rows) < 2 or len(set(rows)) != len(rows):
+    if len(rows) < 2 or len(set(rows)) != len(rows):  # (distinct slots never share rows)
         return [g_segs]
     steps = {b - a for a, b in zip(rows, rows[1:])}
     if len(steps) == 1 or _tile_gaps(first_rows, rank) is not None:

@@ -55,7 +55,7 @@ class AdapterSlots:
         if start is not None:
             return start
         # No free range of this size: re-lay the pools (zones packed by rank, room for more
-        # ranges of this one, grown when that does not fit) in one copy per layer.
+        # ranges of this one, grown when that does not fit), one pass over each layer.
         old_capacity = self.allocator.capacity
         moves = self.allocator.relayout(rows, self.allocator.zone_slots(rows))
         if self.allocator.capacity != old_capacity:
