@@ -156,7 +156,7 @@ def build_lora_meta(
 
 @dataclass(frozen=True, slots=True)
 class _Segments:
-    """The sorted batch the chunk plan is cut from (all on the host, int64 but seg_slots)."""
+    """The sorted batch the chunk plan is cut from (host tensors, int64)."""
 
     sorted_tokens: torch.Tensor  # [T_a] tokens with an adapter, by segment
     seg_slots: torch.Tensor  # [S] slot of each segment, in pool-row order
@@ -296,9 +296,12 @@ def _split_runs(g_segs: torch.Tensor, first_rows: torch.Tensor, rank: int) -> li
             runs[-1].append(i)
         else:
             runs.append([i])
-    views = [r for r in runs if len(r) * rank >= MIN_VIEW_RUN_ROWS]
-    rest = sorted(i for r in runs if len(r) * rank < MIN_VIEW_RUN_ROWS for i in r)
-    parts = [g_segs[torch.tensor(r)] for r in views]
+    parts, rest = [], []
+    for run in runs:
+        if len(run) * rank >= MIN_VIEW_RUN_ROWS:
+            parts.append(g_segs[torch.tensor(run)])
+        else:
+            rest += run  # runs are in row order, so `rest` stays sorted
     if rest:
         parts.append(g_segs[torch.tensor(rest)])
     return parts

@@ -9,8 +9,8 @@ Ranges live in *zones*: a zone holds equal ranges of one size (one allocated ran
 side. The CPU LoRA path reads a group of same-rank adapters whose rows are evenly spaced as
 one strided view of the pool, and copies (gathers) them otherwise; first-fit placement in
 load order interleaves ranks, so with mixed ranks every group was a gather. Measured on
-SmolLM2 (64 resident adapters of ranks 8-128, a 64-sequence decode step): 1.0 s with the
-adapters interleaved, 0.65 s with each rank's adapters side by side.
+SmolLM2 (64 resident adapters of ranks 8-128, a 64-sequence decode step): 0.97-1.09 s with
+the adapters interleaved, 0.56-0.59 s in zones.
 
 A new zone is sized to the ranges its class already has (at least `MIN_ZONE_SLOTS`), so a
 class's zones double like a vector's storage and at most half of a class's reserved rows
@@ -140,8 +140,9 @@ class RowAllocator:
         their current order, then the class's free positions, plus `extra_slots` free ones
         for class `size`), growing `capacity` (at least doubling it) when they do not fit.
 
-        Returns every owned range with its old and new place (src == dst when it stays):
-        the new pools are built from a snapshot of the old ones."""
+        Returns every owned range with its old and new place (src == dst when it stays); the
+        moves may overlap, so the pools must read every moved range before writing any
+        (`MultiLoRALinear.relayout_rows`)."""
         sizes = {z.size for z in self._zones} | ({size} if size is not None and extra_slots else set())
         moves: list[Move] = []
         zones, cursor = [], 0
