@@ -1,1 +1,0 @@
-"""lorafold kernels."""
