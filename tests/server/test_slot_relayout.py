@@ -67,3 +67,58 @@ def test_mixed_rank_loads_and_evictions_survive_relayouts(monkeypatch):
         for row, s in enumerate(resident):
             ref = merged_model(base, slots.occupant[s])(ids[row : row + 1]).logits[0]
             torch.testing.assert_close(mixed[row], ref, rtol=1e-4, atol=1e-4)
+
+
+def _poison_unowned_rows(slots) -> int:  # noqa: ANN001
+    """NaN into every pool row no resident slot owns; returns how many rows that was."""
+    owned = torch.zeros(slots.allocator.capacity, dtype=torch.bool)
+    for slot, adapter in enumerate(slots.occupant):
+        if adapter is not None:
+            start, alloc = int(slots.row_start[slot]), int(slots.slot_alloc[slot])
+            owned[start : start + alloc] = True
+    for layer in slots.layers:
+        layer.a_pool[:, ~owned] = float("nan")
+        layer.b_pool[~owned] = float("nan")
+    return int((~owned).sum())
+
+
+def _uneven_adapter(specs, r: int, seed: int):  # noqa: ANN001
+    """A random adapter whose modules alternate between rank r and r // 2 (a rank pattern),
+    so each slot has rows past some modules' ranks that must read as zero."""
+    from lorafold.server.lora.peft_format import ModuleLoRA
+
+    adapter = random_adapter(specs, r, seed=seed, std=0.2)
+    for k, (path, mod) in enumerate(sorted(adapter.modules.items())):
+        if k % 2 and r > 1:
+            adapter.modules[path] = ModuleLoRA(mod.lora_a[: r // 2], mod.lora_b[:, : r // 2], mod.scale)
+    return adapter
+
+
+def test_rows_no_slot_owns_are_never_read():
+    # Grown pools are allocated uninitialised (layers.relayout_rows): correct only if no path
+    # reads a row outside the batch's slots and every fill zeroes its range first. Free rows
+    # full of NaN must change nothing, before and after further fills, clears and regrowth.
+    base = build_tiny_llama(seed=0)
+    model = copy.deepcopy(base)
+    slots = wrap_linears(model, num_slots=6, rows=16)
+    specs = slots.base_modules()
+    rng = random.Random(3)
+    for i in range(30):
+        slot = i % slots.num_slots
+        if rng.random() < 0.3:
+            slots.clear((slot + 2) % slots.num_slots)
+        slots.fill(slot, _uneven_adapter(specs, rng.choice([2, 4, 8, 16, 32]), seed=i))
+        _poison_unowned_rows(slots)
+        _check_resident(slots)
+    assert _poison_unowned_rows(slots) > 0, "the churn must leave free rows to poison"
+    resident = [s for s, a in enumerate(slots.occupant) if a is not None]
+    ids = torch.randint(0, base.config.vocab_size, (len(resident) + 1, 5), generator=torch.Generator().manual_seed(2))
+    token_slots = torch.tensor(resident + [-1]).repeat_interleave(5)
+    with torch.no_grad(), lora_batch(slots.meta(token_slots)):
+        mixed = model(ids).logits
+    assert torch.isfinite(mixed).all()
+    with torch.no_grad():
+        for row, s in enumerate(resident):
+            ref = merged_model(base, slots.occupant[s])(ids[row : row + 1]).logits[0]
+            torch.testing.assert_close(mixed[row], ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mixed[-1], base(ids[-1:]).logits[0], rtol=1e-4, atol=1e-4)
