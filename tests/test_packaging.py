@@ -15,8 +15,8 @@ def test_every_package_is_listed_in_pyproject() -> None:
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     for folder, name in MAPPED.items():
         # kernels/ itself has no __init__.py (see below): count every folder holding modules.
-        for init in {py.parent for py in (ROOT / folder).rglob("*.py")}:
-            rel = init.relative_to(ROOT / folder)
+        for package_dir in {py.parent for py in (ROOT / folder).rglob("*.py")}:
+            rel = package_dir.relative_to(ROOT / folder)
             dotted = ".".join([name, *rel.parts]) if rel.parts else name
             assert dotted in listed, f"{dotted} missing from [tool.setuptools] packages in pyproject.toml"
 
@@ -40,7 +40,7 @@ def test_top_level_kernels_name_is_never_ours() -> None:
         "    assert root not in pathlib.Path(kernels.__file__).parents, kernels.__file__\n"
         "import transformers; from transformers import LlamaForCausalLM\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=ROOT, check=True)
+    _run_from_root(code)
 
 
 def test_kernels_folder_alone_is_a_bare_namespace() -> None:
@@ -49,14 +49,14 @@ def test_kernels_folder_alone_is_a_bare_namespace() -> None:
     code = (
         "import sys; sys.path[:] = [sys.argv[1]] + [p for p in sys.path if 'site-packages' not in p and p]\n"
         "import kernels\n"
-        "assert getattr(kernels, '__file__', None) is None, kernels.__file__\n"
+        "assert getattr(kernels, '__file__', None) is None, (\n"
+        "    f'{kernels.__file__}: a kernels/__init__.py makes the repository root\\'s `kernels` a regular '\n"
+        "    'package that shadows Hugging Face\\'s (transformers imports it at start); keep it a namespace')\n"
         "assert not hasattr(kernels, 'ops')\n"
     )
+    _run_from_root(code)
+
+
+def _run_from_root(code: str) -> None:
+    """`python -c code ROOT` with the repository root as working directory (so on sys.path)."""
     subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=ROOT, check=True)
-
-
-def test_our_kernels_folder_has_no_init() -> None:
-    assert not (ROOT / "kernels" / "__init__.py").exists(), (
-        "kernels/__init__.py makes the repository root's `kernels` a regular package that "
-        "shadows Hugging Face's `kernels` (transformers imports it at start); keep it a namespace"
-    )

@@ -33,6 +33,21 @@ def _check_resident(slots) -> None:  # noqa: ANN001
             assert not a_rows[r:].any() and not b_rows[r:].any(), "rows past a module's rank must stay zero"
 
 
+def _assert_batch_matches_merged(base, model, slots, seed: int, with_base: bool = False) -> None:  # noqa: ANN001
+    """One batch of 5 tokens per resident slot (plus a base-only row) equals, row by row,
+    the model with that row's adapter merged (the base itself for the base row)."""
+    resident = [s for s, a in enumerate(slots.occupant) if a is not None]
+    row_slots = resident + ([-1] if with_base else [])
+    ids = torch.randint(0, base.config.vocab_size, (len(row_slots), 5), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad(), lora_batch(slots.meta(torch.tensor(row_slots).repeat_interleave(5))):
+        mixed = model(ids).logits
+    assert torch.isfinite(mixed).all()
+    with torch.no_grad():
+        for row, s in enumerate(row_slots):
+            ref_model = base if s < 0 else merged_model(base, slots.occupant[s])
+            torch.testing.assert_close(mixed[row], ref_model(ids[row : row + 1]).logits[0], rtol=1e-4, atol=1e-4)
+
+
 def test_mixed_rank_loads_and_evictions_survive_relayouts(monkeypatch):
     from lorafold.server.lora.layers import MultiLoRALinear
 
@@ -59,14 +74,7 @@ def test_mixed_rank_loads_and_evictions_survive_relayouts(monkeypatch):
         slots.fill(slot, random_adapter(specs, rank, seed=i, std=0.2))
         _check_resident(slots)
     assert {"in place", "grown"} <= set(kinds), f"both relayout paths must run, got {sorted(set(kinds))}"
-    resident = [s for s, a in enumerate(slots.occupant) if a is not None]
-    ids = torch.randint(0, base.config.vocab_size, (len(resident), 5), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), lora_batch(slots.meta(torch.tensor(resident).repeat_interleave(5))):
-        mixed = model(ids).logits
-    with torch.no_grad():
-        for row, s in enumerate(resident):
-            ref = merged_model(base, slots.occupant[s])(ids[row : row + 1]).logits[0]
-            torch.testing.assert_close(mixed[row], ref, rtol=1e-4, atol=1e-4)
+    _assert_batch_matches_merged(base, model, slots, seed=1)
 
 
 def _poison_unowned_rows(slots) -> int:  # noqa: ANN001
@@ -89,7 +97,7 @@ def _uneven_adapter(specs, r: int, seed: int):  # noqa: ANN001
 
     adapter = random_adapter(specs, r, seed=seed, std=0.2)
     for k, (path, mod) in enumerate(sorted(adapter.modules.items())):
-        if k % 2 and r > 1:
+        if k % 2:
             adapter.modules[path] = ModuleLoRA(mod.lora_a[: r // 2], mod.lora_b[:, : r // 2], mod.scale)
     return adapter
 
@@ -111,14 +119,4 @@ def test_rows_no_slot_owns_are_never_read():
         _poison_unowned_rows(slots)
         _check_resident(slots)
     assert _poison_unowned_rows(slots) > 0, "the churn must leave free rows to poison"
-    resident = [s for s, a in enumerate(slots.occupant) if a is not None]
-    ids = torch.randint(0, base.config.vocab_size, (len(resident) + 1, 5), generator=torch.Generator().manual_seed(2))
-    token_slots = torch.tensor(resident + [-1]).repeat_interleave(5)
-    with torch.no_grad(), lora_batch(slots.meta(token_slots)):
-        mixed = model(ids).logits
-    assert torch.isfinite(mixed).all()
-    with torch.no_grad():
-        for row, s in enumerate(resident):
-            ref = merged_model(base, slots.occupant[s])(ids[row : row + 1]).logits[0]
-            torch.testing.assert_close(mixed[row], ref, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(mixed[-1], base(ids[-1:]).logits[0], rtol=1e-4, atol=1e-4)
+    _assert_batch_matches_merged(base, model, slots, seed=2, with_base=True)
