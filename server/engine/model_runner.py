@@ -63,8 +63,11 @@ class ModelRunner:
         token_slots: list[int] = []
         seqs: list[tuple[int, int, int, list[int]]] = []
         rows: list[int] = []
-        # Run sequences grouped by adapter (the CPU LoRA path then reads views instead of
-        # gathering); logits are put back in the callers' chunk order below.
+        # Run sequences grouped by adapter, their adapters packed together in the pools (the
+        # CPU LoRA path then reads views instead of gathering; the GPU kernels read any
+        # layout); logits are put back in the callers' chunk order below.
+        if self.device.type == "cpu":
+            self.model.slots.pack_active({c.seq.lora_slot for c in chunks if c.seq.lora_slot >= 0})
         order = self.model.slots.batch_order([c.seq.lora_slot for c in chunks], [c.num_tokens for c in chunks])
         sampled_in_order: list[int] = []
         for idx in order:

@@ -135,6 +135,32 @@ class RowAllocator:
         if all(m is None for m in zone.members):
             self._zones.remove(zone)
 
+    def pack(self, active: set[int]) -> list[Move]:
+        """Put the `active` owners of every size class in the class's first positions (its
+        zones in row order), so that a batch using only them reads one evenly spaced run of
+        rows per zone: a view, where scattered owners would be gathered (copied) every layer.
+
+        Minimal: an active owner already among its class's first k positions (k = the class's
+        active owners) stays; each one past them trades places with an inactive occupant (or
+        a free position) among the first k. Returns the moves (both sides of each trade, so
+        a pool must read every moved range before writing any, as for `relayout`)."""
+        moves: list[Move] = []
+        for size in sorted({z.size for z in self._zones}):
+            places = [(zone, p) for zone in self._zones if zone.size == size for p in range(len(zone.members))]
+            k = sum(1 for zone, p in places if zone.members[p] in active)
+            holes = [pl for pl in places[:k] if pl[0].members[pl[1]] not in active]
+            late = [pl for pl in places[k:] if pl[0].members[pl[1]] in active]
+            for (hz, hp), (lz, lp) in zip(holes, late):
+                mover, other = lz.members[lp], hz.members[hp]
+                hz.members[hp], lz.members[lp] = mover, other
+                self._where[mover] = (hz, hp)
+                moves.append(Move(owner=mover, src=lz.start + lp * size, dst=hz.start + hp * size, rows=size))
+                if other is not None:
+                    self._where[other] = (lz, lp)
+                    moves.append(Move(owner=other, src=hz.start + hp * size, dst=lz.start + lp * size, rows=size))
+        self._zones = [z for z in self._zones if any(m is not None for m in z.members)]  # as `free` does
+        return moves
+
     def relayout(self, size: int | None = None, extra_slots: int = 0) -> list[Move]:
         """Pack the zones to the front, one zone per size class in increasing size (owners in
         their current order, then the class's free positions, plus `extra_slots` free ones

@@ -15,7 +15,7 @@ import torch
 from lorafold.kernels.meta import SHORT_SEGMENT, LoRABatchMeta, build_lora_meta
 from lorafold.server.lora.layers import MultiLoRALinear
 from lorafold.server.lora.peft_format import AdapterError, LoRAAdapter, ModuleSpec
-from lorafold.server.lora.rows import RowAllocator
+from lorafold.server.lora.rows import Move, RowAllocator
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +60,33 @@ class AdapterSlots:
         moves = self.allocator.relayout(rows, self.allocator.zone_slots(rows))
         if self.allocator.capacity != old_capacity:
             logger.info("growing LoRA row pools from %d to %d rows", old_capacity, self.allocator.capacity)
+        self._apply_moves(moves)
+        start = self.allocator.allocate(slot, rows)
+        assert start is not None, "allocation after a relayout cannot fail"
+        return start
+
+    def _apply_moves(self, moves: list[Move]) -> None:
         for layer in self.layers:
             layer.relayout_rows(self.allocator.capacity, moves)
         for move in moves:
             self.row_start[move.owner] = move.dst
-        start = self.allocator.allocate(slot, rows)
-        assert start is not None, "allocation after a relayout cannot fail"
-        return start
+
+    @torch.no_grad()
+    def pack_active(self, active: set[int]) -> int:
+        """Move the `active` slots' rows to the front of their rank zones (see
+        `RowAllocator.pack`); returns how many ranges moved (0 when they already are).
+
+        For the CPU LoRA path, which reads a rank group's weights in place only when the
+        batch's adapters sit evenly spaced in the pool, and otherwise copies them in every
+        layer. In serving, sequences finish at random, so the adapters still decoding end up
+        scattered through their zones. Measured on SmolLM2 (decode step, 35 of 64 resident
+        rank-16 adapters active): 0.295 s scattered against 0.212 s packed (0.159 s base
+        only); a move costs one copy of the slot's rows per layer, once."""
+        moves = self.allocator.pack(active)
+        if moves:
+            self._apply_moves(moves)
+            logger.debug("packed %d adapter ranges to the front of their zones", len(moves))
+        return len(moves)
 
     @torch.no_grad()
     def fill(self, slot: int, adapter: LoRAAdapter) -> None:

@@ -109,3 +109,51 @@ def test_errors():
         rows.allocate(1, 0)
     with pytest.raises(ValueError):
         RowAllocator(-1)
+
+
+def _class_places(rows: RowAllocator, size: int) -> list[int | None]:
+    """Occupants of every position of class `size`, zones in row order (None = free)."""
+    return [m for zone in sorted(rows._zones, key=lambda z: z.start) if zone.size == size for m in zone.members]
+
+
+def test_pack_puts_active_owners_first_with_minimal_moves():
+    rng = random.Random(1)
+    rows = RowAllocator(4096, max_owners=24)
+    sizes = {o: rng.choice([4, 8, 16]) for o in range(24)}
+    for o, size in sizes.items():
+        assert rows.allocate(o, size) is not None
+    for o in rng.sample(range(24), 5):  # free positions inside the zones too
+        rows.free(o)
+        del sizes[o]
+    for _ in range(40):
+        active = set(rng.sample(sorted(sizes), rng.randint(0, len(sizes))))
+        before = {o: rows.start_of(o) for o in sizes}
+        late = 0
+        for size in {4, 8, 16}:
+            places = _class_places(rows, size)
+            k = sum(1 for m in places if m in active)
+            late += sum(1 for m in places[k:] if m in active)
+        moves = rows.pack(active)
+        after = {o: rows.start_of(o) for o in sizes}
+        for size in {4, 8, 16}:
+            places = _class_places(rows, size)
+            k = sum(1 for m in places if m in active)
+            assert all(m in active for m in places[:k]), f"class {size}: active owners are not first: {places}"
+        # each late active owner moves once, trading with at most one inactive owner
+        assert sum(m.owner in active for m in moves) == late
+        assert len(moves) <= 2 * late
+        for m in moves:
+            assert (before[m.owner], after[m.owner], sizes[m.owner]) == (m.src, m.dst, m.rows)
+        assert {o for o in sizes if before[o] != after[o]} == {m.owner for m in moves}
+        _check_disjoint(rows, sizes)
+        assert rows.pack(active) == [], "packing twice moves nothing"
+
+
+def test_pack_across_zones_releases_a_zone_it_empties():
+    rows = RowAllocator(1024)
+    for o in range(MIN_ZONE_SLOTS + 1):  # the last owner opens a second rank-8 zone
+        rows.allocate(o, 8)
+    rows.free(0)
+    moves = rows.pack({MIN_ZONE_SLOTS})
+    assert [(m.owner, m.dst) for m in moves] == [(MIN_ZONE_SLOTS, 0)]
+    assert rows.reserved == 8 * MIN_ZONE_SLOTS, "the emptied second zone must be released"

@@ -33,11 +33,13 @@ def _check_resident(slots) -> None:  # noqa: ANN001
             assert not a_rows[r:].any() and not b_rows[r:].any(), "rows past a module's rank must stay zero"
 
 
-def _assert_batch_matches_merged(base, model, slots, seed: int, with_base: bool = False) -> None:  # noqa: ANN001
-    """One batch of 5 tokens per resident slot (plus a base-only row) equals, row by row,
-    the model with that row's adapter merged (the base itself for the base row)."""
+def _assert_batch_matches_merged(base, model, slots, seed: int, with_base: bool = False,  # noqa: ANN001
+                                 batch_slots: list[int] | None = None) -> None:
+    """One batch of 5 tokens per resident slot (or per slot of `batch_slots`; plus a base-only
+    row) equals, row by row, the model with that row's adapter merged (the base itself for
+    the base row)."""
     resident = [s for s, a in enumerate(slots.occupant) if a is not None]
-    row_slots = resident + ([-1] if with_base else [])
+    row_slots = (resident if batch_slots is None else batch_slots) + ([-1] if with_base else [])
     ids = torch.randint(0, base.config.vocab_size, (len(row_slots), 5), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad(), lora_batch(slots.meta(torch.tensor(row_slots).repeat_interleave(5))):
         mixed = model(ids).logits
@@ -120,3 +122,31 @@ def test_rows_no_slot_owns_are_never_read():
         _check_resident(slots)
     assert _poison_unowned_rows(slots) > 0, "the churn must leave free rows to poison"
     _assert_batch_matches_merged(base, model, slots, seed=2, with_base=True)
+
+
+def test_packing_active_slots_makes_their_weights_one_view_each():
+    # The engine packs the slots a step uses to the front of their rank zones so the CPU
+    # path reads each rank group in place. Packing must keep every resident adapter's rows
+    # its own, and afterwards a decode batch of the active slots must plan one view per rank.
+    from lorafold.kernels.meta import build_lora_meta
+
+    base = build_tiny_llama(seed=0)
+    model = copy.deepcopy(base)
+    slots = wrap_linears(model, num_slots=8, rows=256)
+    specs = slots.base_modules()
+    ranks = [4, 8, 4, 8, 4, 8, 4, 8]  # two classes, each within one zone
+    for slot, r in enumerate(ranks):
+        slots.fill(slot, _uneven_adapter(specs, r, seed=slot))
+    rng = random.Random(4)
+    moved = 0
+    for trial in range(8):
+        active = set(rng.sample(range(8), rng.randint(1, 7)))
+        moved += slots.pack_active(active)
+        assert slots.pack_active(active) == 0
+        _check_resident(slots)
+        batch = [sorted(active)[i] for i in slots.batch_order(sorted(active))]
+        meta = build_lora_meta(torch.tensor(batch), slots.row_start, slots.slot_alloc)
+        assert len(meta.groups) == len({ranks[s] for s in active})
+        assert all(g.row_first >= 0 and g.full for g in meta.groups), "a packed decode batch must be all views"
+        _assert_batch_matches_merged(base, model, slots, seed=trial, batch_slots=batch)
+    assert moved > 0, "the random active sets must make packing move rows"
