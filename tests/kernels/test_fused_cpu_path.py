@@ -210,3 +210,30 @@ def test_zoned_mixed_rank_pool_reads_each_run_as_a_view() -> None:
     with torch.no_grad():
         apply(x, a_pool, b_pool, row_start, ranks.to(torch.int32), offs, meta, out)
     torch.testing.assert_close(out, delta_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_unequal_segments_become_equal_length_runs_of_views() -> None:
+    """A decode step over 6 zipf-popular rank-16 adapters (tokens per adapter 9, 4, 4, 2, 1, 1)
+    plus one adapter with a 300-token prefill chunk: each run of equal-length segments is one
+    group, one chunk per segment however long, every group read through views, nothing padded;
+    the result equals the token loop."""
+    from lorafold.kernels.meta import SEGMENT_RUNS_MAX
+
+    gen = torch.Generator().manual_seed(11)
+    counts = [9, 4, 4, 2, 1, 1, 300]
+    num_slots, d_in, widths = len(counts), 40, [24, 8, 8]
+    ranks = torch.full((3, num_slots), 16)
+    a_pool, b_pool, row_start, alloc = make_pools(ranks, d_in, widths, torch.float32, gen)
+    a_pool, b_pool, row_start = pack_rows(a_pool, b_pool, row_start, alloc)
+    slots = torch.repeat_interleave(torch.arange(num_slots), torch.tensor(counts))
+    slots = order_by_adapter(slots, row_start, alloc)
+    meta = build_lora_meta(slots, row_start, alloc)
+    assert len(meta.groups) == 5 <= SEGMENT_RUNS_MAX
+    assert sorted(tuple(g.chunk_tokens.shape) for g in meta.groups) == [(1, 2), (1, 9), (1, 300), (2, 1), (2, 4)]
+    assert all(g.full and g.row_first >= 0 and not g.padded for g in meta.groups)
+    x = torch.randn(slots.numel(), d_in, generator=gen)
+    _, delta_ref = loop_reference(x, a_pool, b_pool, row_start, ranks, widths, slots)
+    out = torch.zeros(slots.numel(), sum(widths))
+    with torch.no_grad():
+        apply(x, a_pool, b_pool, row_start, ranks.to(torch.int32), [0, 24, 32, 40], meta, out)
+    torch.testing.assert_close(out.double(), delta_ref, rtol=1e-5, atol=1e-5)
