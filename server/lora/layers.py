@@ -90,14 +90,14 @@ class MultiLoRALinear(nn.Module):
     def write_slot(self, slice_idx: int, start: int, alloc: int, slot: int, a: torch.Tensor | None, b_scaled: torch.Tensor | None) -> None:
         """Fill slot rows [start, start+alloc) of one slice; rows past the rank stay zero."""
         lo, hi = self.slice_offsets[slice_idx], self.slice_offsets[slice_idx + 1]
-        self.a_pool[slice_idx, start : start + alloc].zero_()
-        self.b_pool[start : start + alloc, lo:hi].zero_()
-        if a is None or b_scaled is None:
-            self.ranks[slice_idx, slot] = 0
-            return
-        r = a.shape[0]
-        self.a_pool[slice_idx, start : start + r].copy_(a)
-        self.b_pool[start : start + r, lo:hi].copy_(b_scaled.t())
+        r = 0 if a is None or b_scaled is None else a.shape[0]
+        if r:
+            self.a_pool[slice_idx, start : start + r].copy_(a)
+            self.b_pool[start : start + r, lo:hi].copy_(b_scaled.t())
+        # only the rows past the rank are zeroed: writing the copied rows twice doubled the
+        # page faults of loading into freshly grown (uninitialised) pools
+        self.a_pool[slice_idx, start + r : start + alloc].zero_()
+        self.b_pool[start + r : start + alloc, lo:hi].zero_()
         self.ranks[slice_idx, slot] = r
 
     def relayout_rows(self, rows: int, moves: list[Move]) -> None:
