@@ -182,32 +182,33 @@ def _cpu_plan(
     pos_in_seg = torch.arange(sorted_tokens.numel()) - seg_first[seg_ids]
     row_start = row_start.to(torch.int64)
     sg = _Segments(sorted_tokens, seg_slots, counts, row_start, seg_ids, pos_in_seg, num_tokens)
-    # Groups: distinct allocated ranks (a handful), each split into short and long segments
-    # when it has both, so a step mixing decode tokens with prefill chunks does not pad every
-    # decode token to the prefill chunks' length (see SHORT_SEGMENT).
+    # Groups: distinct allocated ranks (a handful). A rank with a few unequal segments is
+    # cut into runs of equal ones (see SEGMENT_RUNS_MAX); otherwise it is split into short
+    # and long segments when it has both, so a step mixing decode tokens with prefill chunks
+    # does not pad every decode token to the prefill chunks' length (see SHORT_SEGMENT).
     short = counts <= SHORT_SEGMENT
     classes = [short, ~short] if bool(short.any()) and not bool(short.all()) else [torch.ones_like(short)]
-    few = set()  # ranks planned as equal-length runs instead (see SEGMENT_RUNS_MAX)
     for rank in torch.unique(alloc).tolist():
-        runs = _equal_runs(torch.nonzero(alloc == rank).flatten(), counts) if rank else None
+        if rank == 0:
+            continue
+        runs = _equal_runs(torch.nonzero(alloc == rank).flatten(), counts)
         if runs is not None:
             groups.extend(_rank_group(sg, run, int(rank), whole=True) for run in runs)
-            few.add(rank)
-    for rank, in_class in ((r, c) for r in torch.unique(alloc).tolist() for c in classes):
-        if rank == 0 or rank in few:
             continue
-        in_group = (alloc == rank) & in_class
-        if not bool(in_group.any()):
-            continue
-        g_segs = torch.nonzero(in_group).flatten()
-        for part in _split_runs(g_segs, row_start[seg_slots[g_segs].to(torch.int64)], int(rank)):
-            groups.append(_rank_group(sg, part, int(rank)))
+        for in_class in classes:
+            in_group = (alloc == rank) & in_class
+            if not bool(in_group.any()):
+                continue
+            g_segs = torch.nonzero(in_group).flatten()
+            for part in _split_runs(g_segs, row_start[seg_slots[g_segs].to(torch.int64)], int(rank)):
+                groups.append(_rank_group(sg, part, int(rank)))
     return tuple(groups)
 
 
 def _rank_group(sg: _Segments, g_segs: torch.Tensor, rank: int, *, whole: bool = False) -> RankGroup:
     """The chunks of segments `g_segs` (all of allocated rank `rank`) as one RankGroup;
-    whole: the segments have equal lengths and each is one chunk, however long."""
+    whole: the segments (equal in length, from `_equal_runs`) are one chunk each however
+    long, past the `_MAX_FULL_CHUNK` cap that applies otherwise."""
     seg_slots, counts, num_tokens = sg.seg_slots, sg.counts, sg.num_tokens
     in_group = torch.zeros(seg_slots.numel(), dtype=torch.bool)
     in_group[g_segs] = True

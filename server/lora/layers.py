@@ -88,7 +88,7 @@ class MultiLoRALinear(nn.Module):
 
     # --- slot updates (called by AdapterSlots between forwards) -------------------------
     def write_slot(self, slice_idx: int, start: int, alloc: int, slot: int, a: torch.Tensor | None, b_scaled: torch.Tensor | None) -> None:
-        """Fill slot rows [start, start+alloc) of one slice; rows past the rank stay zero."""
+        """Fill slot rows [start, start+alloc) of one slice; rows past the rank are set to zero."""
         lo, hi = self.slice_offsets[slice_idx], self.slice_offsets[slice_idx + 1]
         r = 0 if a is None or b_scaled is None else a.shape[0]
         if r:
@@ -106,7 +106,8 @@ class MultiLoRALinear(nn.Module):
         moved ranges are copied in place and the rows they leave keep stale values.
 
         Rows no slot owns are never read: every path reads only the rows of the slots in its
-        batch, and `write_slot` zeroes a slot's whole range before filling it. So grown pools
+        batch, and `write_slot` writes every row of a slot's range (the adapter's rows, zeros
+        past each module's rank) before the slot is used. So grown pools
         are allocated uninitialised and only the moved ranges are written: zero-filling them
         touched every page of pools that reach gigabytes (SmolLM2, 64 adapters of ranks 8-128:
         8192 rows, 10 GB over all layers), measured as seconds-long stalls while adapters load."""

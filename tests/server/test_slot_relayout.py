@@ -33,6 +33,13 @@ def _check_resident(slots) -> None:  # noqa: ANN001
             assert not a_rows[r:].any() and not b_rows[r:].any(), "rows past a module's rank must stay zero"
 
 
+def _wrapped_tiny_llama(num_slots: int, rows: int):  # noqa: ANN202
+    """The tiny random base, a copy of it with adapter slots, and those slots."""
+    base = build_tiny_llama(seed=0)
+    model = copy.deepcopy(base)
+    return base, model, wrap_linears(model, num_slots=num_slots, rows=rows)
+
+
 def _assert_batch_matches_merged(base, model, slots, seed: int, with_base: bool = False,  # noqa: ANN001
                                  batch_slots: list[int] | None = None) -> None:
     """One batch of 5 tokens per resident slot (or per slot of `batch_slots`; plus a base-only
@@ -61,9 +68,7 @@ def test_mixed_rank_loads_and_evictions_survive_relayouts(monkeypatch):
         original(self, rows, moves)
 
     monkeypatch.setattr(MultiLoRALinear, "relayout_rows", spy)
-    base = build_tiny_llama(seed=0)
-    model = copy.deepcopy(base)
-    slots = wrap_linears(model, num_slots=6, rows=128)
+    base, model, slots = _wrapped_tiny_llama(num_slots=6, rows=128)
     specs = slots.base_modules()
     rng = random.Random(0)
     # churn of ranks 2-16 (with this seed one allocation miss is re-laid out in place), then
@@ -106,11 +111,9 @@ def _uneven_adapter(specs, r: int, seed: int):  # noqa: ANN001
 
 def test_rows_no_slot_owns_are_never_read():
     # Grown pools are allocated uninitialised (layers.relayout_rows): correct only if no path
-    # reads a row outside the batch's slots and every fill zeroes its range first. Free rows
+    # reads a row outside the batch's slots and every fill writes its whole range. Free rows
     # full of NaN must change nothing, before and after further fills, clears and regrowth.
-    base = build_tiny_llama(seed=0)
-    model = copy.deepcopy(base)
-    slots = wrap_linears(model, num_slots=6, rows=16)
+    base, model, slots = _wrapped_tiny_llama(num_slots=6, rows=16)
     specs = slots.base_modules()
     rng = random.Random(3)
     for i in range(30):
@@ -130,9 +133,7 @@ def test_packing_active_slots_makes_their_weights_one_view_each():
     # its own, and afterwards a decode batch of the active slots must plan one view per rank.
     from lorafold.kernels.meta import build_lora_meta
 
-    base = build_tiny_llama(seed=0)
-    model = copy.deepcopy(base)
-    slots = wrap_linears(model, num_slots=8, rows=256)
+    base, model, slots = _wrapped_tiny_llama(num_slots=8, rows=256)
     specs = slots.base_modules()
     ranks = [4, 8, 4, 8, 4, 8, 4, 8]  # two classes, each within one zone
     for slot, r in enumerate(ranks):
