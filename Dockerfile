@@ -26,7 +26,12 @@ ARG TORCH_SPEC=torch==2.13.0
 # PyTorch CPU index; the CUDA image takes PyPI's default (CUDA) build unless told otherwise.
 ARG TORCH_INDEX_CPU=https://download.pytorch.org/whl/cpu
 ARG TORCH_INDEX_CUDA=
-ENV VENV=/opt/venv LORAFOLD_CACHE=/opt/lorafold/cache PIP_DISABLE_PIP_VERSION_CHECK=1
+# The CPU kernels are compiled here (the runtime image has no compiler) for a portable -march;
+# the runtime stage sets the same value, which is part of the library's cache key. For arm64
+# pass e.g. --build-arg CPU_MARCH=armv8.2-a.
+ARG CPU_MARCH=x86-64-v3
+ENV VENV=/opt/venv LORAFOLD_CACHE=/opt/lorafold/cache PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    LORAFOLD_CPU_MARCH=${CPU_MARCH}
 WORKDIR /src
 COPY deploy/docker/build-steps.sh /usr/local/bin/lorafold-build-steps
 RUN lorafold-build-steps venv
@@ -38,16 +43,19 @@ COPY kernels kernels
 COPY training training
 COPY clients clients
 RUN lorafold-build-steps app
+RUN if [ "$VARIANT" = cpu ]; then lorafold-build-steps kernels; fi
 RUN PRUNE_GGUF=1 lorafold-build-steps model check
 
 # ---- runtime: venv + model only, non-root ------------------------------------------------
 FROM base-${VARIANT} AS runtime
+ARG CPU_MARCH=x86-64-v3
 COPY deploy/docker/build-steps.sh /usr/local/bin/lorafold-build-steps
 RUN APP_UID=10001 lorafold-build-steps user
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/lorafold/cache /opt/lorafold/cache
 ENV PATH=/opt/venv/bin:$PATH \
     LORAFOLD_CACHE=/opt/lorafold/cache \
+    LORAFOLD_CPU_MARCH=${CPU_MARCH} \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1

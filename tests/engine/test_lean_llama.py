@@ -50,7 +50,7 @@ def run_steps(model, caches, seqs_tokens, steps, slots_per_seq=None):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2_bias"])
-def test_prefill_and_decode_match_transformers(arch):
+def test_prefill_and_decode_match_transformers(arch, cpu_path):
     overrides = {"attention_bias": True} if arch == "qwen2_bias" else {}
     hf = build_tiny_llama(seed=3, **overrides)
     lean = LeanLlama(copy.deepcopy(hf), num_slots=2, rows=8)
@@ -71,7 +71,7 @@ def test_prefill_and_decode_match_transformers(arch):
         torch.testing.assert_close(outs[i][-1], ref_b[4 + i], rtol=1e-4, atol=1e-4)
 
 
-def test_fused_slices_with_adapters_match_peft(tmp_path):
+def test_fused_slices_with_adapters_match_peft(tmp_path, cpu_path):
     from peft import PeftModel
 
     hf = build_tiny_llama(seed=4)

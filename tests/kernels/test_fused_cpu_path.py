@@ -1,8 +1,10 @@
-"""The fused CPU path (`kernels.ops.apply` -> `lora_apply_torch`) against a float64 token loop.
+"""The fused torch CPU path (`kernels.ops.apply` -> `lora_apply_torch`) against a float64 token loop.
 
 Every adapter mix runs in two batch orders (as given, and ordered by adapter as the engine
 orders it) over two pool layouts (shuffled rows with gaps, and packed rows), so both the
-view fast paths and the gather/scatter fallbacks are checked."""
+view fast paths and the gather/scatter fallbacks are checked. The compiled CPU kernel is
+hidden (`apply` would otherwise take it for fp32; it has its own tests in
+test_cpu_kernels.py), except in `test_apply_matches_loop`'s "compiled" cases."""
 
 from __future__ import annotations
 
@@ -10,11 +12,19 @@ import pytest
 import torch
 
 from lorafold.kernels.meta import SHORT_SEGMENT, build_lora_meta
+from lorafold.kernels import cpu_ops
 from lorafold.kernels.ops import apply
 
 from .lora_cases import MIXES, loop_reference, make_pools, token_slots_for
 
 RANK_CHOICES = torch.tensor([1, 4, 8, 16, 64, 128])
+
+
+@pytest.fixture(autouse=True)
+def _torch_path(request, monkeypatch):
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("backend") != "compiled":
+        monkeypatch.setattr(cpu_ops, "usable", lambda *tensors: False)
 
 
 def pack_rows(a_pool: torch.Tensor, b_pool: torch.Tensor, row_start: torch.Tensor, alloc: torch.Tensor):
@@ -50,7 +60,10 @@ def order_by_adapter(slots: torch.Tensor, row_start: torch.Tensor, alloc: torch.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ordered", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-def test_apply_matches_loop(mix: str, slice_widths: list[int], dtype: torch.dtype, ordered: bool, packed: bool) -> None:
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_apply_matches_loop(
+    mix: str, slice_widths: list[int], dtype: torch.dtype, ordered: bool, packed: bool, backend: str
+) -> None:
     gen = torch.Generator().manual_seed(hash((mix, len(slice_widths), str(dtype), ordered, packed)) % 2**31)
     num_tokens, num_slots, d_in = 40, 12, 101
     n = len(slice_widths)
@@ -69,7 +82,7 @@ def test_apply_matches_loop(mix: str, slice_widths: list[int], dtype: torch.dtyp
     base = torch.randn(num_tokens, sum(slice_widths), generator=gen).to(dtype)
     out = base.clone()
     offsets = [0, *torch.tensor(slice_widths).cumsum(0).tolist()]
-    with torch.no_grad():
+    with torch.no_grad():  # "compiled": the compiled kernel for fp32, the torch path for bf16
         apply(x, a_pool, b_pool, row_start, ranks.to(torch.int32), offsets, meta, out)
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(out.double(), base.double() + delta_ref, rtol=tol, atol=tol)

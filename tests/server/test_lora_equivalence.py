@@ -30,7 +30,10 @@ def mixed_batch_check(base, folders, tmp_path, rows_slots, seq_len=7):
         for row, s in enumerate(rows_slots):
             ref_model = base if s < 0 else merged_model(base, adapters[s])
             ref = ref_model(ids[row : row + 1]).logits[0]
-            torch.testing.assert_close(mixed[row], ref, rtol=1e-4, atol=1e-4)
+            # fp32 noise floor: a base-only row of this batch already differs from its own
+            # single-row forward by ~5e-5 (batch-shape-dependent matmul blocking); the LoRA
+            # kernels' summation order adds about as much. A wrong adapter is off by > 1e-2.
+            torch.testing.assert_close(mixed[row], ref, rtol=1e-4, atol=2e-4)
             outs.setdefault(s, mixed[row])
     return model, slots, adapters, ids, outs
 

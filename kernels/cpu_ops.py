@@ -1,0 +1,55 @@
+"""Typed entry points of the compiled CPU kernels (`csrc/cpu_ops.cpp`, built by `cpu_ext`).
+
+Callers ask `usable(...)` first: the kernels take contiguous float32 CPU tensors only, and
+exist only where `cpu_ext` could build or load them; everything else keeps the torch path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorafold.kernels import cpu_ext
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """True when the compiled kernels are loaded and take these tensors as they are."""
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            return False
+    return cpu_ext.available()
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence over its paged context: q [B, H, D] -> [B, H, D].
+
+    k_cache, v_cache: [num_blocks * block_size, Hkv, D]; block_tables [B, nb] int64 (rows
+    padded past a sequence's blocks are never read); context_lens [B] int64, each >= 1."""
+    return torch.ops.lorafold_cpu.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
+
+
+def lora_apply(
+    x: torch.Tensor,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    row_start: torch.Tensor,
+    ranks: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    seg_slots: torch.Tensor,
+    seg_starts: torch.Tensor,
+    slice_offsets: list[int],
+    out: torch.Tensor,
+) -> None:
+    """out[t, slice i] += (x[t] A_{i,s}ᵀ) B_{i,s} for every token t of slot s, in place, each
+    slice at its own rank `ranks[i, s]` (int32 [n_slices, num_slots]). The segment tensors
+    are a `LoRABatchMeta`'s (int32); row_start is int32 [num_slots]."""
+    torch.ops.lorafold_cpu.lora_apply(
+        x, a_pool, b_pool, row_start, ranks, sorted_tokens, seg_slots, seg_starts, list(slice_offsets), out
+    )

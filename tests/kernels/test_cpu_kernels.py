@@ -1,0 +1,201 @@
+"""The compiled CPU kernels (`kernels/csrc/cpu_ops.cpp`) against float64 references, their
+input checks, and how `cpu_ext` builds, finds and declines them."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import zlib
+
+import pytest
+import torch
+
+from lorafold.kernels import cpu_ext, cpu_ops
+from lorafold.kernels.meta import build_lora_meta
+from lorafold.kernels.ops import apply, force_backend
+
+from .lora_cases import MIXES, loop_reference, make_pools, token_slots_for
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _built() -> None:
+    if not cpu_ext.available():
+        pytest.fail("the compiled CPU kernels did not build (gcc and ninja are set up by deploy/setup.sh); see the log")
+
+
+# --- LoRA --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("slice_widths", [[37], [96, 32, 32], [48, 48]])
+@pytest.mark.parametrize("d_in", [101, 64])
+def test_lora_apply_matches_loop(mix: str, slice_widths: list[int], d_in: int) -> None:
+    """Ranks 1-128 (per-slice ranks differ inside an adapter), gapped shuffled pool rows, widths
+    and d_in off the 8/16-float vector tiles, segments of every length mod the 4-token block."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{mix}|{slice_widths}|{d_in}".encode()))
+    num_tokens, num_slots, n = 45, 10, len(slice_widths)
+    ranks = torch.tensor([1, 3, 4, 8, 16, 64, 128])[torch.randint(0, 7, (n, num_slots), generator=gen)]
+    if n > 1:
+        ranks[1, 0] = 0  # a slice this adapter does not target
+    a_pool, b_pool, row_start, alloc = make_pools(ranks, d_in, slice_widths, torch.float32, gen)
+    slots = token_slots_for(mix, num_tokens, num_slots, gen)
+    x = torch.randn(num_tokens, d_in, generator=gen)
+    base = torch.randn(num_tokens, sum(slice_widths), generator=gen)
+    out = base.clone()
+    meta = build_lora_meta(slots, row_start, alloc, with_cpu_plan=False)
+    offsets = [0, *torch.tensor(slice_widths).cumsum(0).tolist()]
+    with torch.no_grad(), force_backend("cpp"):
+        apply(x, a_pool, b_pool, row_start, ranks.to(torch.int32), offsets, meta, out)
+    _, delta = loop_reference(x, a_pool, b_pool, row_start, ranks, slice_widths, slots)
+    torch.testing.assert_close(out.double(), base.double() + delta, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[slots < 0], base[slots < 0]), "rows without adapter must be untouched"
+
+
+def test_lora_apply_reads_each_slice_at_its_own_rank() -> None:
+    """Rows past a module's rank are never read: NaN there must not reach the output (the torch
+    path computes at the allocated rank and needs them zero; the kernel stops at the rank)."""
+    gen = torch.Generator().manual_seed(5)
+    ranks = torch.tensor([[4, 16], [16, 2]])
+    a_pool, b_pool, row_start, alloc = make_pools(ranks, 24, [8, 8], torch.float32, gen)
+    for s in range(2):
+        for i in range(2):
+            r0, r = int(row_start[s]), int(ranks[i, s])
+            a_pool[i, r0 + r : r0 + int(alloc[s])] = float("nan")
+    slots = torch.tensor([0, 1, 1, 0, 1, 0, 0, 0, 0])
+    x = torch.randn(9, 24, generator=gen)
+    out = torch.zeros(9, 16)
+    with torch.no_grad(), force_backend("cpp"):
+        apply(x, a_pool, b_pool, row_start, ranks.to(torch.int32), [0, 8, 16],
+              build_lora_meta(slots, row_start, alloc, with_cpu_plan=False), out)
+    _, delta = loop_reference(x, a_pool.nan_to_num(0.0), b_pool, row_start, ranks, [8, 8], slots)
+    torch.testing.assert_close(out.double(), delta, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_apply_rejects_inconsistent_metadata() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ranks = torch.tensor([[4, 4]])
+    a_pool, b_pool, row_start, alloc = make_pools(ranks, 16, [8], torch.float32, gen)
+    meta = build_lora_meta(torch.tensor([0, 1, 1]), row_start, alloc, with_cpu_plan=False)
+    x, out = torch.randn(3, 16), torch.zeros(3, 8)
+    bad_tokens = meta.sorted_tokens.clone()
+    bad_tokens[0] = 7
+    with pytest.raises(RuntimeError, match="token index 7 out of range"):
+        cpu_ops.lora_apply(x, a_pool, b_pool, row_start, ranks.to(torch.int32), bad_tokens, meta.seg_slots,
+                           meta.seg_starts, [0, 8], out)
+    with pytest.raises(RuntimeError, match="rows run past the pool"):
+        cpu_ops.lora_apply(x, a_pool, b_pool, row_start + 1000, ranks.to(torch.int32), meta.sorted_tokens,
+                           meta.seg_slots, meta.seg_starts, [0, 8], out)
+    with pytest.raises(RuntimeError, match="must be float32"):
+        cpu_ops.lora_apply(x.double(), a_pool, b_pool, row_start, ranks.to(torch.int32), meta.sorted_tokens,
+                           meta.seg_slots, meta.seg_starts, [0, 8], out)
+    assert torch.equal(out, torch.zeros(3, 8)), "a refused call writes nothing"
+
+
+def test_forced_cpp_backend_refuses_what_it_cannot_run() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ranks = torch.tensor([[4]])
+    a_pool, b_pool, row_start, alloc = make_pools(ranks, 16, [8], torch.bfloat16, gen)
+    meta = build_lora_meta(torch.tensor([0, 0]), row_start, alloc)
+    with torch.no_grad(), force_backend("cpp"), pytest.raises(RuntimeError, match="contiguous float32"):
+        apply(torch.randn(2, 16).bfloat16(), a_pool, b_pool, row_start, ranks.to(torch.int32), [0, 8], meta,
+              torch.zeros(2, 8, dtype=torch.bfloat16))
+
+
+# --- paged decode attention ------------------------------------------------------------------
+
+
+def _paged_case(lens: list[int], heads: int, kv_heads: int, dim: int, block_size: int, gen: torch.Generator):
+    """Random caches with every sequence's blocks scattered through them; returns the op's
+    inputs and the contiguous K/V of each sequence."""
+    need = [(n + block_size - 1) // block_size for n in lens]
+    num_blocks = sum(need) + 3
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=gen)
+    tables = torch.zeros(len(lens), max(need), dtype=torch.int64)
+    per_seq, cursor = [], 0
+    for b, n in enumerate(lens):
+        blocks = perm[cursor : cursor + need[b]]
+        cursor += need[b]
+        tables[b, : need[b]] = torch.tensor(blocks)
+        slots = torch.tensor([blocks[t // block_size] * block_size + t % block_size for t in range(n)])
+        per_seq.append((k_cache[slots], v_cache[slots]))
+    q = torch.randn(len(lens), heads, dim, generator=gen)
+    return q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int64), per_seq
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 20), (8, 2, 128), (6, 1, 8)])
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_paged_decode_attention_matches_float64_softmax(heads: int, kv_heads: int, dim: int, block_size: int) -> None:
+    gen = torch.Generator().manual_seed(heads * 1000 + dim + block_size)
+    lens = [1, block_size, block_size + 1, 3 * block_size, 77, 300]
+    q, k_cache, v_cache, tables, ctx, per_seq = _paged_case(lens, heads, kv_heads, dim, block_size, gen)
+    scale = dim**-0.5
+    out = cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, ctx, block_size, scale)
+    group = heads // kv_heads
+    for b, (k, v) in enumerate(per_seq):
+        kh = k.double().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, L, D]
+        vh = v.double().repeat_interleave(group, dim=1).transpose(0, 1)
+        p = torch.softmax((kh @ q[b].double()[:, :, None])[..., 0] * scale, dim=-1)  # [H, L]
+        want = (p[:, None, :] @ vh)[:, 0]
+        torch.testing.assert_close(out[b].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_decode_attention_rejects_bad_tables() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k_cache, v_cache, tables, ctx, _ = _paged_case([5, 9], 4, 2, 8, 4, gen)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables + 100, ctx, 4, 0.3)
+    with pytest.raises(RuntimeError, match="outside the block table"):
+        cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, ctx + 100, 4, 0.3)
+    with pytest.raises(RuntimeError, match="multiple of KV heads"):
+        cpu_ops.paged_decode_attention(q[:, :3].contiguous(), k_cache, v_cache, tables, ctx, 4, 0.3)
+
+
+# --- building and loading ---------------------------------------------------------------------
+
+
+def test_prebuilt_library_loads_without_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container ships the library built at image time and has no gcc: loading must not build."""
+    monkeypatch.setattr(cpu_ext, "_loaded", None)
+
+    def no_compiler(folder):  # noqa: ANN001, ANN202
+        raise AssertionError("the prebuilt library must be loaded, not rebuilt")
+
+    monkeypatch.setattr(cpu_ext, "_build", no_compiler)
+    assert cpu_ext.library_path().exists()
+    assert cpu_ext.available()
+
+
+def test_build_failure_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch, tmp_path, caplog) -> None:
+    monkeypatch.setattr(cpu_ext, "_loaded", None)
+    monkeypatch.setenv("LORAFOLD_CACHE", str(tmp_path))  # no prebuilt library there
+
+    def failing_build(folder):  # noqa: ANN001, ANN202
+        raise subprocess.CalledProcessError(1, ["ninja"])
+
+    monkeypatch.setattr(cpu_ext, "_build", failing_build)
+    with caplog.at_level(logging.WARNING, logger="lorafold.kernels.cpu_ext"):
+        assert not cpu_ext.available()
+    assert "using the slower torch path" in caplog.text
+    assert not cpu_ops.usable(torch.zeros(1))
+
+
+def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_ext, "_loaded", None)
+    monkeypatch.setenv("LORAFOLD_CPU_KERNELS", "0")
+    assert not cpu_ext.available()
+
+
+def test_build_folder_changes_with_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library built for one -march (an image built for many machines) is never loaded for another."""
+    native = cpu_ext.build_dir()
+    monkeypatch.setenv("LORAFOLD_CPU_MARCH", "x86-64-v3")
+    assert cpu_ext.build_dir() != native
+
+
+def test_one_openmp_runtime_in_the_process() -> None:
+    """The kernels share torch's OpenMP pool (same soname) instead of starting a second one."""
+    maps = open("/proc/self/maps").read().splitlines()
+    runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(runtimes) <= 1, runtimes
