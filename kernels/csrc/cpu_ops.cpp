@@ -68,6 +68,32 @@ inline float dot_v(const float* __restrict a, const float* __restrict b, int64_t
   return s;
 }
 
+// out[j] = sum(a[j]) for 8 vectors at once (a transpose-and-add tree of shuffles): 8 dot
+// products finished for ~a quarter of the cost of 8 separate horizontal sums.
+// Contexts are scattered blocks: the hardware prefetcher cannot see the next block coming,
+// so its rows of this head are requested while the current block is being computed.
+inline void prefetch_rows(const float* first, int64_t n, int64_t stride, int64_t width) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t c = 0; c < width; c += 16) __builtin_prefetch(first + j * stride + c, 0, 3);
+  }
+}
+
+inline vf8 hsum8x8(const vf8* a) {
+  vf8 v[4], w[2];
+  for (int i = 0; i < 4; ++i) {  // v[i] = 4 partials of a[2i], then 4 of a[2i+1]
+    v[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+  for (int i = 0; i < 2; ++i) {  // w[i] = 2 partials each of a[4i], a[4i+2], a[4i+1], a[4i+3]
+    w[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  // z = sums of a[0], a[2], a[4], a[6], a[1], a[3], a[5], a[7]
+  const vf8 z = __builtin_shufflevector(w[0], w[1], 0, 2, 8, 10, 4, 6, 12, 14) +
+                __builtin_shufflevector(w[0], w[1], 1, 3, 9, 11, 5, 7, 13, 15);
+  return __builtin_shufflevector(z, z, 0, 4, 1, 5, 2, 6, 3, 7);
+}
+
 // exp for the softmax, branch-free so `omp simd` vectorises it (a scalar libm call per score
 // cost as much as the rest of the attention): exp(x) = 2^n e^r, n = round(x / ln 2),
 // |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial (relative error < 2e-8, below float
@@ -160,10 +186,29 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       const int64_t b = task / Hkv, g = task % Hkv, len = lens[b];
       const float* qb = qp + (b * H + g * G) * D;
       const int64_t* table = bt + b * nb;
+      // scores[h][t] = scale * q_h . k_t, eight tokens at a time per head (one hsum8x8)
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {
         const int64_t n = std::min(block_size, len - t0);
         const float* kb = kp + table[t0 / block_size] * block_size * row + g * D;
-        for (int64_t j = 0; j < n; ++j) {
+        if (t0 + block_size < len) {
+          prefetch_rows(kp + table[t0 / block_size + 1] * block_size * row + g * D,
+                        std::min(block_size, len - t0 - block_size), row, D);
+        }
+        int64_t j = 0;
+        if (D % 8 == 0) {
+          for (; j + 8 <= n; j += 8) {
+            for (int64_t h = 0; h < G; ++h) {
+              const float* qh = qb + h * D;
+              vf8 acc[8] = {};
+              for (int64_t d = 0; d < D; d += 8) {
+                const vf8 qv = load8(qh + d);
+                for (int u = 0; u < 8; ++u) acc[u] += qv * load8(kb + (j + u) * row + d);
+              }
+              store8(scores.data() + h * len + t0 + j, fscale * hsum8x8(acc));
+            }
+          }
+        }
+        for (; j < n; ++j) {
           for (int64_t h = 0; h < G; ++h) scores[h * len + t0 + j] = fscale * dot_v(qb + h * D, kb + j * row, D);
         }
       }
@@ -191,6 +236,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
           for (int64_t t0 = 0; t0 < len; t0 += block_size) {
             const int64_t n = std::min(block_size, len - t0);
             const float* vb = vp + table[t0 / block_size] * block_size * row + g * D + c0;
+            if (t0 + block_size < len) {
+              prefetch_rows(vp + table[t0 / block_size + 1] * block_size * row + g * D + c0,
+                            std::min(block_size, len - t0 - block_size), row, 64);
+            }
             for (int64_t j = 0; j < n; ++j) {
               const float pt = p[t0 + j];
               for (int v = 0; v < 8; ++v) a[v] += pt * load8(vb + j * row + 8 * v);
@@ -260,21 +309,22 @@ inline void shrink_tile(const float* a, int64_t d_in, const float* const* xs, fl
   }
 }
 
-// y[k][j] = A[j] . x_k for the block's tokens (k < nt), j < r.
+// y[k * ldy + j] = A[j] . x_k for the block's tokens (k < nt), j < r.
 template <int NT>
-inline void shrink_rows(const float* a, int64_t d_in, int64_t r, const float* const* xs, float* y) {
+inline void shrink_rows(const float* a, int64_t d_in, int64_t r, const float* const* xs, float* y, int64_t ldy) {
   constexpr int NR = NT == 1 ? 8 : 2;
   int64_t j = 0;
-  for (; j + NR <= r; j += NR) shrink_tile<NR, NT>(a + j * d_in, d_in, xs, y + j, r);
-  for (; j < r; ++j) shrink_tile<1, NT>(a + j * d_in, d_in, xs, y + j, r);
+  for (; j + NR <= r; j += NR) shrink_tile<NR, NT>(a + j * d_in, d_in, xs, y + j, ldy);
+  for (; j < r; ++j) shrink_tile<1, NT>(a + j * d_in, d_in, xs, y + j, ldy);
 }
 
-inline void shrink_block(const float* a, int64_t d_in, int64_t r, const float* const* xs, int64_t nt, float* y) {
+inline void shrink_block(const float* a, int64_t d_in, int64_t r, const float* const* xs, int64_t nt, float* y,
+                         int64_t ldy) {
   switch (nt) {
-    case 4: shrink_rows<4>(a, d_in, r, xs, y); return;
-    case 3: shrink_rows<3>(a, d_in, r, xs, y); return;
-    case 2: shrink_rows<2>(a, d_in, r, xs, y); return;
-    default: shrink_rows<1>(a, d_in, r, xs, y); return;
+    case 4: shrink_rows<4>(a, d_in, r, xs, y, ldy); return;
+    case 3: shrink_rows<3>(a, d_in, r, xs, y, ldy); return;
+    case 2: shrink_rows<2>(a, d_in, r, xs, y, ldy); return;
+    default: shrink_rows<1>(a, d_in, r, xs, y, ldy); return;
   }
 }
 
@@ -402,7 +452,7 @@ void lora_apply(const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor&
           outs[k] = outp + t * D;
         }
         const int64_t r0 = rstart[task.slot];
-        shrink_block(ap + (task.slice * rows + r0) * d_in, d_in, task.rank, xs, nt, y.data());
+        shrink_block(ap + (task.slice * rows + r0) * d_in, d_in, task.rank, xs, nt, y.data(), task.rank);
         expand_block(bp + r0 * D, D, slice_offsets[task.slice], slice_offsets[task.slice + 1], task.rank, y.data(),
                      outs, nt);
       }
