@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from lorafold.server.models.assets import cache_root
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_ops.cpp"
@@ -55,8 +57,7 @@ def build_dir() -> Path:
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
     key.update(f"{torch.__version__}|{' '.join(_flags())}|{platform.machine()}|{sys.version_info[:2]}".encode())
-    root = Path(os.environ.get("LORAFOLD_CACHE", Path.home() / ".cache" / "lorafold")).expanduser()
-    return root / "cpu_kernels" / key.hexdigest()[:16]
+    return cache_root() / "cpu_kernels" / key.hexdigest()[:16]
 
 
 def library_path() -> Path:

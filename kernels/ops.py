@@ -139,17 +139,22 @@ def _eager_cpu(t: torch.Tensor) -> bool:
     dispatcher's Python wrapping measured ~230 us per call, ~30 ms per SmolLM2 forward (210
     LoRA layers x 2 ops) against a 0.17 s base. Under torch.compile, on CUDA, or with the
     "torch" or "triton" backend forced, the registered op is used ("cpp" stays eager)."""
-    return not t.is_cuda and _BACKEND.get() in ("auto", "cpp") and not torch.compiler.is_compiling()
+    return not t.is_cuda and _compiled_allowed() and not torch.compiler.is_compiling()
+
+
+def _compiled_allowed() -> bool:
+    """The backend lets eager CPU calls run the compiled kernel ("auto" or "cpp")."""
+    return _BACKEND.get() in ("auto", "cpp")
 
 
 def compiled_cpu_covers(dtype: torch.dtype) -> bool:
     """Whether eager CPU `apply` on pools of `dtype` runs the compiled kernel, which needs
     no chunk plan (`build_lora_meta(..., with_cpu_plan=False)` then suffices)."""
-    return dtype == torch.float32 and _BACKEND.get() in ("auto", "cpp") and cpu_ops.usable()
+    return dtype == torch.float32 and _compiled_allowed() and cpu_ops.usable()
 
 
 def _use_compiled(floats: tuple[torch.Tensor, ...], indices: tuple[torch.Tensor, ...]) -> bool:
-    if _BACKEND.get() not in ("auto", "cpp"):
+    if not _compiled_allowed():
         return False
     ints_ok = all(t.dtype == torch.int32 and t.is_contiguous() and t.device.type == "cpu" for t in indices)
     if ints_ok and cpu_ops.usable(*floats):

@@ -14,13 +14,14 @@ from lorafold.kernels import cpu_ext, cpu_ops
 from lorafold.kernels.meta import build_lora_meta
 from lorafold.kernels.ops import apply, force_backend
 
+from tests.conftest import require_cpu_kernels
+
 from .lora_cases import MIXES, loop_reference, make_pools, token_slots_for
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _built() -> None:
-    if not cpu_ext.available():
-        pytest.fail("the compiled CPU kernels did not build (gcc and ninja are set up by deploy/setup.sh); see the log")
+    require_cpu_kernels()
 
 
 # --- LoRA --------------------------------------------------------------------------------
