@@ -1,4 +1,5 @@
-"""Build (once) and load the compiled CPU kernels of `kernels/csrc/cpu_ops.cpp`.
+"""Build (once) and load the compiled CPU kernels of `kernels/csrc/` (serving: `cpu_ops.cpp`;
+the AdaPreLoRA optimizer's passes: `optim_ops.cpp`), one shared library.
 
 The ops register as `torch.ops.lorafold_cpu.*`. The shared library is built on first use
 with torch's C++ extension builder (gcc + ninja, ~15 s) into a folder keyed by the source,
@@ -30,7 +31,9 @@ from lorafold.server.models.assets import cache_root
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_ops.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "cpu_ops.cpp", CSRC / "optim_ops.cpp")
+HEADERS = (CSRC / "simd.h",)
 _NAME = "lorafold_cpu_ops"
 # -fopenmp: at::parallel_for is a header template over `omp parallel`; without the flag it
 # compiles to a serial loop. torch's wheels bundle their libgomp under the same soname
@@ -55,7 +58,8 @@ def _flags() -> list[str]:
 def build_dir() -> Path:
     """Folder of the library for this source, torch version, flags and machine type."""
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for path in (*SOURCES, *HEADERS):
+        key.update(path.read_bytes())
     key.update(f"{torch.__version__}|{' '.join(_flags())}|{platform.machine()}|{sys.version_info[:2]}".encode())
     return cache_root() / "cpu_kernels" / key.hexdigest()[:16]
 
@@ -83,7 +87,7 @@ def _build(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=_NAME,
-        sources=[str(SOURCE)],
+        sources=[str(p) for p in SOURCES],
         extra_cflags=_flags(),
         extra_ldflags=["-fopenmp"],
         build_directory=str(folder),
@@ -122,7 +126,7 @@ def _load() -> bool:
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as err:
         logger.warning("compiled CPU kernels unavailable (%s); using the slower torch path", err)
         return False
-    return hasattr(torch.ops.lorafold_cpu, "lora_apply")
+    return hasattr(torch.ops.lorafold_cpu, "lora_apply") and hasattr(torch.ops.lorafold_cpu, "adapre_update")
 
 
 def main() -> int:

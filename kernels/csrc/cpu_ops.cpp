@@ -23,29 +23,15 @@
 #include <limits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
+
+using namespace lorafold_simd;
 
 inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
-// GCC/Clang vector extensions (8 floats: one AVX2 register, two SSE/NEON ones), so the
-// compiler cannot fail to vectorise the inner loops; unaligned loads through memcpy.
-typedef float vf8 __attribute__((vector_size(32)));
-
-inline vf8 load8(const float* p) {
-  vf8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store8(float* p, vf8 v) { std::memcpy(p, &v, sizeof(v)); }
-
-inline float hsum(vf8 v) {
-  float s = 0.f;
-  for (int i = 0; i < 8; ++i) s += v[i];
-  return s;
 }
 
 inline float dot_v(const float* __restrict a, const float* __restrict b, int64_t n) {
@@ -61,30 +47,12 @@ inline float dot_v(const float* __restrict a, const float* __restrict b, int64_t
   return s;
 }
 
-// out[j] = sum(a[j]) for 8 vectors at once (a transpose-and-add tree of shuffles): 8 dot
-// products finished for ~a quarter of the cost of 8 separate horizontal sums.
 // Contexts are scattered blocks: the hardware prefetcher cannot see the next block coming,
 // so its rows of this head are requested while the current block is being computed.
 inline void prefetch_rows(const float* first, int64_t n, int64_t stride, int64_t width) {
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t c = 0; c < width; c += 16) __builtin_prefetch(first + j * stride + c, 0, 3);
   }
-}
-
-inline vf8 hsum8x8(const vf8* a) {
-  vf8 v[4], w[2];
-  for (int i = 0; i < 4; ++i) {  // v[i] = 4 partials of a[2i], then 4 of a[2i+1]
-    v[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
-           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
-  }
-  for (int i = 0; i < 2; ++i) {  // w[i] = 2 partials each of a[4i], a[4i+2], a[4i+1], a[4i+3]
-    w[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
-           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
-  }
-  // z = sums of a[0], a[2], a[4], a[6], a[1], a[3], a[5], a[7]
-  const vf8 z = __builtin_shufflevector(w[0], w[1], 0, 2, 8, 10, 4, 6, 12, 14) +
-                __builtin_shufflevector(w[0], w[1], 1, 3, 9, 11, 5, 7, 13, 15);
-  return __builtin_shufflevector(z, z, 0, 4, 1, 5, 2, 6, 3, 7);
 }
 
 // exp for the softmax, branch-free so `omp simd` vectorises it (a scalar libm call per score
@@ -109,12 +77,6 @@ inline float exp_neg(float x) {
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
   return p * two_n;
-}
-
-void check_f32_contig(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
 void check_index(const at::Tensor& t, const char* name, at::ScalarType dtype) {

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from lorafold.training.adapters.lora import LoRALinear, LoRAPair
+from lorafold.training.optim import _adaprelora_cpu
 from lorafold.training.optim._base import ActivePair, PairOptimizer, shape_buckets, stack_bucket
 from lorafold.training.optim._common import LINALG_DTYPE, compute_dtype, spd_inverse
 
@@ -105,7 +106,7 @@ class StatKernels:
         return [StatKernels(*p) for p in zip(*parts, strict=True)]
 
 
-def stat_kernels(grams: Grams, s: torch.Tensor, pinv_damping: float) -> StatKernels:
+def stat_kernels(grams: Grams, s: torch.Tensor, pinv_damping: float, compiled: bool = False) -> StatKernels:
     """The statistic's kernels from the Grams (all r×r; ``s`` is ``[k]`` or ``[k, 1, 1]``).
 
     With ``P_B⁻¹ = pinv(BᵀB + δI)``, ``P_A⁻¹ = pinv(AAᵀ + δI)`` and LoRA-Pro's reduced gradients
@@ -132,8 +133,9 @@ def stat_kernels(grams: Grams, s: torch.Tensor, pinv_damping: float) -> StatKern
     assert grams.b_gb is not None and grams.gb_gb is not None and grams.ga_ga is not None
     work = grams.bb.dtype
     sw = s.to(work).reshape(-1, 1, 1)
-    inv_b = spd_inverse(grams.bb, pinv_damping, "pinv").to(work)  # float64 factorization
-    inv_a = spd_inverse(grams.aa, pinv_damping, "pinv").to(work)
+    # float64 factorizations, one batch for both (compiled: see spd_inverse)
+    inv = spd_inverse(torch.cat([grams.bb, grams.aa]), pinv_damping, "pinv", compiled).to(work)
+    inv_b, inv_a = inv.split(grams.bb.shape[0])
     x1, z = inv_a / sw, inv_b / sw
     x2 = -(inv_b @ grams.b_gb) @ x1
     m12 = z @ grams.ga_a
@@ -292,7 +294,10 @@ class AdaPreLoRA(PairOptimizer):
         full_grad_fn: FullGradFn | None = None,
         extra_params: Iterable[nn.Parameter] = (),
         stat_interval: int = 1,
+        backend: str = "auto",
     ) -> None:
+        if backend not in ("auto", "torch", "cpp"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'cpp', got {backend!r}")
         if statistic not in ("lowrank", "full"):
             raise ValueError(f"statistic must be 'lowrank' or 'full', got {statistic!r}")
         if not isinstance(stat_interval, int) or stat_interval < 1:
@@ -314,6 +319,7 @@ class AdaPreLoRA(PairOptimizer):
         }
         super().__init__(pairs, defaults, extra_params)
         self.full_grad_fn = full_grad_fn
+        self.backend = backend
 
     def _refresh_due(self, group: dict[str, Any], pairs: list[ActivePair]) -> bool:
         """Whether this step measures the Adafactor statistic (every ``stat_interval`` steps,
@@ -325,6 +331,53 @@ class AdaPreLoRA(PairOptimizer):
                 return True
         return False
 
+    def _advance(
+        self, group: dict[str, Any], pairs: list[ActivePair], refresh: bool
+    ) -> tuple[list[dict[str, Any]], list[float]]:
+        """Advance every layer's step; on a refresh step also return each layer's EMA weight
+        for the new sums (creating zero statistics the first time). Returns the layers' states.
+
+        A refresh ``j`` steps after the previous one weighs the new sums by ``1 − β2^j``: the
+        EMA the per-step rule gives when the sums stay constant in between, so the bias
+        correction ``1 − β2^t`` holds for every interval (``j = 1`` is the per-step rule)."""
+        states = [self.state[p.A] for p in pairs]
+        beta2 = group["beta2"]
+        for st in states:
+            st["step"] = st.get("step", 0) + 1
+        folds: list[float] = []
+        if refresh:
+            for p, st in zip(pairs, states, strict=True):
+                if "row_sq" not in st:
+                    work = compute_dtype(p.A.dtype)
+                    st["stat_at"] = 0
+                    st["row_sq"] = torch.zeros(p.B.shape[0], dtype=work, device=p.B.device)
+                    st["col_sq"] = torch.zeros(p.A.shape[1], dtype=work, device=p.A.device)
+                folds.append(1.0 - beta2 ** (st["step"] - st["stat_at"]))
+                st["stat_at"] = st["step"]
+        return states, folds
+
+    def _fold(
+        self,
+        group: dict[str, Any],
+        pairs: list[ActivePair],
+        row: torch.Tensor | Sequence[torch.Tensor] | None,
+        col: torch.Tensor | Sequence[torch.Tensor] | None,
+    ) -> list[dict[str, Any]]:
+        """:meth:`_advance`, then on a refresh step (``row``/``col`` given, one entry per layer)
+        fold the new sums into ``r_t, c_t``. Returns the layers' states."""
+        refresh = row is not None and col is not None
+        states, folds = self._advance(group, pairs, refresh)
+        if refresh:
+            lists: dict[float, tuple[list[torch.Tensor], ...]] = {}
+            for st, rw, cl, w in zip(states, row, col, folds, strict=True):  # type: ignore[arg-type]
+                group_lists = lists.setdefault(w, ([], [], [], []))
+                for dst, t in zip(group_lists, (st["row_sq"], rw, st["col_sq"], cl), strict=True):
+                    dst.append(t)
+            for w, (rows_, new_rows, cols_, new_cols) in lists.items():  # one weight in lockstep
+                torch._foreach_lerp_(rows_, [t.to(rows_[0].dtype) for t in new_rows], w)
+                torch._foreach_lerp_(cols_, [t.to(cols_[0].dtype) for t in new_cols], w)
+        return states
+
     def _weights(
         self,
         group: dict[str, Any],
@@ -332,32 +385,9 @@ class AdaPreLoRA(PairOptimizer):
         row: torch.Tensor | None,
         col: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Advance every layer's step; on a refresh step (``row``/``col`` given) fold the new
-        sums into ``r_t, c_t``. Return ``(ℓ = diag(L) [k, m], ρ = diag(R) [k, n])``.
-
-        A refresh ``j`` steps after the previous one weighs the new sums by ``1 − β2^j``: the
-        EMA the per-step rule gives when the sums stay constant in between, so the bias
-        correction ``1 − β2^t`` holds for every interval (``j = 1`` is the per-step rule)."""
-        states = [self.state[p.A] for p in pairs]
+        """:meth:`_fold`, then ``(ℓ = diag(L) [k, m], ρ = diag(R) [k, n])`` of one shape bucket."""
+        states = self._fold(group, pairs, row, col)
         beta2, eps = group["beta2"], group["stat_eps"]
-        for st in states:
-            st["step"] = st.get("step", 0) + 1
-        if row is not None and col is not None:
-            weights: dict[float, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = {}
-            for st, rw, cl in zip(states, row, col, strict=True):
-                if "row_sq" not in st:
-                    st["stat_at"] = 0
-                    st["row_sq"], st["col_sq"] = torch.zeros_like(rw), torch.zeros_like(cl)
-                w = 1.0 - beta2 ** (st["step"] - st["stat_at"])
-                st["stat_at"] = st["step"]
-                lists = weights.setdefault(w, ([], [], [], []))
-                lists[0].append(st["row_sq"])
-                lists[1].append(rw)
-                lists[2].append(st["col_sq"])
-                lists[3].append(cl)
-            for w, (rows_, new_rows, cols_, new_cols) in weights.items():  # one weight in lockstep
-                torch._foreach_lerp_(rows_, new_rows, w)
-                torch._foreach_lerp_(cols_, new_cols, w)
         rows, cols = [st["row_sq"] for st in states], [st["col_sq"] for st in states]
         dtype, device = rows[0].dtype, rows[0].device
         correction = torch.tensor([1.0 - beta2 ** st["step"] for st in states], dtype=dtype, device=device)
@@ -393,7 +423,35 @@ class AdaPreLoRA(PairOptimizer):
         g2 = torch.stack([self.full_grad_fn(p.name).to(work) for p in bucket.pairs]).square()  # type: ignore[misc]
         return g2.sum(-1), g2.sum(-2)
 
+    def _use_compiled(self, pairs: list[ActivePair]) -> bool:
+        """The compiled CPU passes for fp32 CPU factors where they are built (``backend="auto"``);
+        ``"cpp"`` insists on them, ``"torch"`` never takes them."""
+        if self.backend == "torch":
+            return False
+        ok = _adaprelora_cpu.usable(pairs)
+        if self.backend == "cpp" and not ok:
+            raise RuntimeError(
+                "backend='cpp' needs contiguous float32 CPU factors and gradients and the compiled "
+                "CPU kernels (lorafold.kernels.cpu_ext); use backend='auto' to fall back to torch"
+            )
+        return ok
+
+    def _full_sq(self, pairs: list[ActivePair]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Row and column sums of the exact ``G²`` per layer (``statistic="full"``)."""
+        rows, cols = [], []
+        for p in pairs:
+            g2 = self.full_grad_fn(p.name).to(p.A.dtype).square()  # type: ignore[misc]
+            rows.append(g2.sum(-1))
+            cols.append(g2.sum(-2))
+        return rows, cols
+
     def _step_pairs(self, group: dict[str, Any], pairs: list[ActivePair]) -> None:
+        if self._use_compiled(pairs):
+            _adaprelora_cpu.step(self, group, pairs, self._refresh_due(group, pairs))
+            return
+        self._step_pairs_torch(group, pairs)
+
+    def _step_pairs_torch(self, group: dict[str, Any], pairs: list[ActivePair]) -> None:
         """Phases over all shape buckets, so the r×r algebra of all layers of a rank is one
         batch: stack + Grams (per bucket) → statistic kernels (one batch per rank) →
         statistics and weights (per bucket) → weighted Grams (per bucket) → inverses and

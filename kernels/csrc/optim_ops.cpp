@@ -1,0 +1,849 @@
+// AdaPreLoRA's per-layer passes over the LoRA factors, compiled (training/optim/adaprelora.py).
+//
+// Why compiled code: the optimizer's O((m + n) r²) work is ~9 r-wide products per factor row
+// (Grams, the low-rank statistic's quadratic forms, the weighted Grams, the two directions).
+// Through torch each is a batched matmul over a stacked copy of the factors, with the
+// elementwise steps between them as further passes over [k, m, r] tensors: on one CPU thread
+// that is ~2.4x the time of torch's AdamW step. Here every pass reads each layer's factors
+// where they lie (no stacking), does its products in register tiles, and folds the
+// elementwise work (row/column scalings, the update, momentum, weight decay) into the same
+// pass. The r×r algebra between the passes (the statistic's kernels, the direction factors)
+// stays in torch, batched over all layers; the batched small-matrix inverse is here too.
+//
+// Per layer, with A [r, n], B [m, r] (gradients gA, gB alike):
+//   m side: row i is w_i = [B_i | gB_i] (2r);   n side: column j is x_j = [gA_:j ; A_:j] (2r).
+//   adapre_grams           Σ_i w_iᵀ w_i and Σ_j x_j x_jᵀ (2r × 2r each; only gA Aᵀ when !lowrank)
+//   adapre_weights         [fold row_sq[i] = w_i K_row w_iᵀ, col_sq[j] = x_jᵀ K_col x_j into the
+//                          Adafactor state], then ell, rho and Σ_i ell_i B_iᵀ B_i, Σ_j rho_j A_:j A_:jᵀ
+//   adapre_update          dA = left (gA / rho) + hc A,  dB = (gB / ell) right + B hc;
+//                          p <- (p + lr d) * decay, d through a momentum when one is given.
+// Sums are accumulated in fp32 registers over a cache-sized chunk of rows or columns and in
+// float64 across chunks. Threads: one task per layer on ATen's intra-op pool.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <cstring>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+using namespace lorafold_simd;
+
+// (vf8{} + x would be a real add: 0 + x is not x for x = -0, so gcc keeps it)
+inline vf8 bcast(float x) { return vf8{x, x, x, x, x, x, x, x}; }
+
+// Keeps v in a register: without it gcc folds a vector reused by several FMAs into each
+// FMA's memory operand, and the repeated loads (12 per 8 FMAs) saturate the load ports.
+inline void pin(vf8& v) {
+#if defined(__x86_64__) && defined(__AVX__)
+  asm("" : "+x"(v));
+#else
+  (void)v;
+#endif
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------
+// Layer lists: the factors of one call share their rank r; m and n vary per layer.
+
+struct Layer {
+  const float* a;   // [r, n]
+  const float* b;   // [m, r]
+  const float* ga;  // [r, n]
+  const float* gb;  // [m, r]
+  int64_t m, n;
+};
+
+std::vector<Layer> layers_of(const at::TensorList& a, const at::TensorList& b, const at::TensorList& ga,
+                             const at::TensorList& gb, int64_t* rank) {
+  const size_t k = a.size();
+  TORCH_CHECK(k > 0, "no layers given");
+  TORCH_CHECK(b.size() == k && ga.size() == k && gb.size() == k, "A, B, gA and gB must list the same layers (got ",
+              a.size(), ", ", b.size(), ", ", ga.size(), ", ", gb.size(), ")");
+  std::vector<Layer> out(k);
+  const int64_t r = a[0].dim() == 2 ? a[0].size(0) : -1;
+  TORCH_CHECK(r >= 1, "A must be [r, n] with r >= 1");
+  for (size_t l = 0; l < k; ++l) {
+    check_f32_contig(a[l], "A");
+    check_f32_contig(b[l], "B");
+    check_f32_contig(ga[l], "gA");
+    check_f32_contig(gb[l], "gB");
+    TORCH_CHECK(a[l].dim() == 2 && a[l].size(0) == r, "layer ", l, ": A must be [", r, ", n] (one rank per call)");
+    TORCH_CHECK(b[l].dim() == 2 && b[l].size(1) == r, "layer ", l, ": B must be [m, ", r, "]");
+    TORCH_CHECK(ga[l].sizes() == a[l].sizes(), "layer ", l, ": gA must have A's shape");
+    TORCH_CHECK(gb[l].sizes() == b[l].sizes(), "layer ", l, ": gB must have B's shape");
+    out[l] = {a[l].data_ptr<float>(), b[l].data_ptr<float>(), ga[l].data_ptr<float>(), gb[l].data_ptr<float>(),
+              b[l].size(0), a[l].size(1)};
+  }
+  *rank = r;
+  return out;
+}
+
+void check_vectors(const at::TensorList& v, const std::vector<Layer>& layers, bool rows, const char* name) {
+  TORCH_CHECK(v.size() == layers.size(), name, " must list one vector per layer");
+  for (size_t l = 0; l < layers.size(); ++l) {
+    check_f32_contig(v[l], name);
+    const int64_t want = rows ? layers[l].m : layers[l].n;
+    TORCH_CHECK(v[l].dim() == 1 && v[l].size(0) == want, "layer ", l, ": ", name, " must be [", want, "]");
+  }
+}
+
+void check_mats(const at::Tensor& t, int64_t k, int64_t rows, int64_t cols, const char* name) {
+  check_f32_contig(t, name);
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == k && t.size(1) == rows && t.size(2) == cols, name, " must be [", k, ", ",
+              rows, ", ", cols, "]");
+}
+
+// ---------------------------------------------------------------------------------------
+// m side: blocks of rows of [B | gB]. When r is a multiple of 8 the whole 24-row groups are
+// read where they lie; the rest (all rows otherwise) is copied into a local buffer w [R, C]
+// with each half zero-padded to rp = round_up(r, 8) floats (C = 2 rp), so every tile is whole
+// vectors. Column c < rp of a block is B's, column rp + c is gB's.
+
+struct RowBlock {
+  const float* b;  // row 0, column 0 of the B half
+  const float* g;  // row 0, column 0 of the gB half
+  int64_t ld, rp, R;  // row stride, half width, rows (a multiple of 24; rows past the data are zero)
+  const float* col(int64_t c) const { return c < rp ? b + c : g + (c - rp); }
+};
+
+struct RowChunks {
+  int64_t r, rp, C, rows;  // rows per chunk (a multiple of 24: whole 6- and 8-row tiles)
+  explicit RowChunks(int64_t rank) : r(rank), rp(round_up(rank, 8)), C(2 * round_up(rank, 8)) {
+    rows = std::max<int64_t>(24, (4096 / C) / 24 * 24);  // ~16 KB of rows: stays in L1
+  }
+  // Copies rows [i0, i0 + n) into w (R = round_up(n, 24) rows, the extra ones zero).
+  int64_t load(const Layer& L, int64_t i0, int64_t n, float* w) const {
+    const int64_t R = round_up(n, 24);
+    for (int64_t i = 0; i < n; ++i) {
+      float* row = w + i * C;
+      const float* bs = L.b + (i0 + i) * r;
+      const float* gs = L.gb + (i0 + i) * r;
+      for (int64_t q = 0; q < rp; ++q) {
+        row[q] = q < r ? bs[q] : 0.f;
+        row[rp + q] = q < r ? gs[q] : 0.f;
+      }
+    }
+    std::memset(w + n * C, 0, sizeof(float) * (R - n) * C);
+    return R;
+  }
+  // f(block, i0, n) over the layer's rows in order; rows [i0, i0 + n) of the layer are the
+  // block's first n rows.
+  template <typename F>
+  void each(const Layer& L, float* w, F&& f) const {
+    int64_t i0 = 0;
+    if (r == rp) {
+      const int64_t whole = L.m / 24 * 24;
+      while (i0 < whole) {
+        const int64_t n = std::min(rows, whole - i0);
+        f(RowBlock{L.b + i0 * r, L.gb + i0 * r, r, rp, n}, i0, n);
+        i0 += n;
+      }
+    }
+    for (; i0 < L.m; i0 += rows) {
+      const int64_t n = std::min(rows, L.m - i0);
+      const int64_t R = load(L, i0, n, w);
+      f(RowBlock{w, w + rp, C, rp, R}, i0, n);
+    }
+  }
+};
+
+// Column blocks [qb, qb + 8 NV) of [0, width) that never straddle the two halves: f(qb, nv).
+template <typename F>
+inline void col_blocks(int64_t from, int64_t width, int64_t rp, F&& f) {
+  for (int64_t hs = 0; hs < width; hs += rp) {
+    const int64_t he = std::min(hs + rp, width);
+    int64_t qb = std::max(hs, from);
+    for (; qb + 16 <= he; qb += 16) f(qb, 2);
+    if (qb < he) f(qb, 1);
+  }
+}
+
+// g[pb + u, qb + 8v + l] += Σ_i (x[i, u]) (s_i y[i, 8v + l]), u < 4, v < NV; x, y point at
+// columns pb and qb of row 0, row stride ld.
+template <int NV, bool SCALED>
+inline void gram_rows_tile(const float* x, const float* y, int64_t ld, int64_t R, const float* scale, double* g,
+                           int64_t ldg) {
+  vf8 acc[4][NV] = {};
+  for (int64_t i = 0; i < R; ++i) {
+    vf8 yv[NV];
+    for (int v = 0; v < NV; ++v) yv[v] = load8(y + i * ld + 8 * v);
+    if (SCALED) {
+      for (int v = 0; v < NV; ++v) yv[v] *= bcast(scale[i]);
+    }
+    for (int u = 0; u < 4; ++u) {
+      const vf8 xv = bcast(x[i * ld + u]);
+      for (int v = 0; v < NV; ++v) acc[u][v] += xv * yv[v];
+    }
+  }
+  for (int u = 0; u < 4; ++u)
+    for (int v = 0; v < NV; ++v)
+      for (int l = 0; l < 8; ++l) g[u * ldg + 8 * v + l] += acc[u][v][l];
+}
+
+// Upper block triangle (column blocks from the one holding the diagonal) of Σ_i s_i wᵢᵀ wᵢ
+// over the block's columns [0, width), into g [C, C] (row stride ldg).
+void gram_rows_upper(const RowBlock& blk, int64_t width, const float* scale, double* g, int64_t ldg) {
+  for (int64_t pb = 0; pb < width; pb += 4) {
+    const float* x = blk.col(pb);
+    col_blocks(pb / 8 * 8, width, blk.rp, [&](int64_t qb, int nv) {
+      const float* y = blk.col(qb);
+      double* out = g + pb * ldg + qb;
+      if (scale == nullptr) {
+        nv == 2 ? gram_rows_tile<2, false>(x, y, blk.ld, blk.R, nullptr, out, ldg)
+                : gram_rows_tile<1, false>(x, y, blk.ld, blk.R, nullptr, out, ldg);
+      } else {
+        nv == 2 ? gram_rows_tile<2, true>(x, y, blk.ld, blk.R, scale, out, ldg)
+                : gram_rows_tile<1, true>(x, y, blk.ld, blk.R, scale, out, ldg);
+      }
+    });
+  }
+}
+
+// acc[u][v] += Σ_{t < count} x[u * ld + t] M[t * ldm + 8v ..]: MR rows of one half times
+// count rows of M. MR = 6, NV = 2 is the 6 × 16 tile of AVX2 GEMM kernels: 12 independent
+// accumulators hide the FMA latency, and 8 loads feed 12 FMAs.
+template <int MR, int NV>
+inline void rows_acc(const float* x, int64_t ld, const float* M, int64_t ldm, int64_t count, vf8 (&acc)[MR][NV]) {
+  for (int64_t t = 0; t < count; ++t) {
+    vf8 mv[NV];
+    for (int v = 0; v < NV; ++v) {
+      mv[v] = load8(M + t * ldm + 8 * v);
+      pin(mv[v]);
+    }
+    for (int u = 0; u < MR; ++u) {
+      const vf8 xv = bcast(x[u * ld + t]);
+      for (int v = 0; v < NV; ++v) acc[u][v] += xv * mv[v];
+    }
+  }
+}
+
+template <int MR, int NV>
+inline void zero(vf8 (&acc)[MR][NV]) {
+  for (int u = 0; u < MR; ++u)
+    for (int v = 0; v < NV; ++v) acc[u][v] = vf8{};
+}
+
+// Quadratic forms out[i] = w_i U w_iᵀ for U upper triangular [C, C] in the padded layout
+// (U[c, q] = 0 for c > q, so a column block only needs the rows above its end). tots is
+// scratch for R vectors; out gets R entries.
+template <int NV>
+inline void quad_rows_block(const RowBlock& blk, int64_t ib, const float* U, int64_t C, int64_t qb, vf8 (&tot)[6]) {
+  vf8 acc[6][NV];
+  zero(acc);
+  const int64_t c_end = qb + 8 * NV, rp = blk.rp;
+  rows_acc<6, NV>(blk.b + ib * blk.ld, blk.ld, U + qb, C, std::min(c_end, rp), acc);
+  if (c_end > rp) rows_acc<6, NV>(blk.g + ib * blk.ld, blk.ld, U + rp * C + qb, C, c_end - rp, acc);
+  const float* y = blk.col(qb) + ib * blk.ld;
+  for (int u = 0; u < 6; ++u)
+    for (int v = 0; v < NV; ++v) tot[u] += acc[u][v] * load8(y + u * blk.ld + 8 * v);
+}
+
+void quad_rows(const RowBlock& blk, const float* U, int64_t C, vf8* tots, float* out) {
+  for (int64_t ib = 0; ib < blk.R; ib += 6) {
+    vf8 tot[6] = {};
+    col_blocks(0, 2 * blk.rp, blk.rp, [&](int64_t qb, int nv) {
+      nv == 2 ? quad_rows_block<2>(blk, ib, U, C, qb, tot) : quad_rows_block<1>(blk, ib, U, C, qb, tot);
+    });
+    for (int u = 0; u < 6; ++u) tots[ib + u] = tot[u];
+  }
+  for (int64_t ib = 0; ib < blk.R; ib += 8) store8(out + ib, hsum8x8(tots + ib));
+}
+
+// dB rows of a 6-row tile: d[u, :] = (gB_u right) / ell_u + B_u hc, with M [C, rp] =
+// [hc ; right] (rows rp.. are right's); d is [6, rp].
+template <int NV>
+inline void update_rows_block(const RowBlock& blk, int64_t ib, int64_t r, const float* M, int64_t qb,
+                              const float* inv_ell, float* d) {
+  vf8 acc[6][NV];
+  zero(acc);
+  const int64_t rp = blk.rp;
+  rows_acc<6, NV>(blk.g + ib * blk.ld, blk.ld, M + rp * rp + qb, rp, r, acc);
+  for (int u = 0; u < 6; ++u)
+    for (int v = 0; v < NV; ++v) acc[u][v] *= bcast(inv_ell[u]);
+  rows_acc<6, NV>(blk.b + ib * blk.ld, blk.ld, M + qb, rp, r, acc);
+  for (int u = 0; u < 6; ++u)
+    for (int v = 0; v < NV; ++v) store8(d + u * rp + qb + 8 * v, acc[u][v]);
+}
+
+// ---------------------------------------------------------------------------------------
+// n side: the 2r rows [gA ; A] of length n, taken J columns at a time (J a multiple of 16).
+// Rows are pointers: gA rows at 0..r-1, A rows at rq..rq+r-1 (rq = round_up(r, 4)), the
+// padding rows point at zeros, so every tile is whole. A final partial chunk is copied into
+// a zero-padded local block.
+
+struct ColChunks {
+  int64_t r, rq, P, J;
+  explicit ColChunks(int64_t rank) : r(rank), rq(round_up(rank, 4)), P(2 * round_up(rank, 4)) {
+    J = std::max<int64_t>(16, (4096 / P) / 16 * 16);  // ~16 KB of rows: stays in L1
+  }
+  // Row pointers of columns [j0, j0 + width) (width <= J). Full chunks point into A and gA
+  // (stride n); a partial one is copied into `pad` [P, J] (row stride J). Returns the stride.
+  int64_t rows(const Layer& L, int64_t j0, int64_t width, std::vector<const float*>& ptr, std::vector<float>& pad,
+               const std::vector<float>& zeros) const {
+    for (int64_t p = 0; p < P; ++p) ptr[p] = zeros.data();
+    if (width == J) {
+      for (int64_t p = 0; p < r; ++p) {
+        ptr[p] = L.ga + p * L.n + j0;
+        ptr[rq + p] = L.a + p * L.n + j0;
+      }
+      return L.n;
+    }
+    std::fill(pad.begin(), pad.end(), 0.f);
+    for (int64_t p = 0; p < r; ++p) {
+      std::memcpy(pad.data() + p * J, L.ga + p * L.n + j0, sizeof(float) * width);
+      std::memcpy(pad.data() + (rq + p) * J, L.a + p * L.n + j0, sizeof(float) * width);
+      ptr[p] = pad.data() + p * J;
+      ptr[rq + p] = pad.data() + (rq + p) * J;
+    }
+    return J;
+  }
+};
+
+// acc[4u + v] += Σ_j (x_{p0+u}[j] s[j]) x_{q0+v}[j], u < 2, v < 4, over j < len (8 lanes per
+// sum; the lanes are added once, by dot_tiles_finish, after the last chunk).
+template <bool SCALED>
+inline void dot_tile(const float* const* x, int64_t p0, int64_t q0, int64_t len, const float* scale, vf8* acc_mem) {
+  vf8 acc[8];
+  for (int t = 0; t < 8; ++t) acc[t] = acc_mem[t];
+  const float *p_0 = x[p0], *p_1 = x[p0 + 1];
+  const float *q_0 = x[q0], *q_1 = x[q0 + 1], *q_2 = x[q0 + 2], *q_3 = x[q0 + 3];
+  for (int64_t j = 0; j < len; j += 8) {
+    vf8 a0 = load8(p_0 + j), a1 = load8(p_1 + j);
+    if (SCALED) {
+      const vf8 s = load8(scale + j);
+      a0 *= s;
+      a1 *= s;
+    }
+    pin(a0);
+    pin(a1);
+    const vf8 b0 = load8(q_0 + j), b1 = load8(q_1 + j), b2 = load8(q_2 + j), b3 = load8(q_3 + j);
+    acc[0] += a0 * b0;
+    acc[1] += a0 * b1;
+    acc[2] += a0 * b2;
+    acc[3] += a0 * b3;
+    acc[4] += a1 * b0;
+    acc[5] += a1 * b1;
+    acc[6] += a1 * b2;
+    acc[7] += a1 * b3;
+  }
+  for (int t = 0; t < 8; ++t) acc_mem[t] = acc[t];
+}
+
+// The 2 × 4 tiles (p0 step 2, q0 step 4) of a Gram over rows [lo, hi) × [qlo, hi), upper
+// block triangle only when `upper`: one slot of 8 vector sums per tile in `acc`.
+struct DotTiles {
+  int64_t lo, hi, qlo;
+  bool upper;
+  template <typename F>
+  void each(F&& f) const {
+    int64_t t = 0;
+    for (int64_t p0 = lo; p0 < hi; p0 += 2)
+      for (int64_t q0 = upper ? std::max(qlo, p0 / 4 * 4) : qlo; q0 < hi; q0 += 4) f(p0, q0, t++);
+  }
+  int64_t count() const {
+    int64_t n = 0;
+    each([&](int64_t, int64_t, int64_t) { ++n; });
+    return n;
+  }
+};
+
+void dot_tiles_run(const DotTiles& tiles, const float* const* x, int64_t len, const float* scale, vf8* acc) {
+  tiles.each([&](int64_t p0, int64_t q0, int64_t t) {
+    if (scale == nullptr) {
+      dot_tile<false>(x, p0, q0, len, nullptr, acc + 8 * t);
+    } else {
+      dot_tile<true>(x, p0, q0, len, scale, acc + 8 * t);
+    }
+  });
+}
+
+// g[p, q] = the finished sums (float64 [P, P], row stride ldg)
+void dot_tiles_finish(const DotTiles& tiles, const vf8* acc, double* g, int64_t ldg) {
+  tiles.each([&](int64_t p0, int64_t q0, int64_t t) {
+    const vf8 s = hsum8x8(acc + 8 * t);
+    for (int u = 0; u < 2; ++u)
+      for (int v = 0; v < 4; ++v) g[(p0 + u) * ldg + q0 + v] = s[4 * u + v];
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-thread scratch, sized for the largest layer of a call.
+
+struct Scratch {
+  std::vector<float> w, pad, zeros, buf, mat, vec;
+  std::vector<double> g;
+  std::vector<const float*> ptr;
+  std::vector<vf8> acc;
+};
+
+// Copies the [rows, cols] float64 block at `g` (row stride ldg) into out, mirroring the
+// strictly lower part from the upper one when `mirror` (the kernels fill only the upper).
+void store_sym(const double* g, int64_t ldg, int64_t row0, int64_t col0, int64_t n, float* out, int64_t ldo,
+               int64_t orow0, int64_t ocol0, bool mirror) {
+  for (int64_t p = 0; p < n; ++p)
+    for (int64_t q = 0; q < n; ++q) {
+      const bool low = mirror && q < p;
+      const double v = low ? g[(row0 + q) * ldg + col0 + p] : g[(row0 + p) * ldg + col0 + q];
+      out[(orow0 + p) * ldo + ocol0 + q] = static_cast<float>(v);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// adapre_grams: (gm [k, 2r, 2r] = Σ_i w_iᵀ w_i over [B | gB],  gn [k, 2r, 2r] = Σ_j x_j x_jᵀ
+// over [gA ; A]). With lowrank = false only gn's gA Aᵀ block (and its mirror) is computed.
+
+std::vector<at::Tensor> adapre_grams(at::TensorList a, at::TensorList b, at::TensorList ga, at::TensorList gb,
+                                     bool lowrank) {
+  int64_t r = 0;
+  const auto layers = layers_of(a, b, ga, gb, &r);
+  const int64_t k = static_cast<int64_t>(layers.size());
+  auto gm = at::zeros({k, 2 * r, 2 * r}, a[0].options());
+  auto gn = at::zeros({k, 2 * r, 2 * r}, a[0].options());
+  const RowChunks rc(r);
+  const ColChunks cc(r);
+  float* gmp = gm.data_ptr<float>();
+  float* gnp = gn.data_ptr<float>();
+  at::parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {
+    Scratch s;
+    s.w.resize(rc.rows * rc.C);
+    s.g.resize(std::max(rc.C * rc.C, cc.P * cc.P));
+    s.pad.resize(cc.P * cc.J);
+    s.zeros.assign(cc.J, 0.f);
+    s.ptr.resize(cc.P);
+    for (int64_t l = lo; l < hi; ++l) {
+      const Layer& L = layers[l];
+      const int64_t o = 2 * r;
+      float* outm = gmp + l * o * o;
+      float* outn = gnp + l * o * o;
+      if (lowrank) {
+        std::fill(s.g.begin(), s.g.end(), 0.0);
+        rc.each(L, s.w.data(), [&](const RowBlock& blk, int64_t, int64_t) {
+          gram_rows_upper(blk, rc.C, nullptr, s.g.data(), rc.C);
+        });
+        // blocks: B B (0, 0), B gB (0, rp), gB gB (rp, rp) of the padded C × C sum
+        store_sym(s.g.data(), rc.C, 0, 0, r, outm, o, 0, 0, true);
+        store_sym(s.g.data(), rc.C, rc.rp, rc.rp, r, outm, o, r, r, true);
+        for (int64_t p = 0; p < r; ++p)
+          for (int64_t q = 0; q < r; ++q) {
+            const float v = static_cast<float>(s.g[p * rc.C + rc.rp + q]);
+            outm[p * o + r + q] = v;
+            outm[(r + q) * o + p] = v;
+          }
+      }
+      // lowrank: the upper block triangle of all 2r rows; else only gA (rows) × A (columns)
+      const DotTiles tiles = lowrank ? DotTiles{0, cc.P, 0, true} : DotTiles{0, cc.P, cc.rq, false};
+      s.acc.assign(8 * tiles.count(), vf8{});
+      for (int64_t j0 = 0; j0 < L.n; j0 += cc.J) {
+        const int64_t width = std::min(cc.J, L.n - j0);
+        cc.rows(L, j0, width, s.ptr, s.pad, s.zeros);
+        dot_tiles_run(tiles, s.ptr.data(), round_up(width, 8), nullptr, s.acc.data());
+      }
+      std::fill(s.g.begin(), s.g.end(), 0.0);
+      dot_tiles_finish(tiles, s.acc.data(), s.g.data(), cc.P);
+      if (lowrank) {
+        store_sym(s.g.data(), cc.P, 0, 0, r, outn, o, 0, 0, true);
+        store_sym(s.g.data(), cc.P, cc.rq, cc.rq, r, outn, o, r, r, true);
+      }
+      for (int64_t p = 0; p < r; ++p)
+        for (int64_t q = 0; q < r; ++q) {
+          const float v = static_cast<float>(s.g[p * cc.P + cc.rq + q]);
+          outn[p * o + r + q] = v;
+          outn[(r + q) * o + p] = v;
+        }
+    }
+  });
+  return {gm, gn};
+}
+
+// ---------------------------------------------------------------------------------------
+// adapre_weights: the Adafactor weights and the weighted Grams, in one pass per layer.
+//
+// With K_row, K_col [k, 2r, 2r] (symmetric; a step that measures the statistic) first the
+// new sums row_sq[i] = w_i K_row w_iᵀ (w_i = [B_i | gB_i]) and col_sq[j] = x_jᵀ K_col x_j
+// (x_j = [gA_:j ; A_:j]) are folded into the state in place, r_t <- r_t + fold[l] (row_sq - r_t)
+// (c_t likewise). Each K is folded into an upper-triangular U (U_pq = K_pq + K_qp above the
+// diagonal) in the padded layout, which saves a third of the products of the forms. Then,
+// with inv_corr[l] = 1 / (1 - β2^t):
+//   ell = √r̂, r̂ = r_t · inv_corr + eps;   rho = √ĉ / √(1ᵀ r̂)
+//   BᵀLB = Σ_i ell_i B_iᵀ B_i,  ARAᵀ = Σ_j rho_j A_:j A_:jᵀ   ([k, r, r] each, undamped)
+// and the means of ell and rho ([k, 2] float64, for the damping).
+
+void col_quad_chunk(const float* const* x, int64_t P, int64_t width, const float* U, float* out) {
+  // Y[p] = Σ_{q >= p} U[p, q] x_q, out = Σ_p x_p ∘ Y[p], 16 columns at a time
+  for (int64_t jb = 0; jb < width; jb += 16) {
+    vf8 t0 = {}, t1 = {};
+    for (int64_t p0 = 0; p0 < P; p0 += 4) {
+      vf8 acc[4][2] = {};
+      for (int64_t q = p0; q < P; ++q) {
+        vf8 x0 = load8(x[q] + jb), x1 = load8(x[q] + jb + 8);
+        pin(x0);
+        pin(x1);
+        for (int u = 0; u < 4; ++u) {
+          const vf8 c = bcast(U[(p0 + u) * P + q]);
+          acc[u][0] += c * x0;
+          acc[u][1] += c * x1;
+        }
+      }
+      for (int u = 0; u < 4; ++u) {
+        t0 += acc[u][0] * load8(x[p0 + u] + jb);
+        t1 += acc[u][1] * load8(x[p0 + u] + jb + 8);
+      }
+    }
+    store8(out + jb, t0);
+    store8(out + jb + 8, t1);
+  }
+}
+
+// U (upper, padded layout: unpadded index c maps to idx(c)) from a symmetric K [o, o].
+template <typename Idx>
+void fold_upper(const float* K, int64_t o, int64_t ld, Idx idx, float* U, int64_t size) {
+  std::fill(U, U + size, 0.f);
+  for (int64_t p = 0; p < o; ++p)
+    for (int64_t q = p; q < o; ++q) U[idx(p) * ld + idx(q)] = p == q ? K[p * o + p] : K[p * o + q] + K[q * o + p];
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adapre_weights(
+    at::TensorList a, at::TensorList b, at::TensorList ga, at::TensorList gb, at::TensorList row_state,
+    at::TensorList col_state, c10::ArrayRef<double> inv_corr, double eps, const c10::optional<at::Tensor>& k_row,
+    const c10::optional<at::Tensor>& k_col, c10::ArrayRef<double> fold) {
+  int64_t r = 0;
+  const auto layers = layers_of(a, b, ga, gb, &r);
+  const int64_t k = static_cast<int64_t>(layers.size());
+  check_vectors(row_state, layers, true, "row_state");
+  check_vectors(col_state, layers, false, "col_state");
+  TORCH_CHECK(static_cast<int64_t>(inv_corr.size()) == k, "inv_corr must have one entry per layer");
+  const bool measure = k_row.has_value();
+  TORCH_CHECK(k_col.has_value() == measure, "K_row and K_col must both be given or both be None");
+  if (measure) {
+    check_mats(*k_row, k, 2 * r, 2 * r, "K_row");
+    check_mats(*k_col, k, 2 * r, 2 * r, "K_col");
+    TORCH_CHECK(static_cast<int64_t>(fold.size()) == k, "fold must have one entry per layer");
+  }
+  std::vector<at::Tensor> ell(k), rho(k);
+  for (int64_t l = 0; l < k; ++l) {
+    ell[l] = at::empty({layers[l].m}, a[0].options());
+    rho[l] = at::empty({layers[l].n}, a[0].options());
+  }
+  auto bl = at::empty({k, r, r}, a[0].options());
+  auto ar = at::empty({k, r, r}, a[0].options());
+  auto means = at::empty({k, 2}, a[0].options().dtype(at::kDouble));
+  const RowChunks rc(r);
+  const ColChunks cc(r);
+  float* blp = bl.data_ptr<float>();
+  float* arp = ar.data_ptr<float>();
+  double* mp = means.data_ptr<double>();
+  const float* krp = measure ? k_row->data_ptr<float>() : nullptr;
+  const float* kcp = measure ? k_col->data_ptr<float>() : nullptr;
+  auto row_idx = [&](int64_t c) { return c < r ? c : rc.rp + (c - r); };
+  auto col_idx = [&](int64_t c) { return c < r ? c : cc.rq + (c - r); };
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {
+    Scratch s;
+    s.w.resize(rc.rows * rc.C);
+    s.g.resize(std::max(rc.C * rc.C, cc.P * cc.P));
+    s.mat.resize(std::max(rc.C * rc.C, cc.P * cc.P));
+    s.pad.resize(cc.P * cc.J);
+    s.zeros.assign(cc.J, 0.f);
+    s.ptr.resize(cc.P);
+    s.vec.resize(std::max(rc.rows, cc.J));
+    s.buf.resize(std::max(rc.rows, cc.J));
+    s.acc.resize(rc.rows);
+    const int64_t o = 2 * r;
+    for (int64_t l = lo; l < hi; ++l) {
+      const Layer& L = layers[l];
+      const float ic = static_cast<float>(inv_corr[l]);
+      const float f = measure ? static_cast<float>(fold[l]) : 0.f;
+      float* rs = row_state[l].data_ptr<float>();
+      float* cs = col_state[l].data_ptr<float>();
+      float* e = ell[l].data_ptr<float>();
+      float* rh = rho[l].data_ptr<float>();
+      // m side: [fold the new row sums], ell, BᵀLB
+      if (measure) fold_upper(krp + l * o * o, o, rc.C, row_idx, s.mat.data(), rc.C * rc.C);
+      double r_sum = 0.0, e_sum = 0.0, rho_sum = 0.0;
+      std::fill(s.g.begin(), s.g.end(), 0.0);
+      rc.each(L, s.w.data(), [&](const RowBlock& blk, int64_t i0, int64_t n) {
+        if (measure) {
+          quad_rows(blk, s.mat.data(), rc.C, s.acc.data(), s.vec.data());
+          for (int64_t i = 0; i < n; ++i) rs[i0 + i] += f * (s.vec[i] - rs[i0 + i]);
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          const float v = rs[i0 + i] * ic + feps;
+          r_sum += v;
+          e[i0 + i] = std::sqrt(v);
+          e_sum += e[i0 + i];
+        }
+        const float* scale = e + i0;
+        if (blk.R != n) {  // a copied tail: its padding rows need (any finite) weights
+          std::fill(s.buf.begin(), s.buf.end(), 0.f);
+          std::memcpy(s.buf.data(), e + i0, sizeof(float) * n);
+          scale = s.buf.data();
+        }
+        gram_rows_upper(blk, rc.rp, scale, s.g.data(), rc.C);
+      });
+      store_sym(s.g.data(), rc.C, 0, 0, r, blp + l * r * r, r, 0, 0, true);
+      // n side: [fold the new column sums], √ĉ, Σ_j √ĉ_j A_:j A_:jᵀ; then the 1 / √(1ᵀ r̂)
+      if (measure) fold_upper(kcp + l * o * o, o, cc.P, col_idx, s.mat.data(), cc.P * cc.P);
+      const DotTiles tiles{0, cc.rq, 0, true};  // the A rows (from row rq of the pointers)
+      s.acc.assign(std::max<int64_t>(rc.rows, 8 * tiles.count()), vf8{});
+      for (int64_t j0 = 0; j0 < L.n; j0 += cc.J) {
+        const int64_t width = std::min(cc.J, L.n - j0);
+        cc.rows(L, j0, width, s.ptr, s.pad, s.zeros);
+        if (measure) {
+          col_quad_chunk(s.ptr.data(), cc.P, width, s.mat.data(), s.vec.data());
+          for (int64_t j = 0; j < width; ++j) cs[j0 + j] += f * (s.vec[j] - cs[j0 + j]);
+        }
+        std::fill(s.buf.begin(), s.buf.end(), 0.f);
+        for (int64_t j = 0; j < width; ++j) s.buf[j] = rh[j0 + j] = std::sqrt(cs[j0 + j] * ic + feps);
+        dot_tiles_run(tiles, s.ptr.data() + cc.rq, round_up(width, 8), s.buf.data(), s.acc.data());
+      }
+      const double norm = 1.0 / std::sqrt(r_sum);
+      const float fnorm = static_cast<float>(norm);
+      for (int64_t j = 0; j < L.n; ++j) {
+        rh[j] *= fnorm;
+        rho_sum += rh[j];
+      }
+      mp[2 * l] = e_sum / static_cast<double>(L.m);
+      mp[2 * l + 1] = rho_sum / static_cast<double>(L.n);
+      std::fill(s.g.begin(), s.g.end(), 0.0);
+      dot_tiles_finish(tiles, s.acc.data(), s.g.data(), cc.P);
+      for (auto& v : s.g) v *= norm;
+      store_sym(s.g.data(), cc.P, 0, 0, r, arp + l * r * r, r, 0, 0, true);
+    }
+  });
+  return {ell, rho, bl, ar, means};
+}
+
+// ---------------------------------------------------------------------------------------
+// spd_cholesky_inverse: (M⁻¹ via M = LLᵀ, ok) for a batch of small SPD float64 [k, r, r];
+// ok[l] = false (and the inverse left as the identity) where a pivot is not positive or
+// not finite. The same result as torch.linalg.cholesky_ex + torch.cholesky_inverse, without
+// one LAPACK call per matrix (their per-call cost dominates at r = 16).
+
+std::tuple<at::Tensor, at::Tensor> spd_cholesky_inverse(const at::Tensor& mats) {
+  TORCH_CHECK(mats.device().is_cpu() && mats.scalar_type() == at::kDouble && mats.is_contiguous(),
+              "mats must be a contiguous float64 CPU tensor");
+  TORCH_CHECK(mats.dim() == 3 && mats.size(1) == mats.size(2), "mats must be [k, r, r]");
+  const int64_t k = mats.size(0), n = mats.size(1);
+  auto inv = at::empty_like(mats);
+  auto ok = at::empty({k}, mats.options().dtype(at::kBool));
+  const double* mp = mats.data_ptr<double>();
+  double* ip = inv.data_ptr<double>();
+  bool* okp = ok.data_ptr<bool>();
+  at::parallel_for(0, k, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<double> c(n * n), li(n * n);
+    for (int64_t l = lo; l < hi; ++l) {
+      const double* m = mp + l * n * n;
+      double* out = ip + l * n * n;
+      bool good = true;
+      // lower Cholesky factor, reading the lower triangle (as LAPACK's 'L' does)
+      for (int64_t j = 0; j < n && good; ++j) {
+        double d = m[j * n + j];
+        for (int64_t t = 0; t < j; ++t) d -= c[j * n + t] * c[j * n + t];
+        if (!(d > 0.0) || !std::isfinite(d)) {
+          good = false;
+          break;
+        }
+        const double ljj = std::sqrt(d);
+        c[j * n + j] = ljj;
+        for (int64_t i = j + 1; i < n; ++i) {
+          double v = m[i * n + j];
+          for (int64_t t = 0; t < j; ++t) v -= c[i * n + t] * c[j * n + t];
+          c[i * n + j] = v / ljj;
+        }
+      }
+      okp[l] = good;
+      if (!good) {
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < n; ++j) out[i * n + j] = i == j ? 1.0 : 0.0;
+        continue;
+      }
+      // L⁻¹ (lower), then M⁻¹ = L⁻ᵀ L⁻¹
+      for (int64_t j = 0; j < n; ++j) {
+        li[j * n + j] = 1.0 / c[j * n + j];
+        for (int64_t i = j + 1; i < n; ++i) {
+          double v = 0.0;
+          for (int64_t t = j; t < i; ++t) v -= c[i * n + t] * li[t * n + j];
+          li[i * n + j] = v / c[i * n + i];
+        }
+      }
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j <= i; ++j) {
+          double v = 0.0;
+          for (int64_t t = i; t < n; ++t) v += li[t * n + i] * li[t * n + j];
+          out[i * n + j] = v;
+          out[j * n + i] = v;
+        }
+    }
+  });
+  return {inv, ok};
+}
+
+// ---------------------------------------------------------------------------------------
+// adapre_update (in place): dA = left (gA / rho) + hc A, dB = (gB / ell) right + B hc, with
+// left, right, hc [k, r, r]; then d <- m <- m + (1 - beta1)(d - m) when momentum buffers are
+// given (mom_a, mom_b shaped like A, B; empty lists for none), p <- (p + lr d) * decay.
+
+void apply_step(float* __restrict p, const float* __restrict d, float* __restrict mom, int64_t n, float beta1,
+                float lr, float decay) {
+  if (mom == nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) p[j] = (p[j] + lr * d[j]) * decay;
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float m = mom[j] + (1.f - beta1) * (d[j] - mom[j]);
+      mom[j] = m;
+      p[j] = (p[j] + lr * m) * decay;
+    }
+  }
+}
+
+void adapre_update(at::TensorList a, at::TensorList b, at::TensorList ga, at::TensorList gb, at::TensorList ell,
+                   at::TensorList rho, const at::Tensor& left, const at::Tensor& right, const at::Tensor& half_c,
+                   double lr, double decay, at::TensorList mom_a, at::TensorList mom_b, double beta1) {
+  int64_t r = 0;
+  const auto layers = layers_of(a, b, ga, gb, &r);
+  const int64_t k = static_cast<int64_t>(layers.size());
+  check_vectors(ell, layers, true, "ell");
+  check_vectors(rho, layers, false, "rho");
+  check_mats(left, k, r, r, "left");
+  check_mats(right, k, r, r, "right");
+  check_mats(half_c, k, r, r, "half_c");
+  const bool momentum = !mom_a.empty();
+  TORCH_CHECK(mom_a.size() == mom_b.size(), "mom_A and mom_B must both be given or both be empty");
+  if (momentum) {
+    TORCH_CHECK(mom_a.size() == a.size(), "mom_A must list one buffer per layer");
+    for (int64_t l = 0; l < k; ++l) {
+      check_f32_contig(mom_a[l], "mom_A");
+      check_f32_contig(mom_b[l], "mom_B");
+      TORCH_CHECK(mom_a[l].sizes() == a[l].sizes() && mom_b[l].sizes() == b[l].sizes(),
+                  "layer ", l, ": momentum buffers must have the factors' shapes");
+    }
+  }
+  const RowChunks rc(r);
+  const ColChunks cc(r);
+  const float flr = static_cast<float>(lr), fdecay = static_cast<float>(decay), fb1 = static_cast<float>(beta1);
+  at::parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {
+    Scratch s;
+    s.w.resize(rc.rows * rc.C);
+    s.pad.resize(cc.P * cc.J);
+    s.zeros.assign(cc.J, 0.f);
+    s.ptr.resize(cc.P);
+    s.vec.resize(std::max(rc.rows, cc.J));
+    s.mat.resize(std::max(rc.C * rc.rp, 2 * cc.rq * r));
+    s.buf.resize(std::max(rc.rows * rc.rp, cc.rq * 16));
+    for (int64_t l = lo; l < hi; ++l) {
+      const Layer& L = layers[l];
+      const float* hc = half_c.data_ptr<float>() + l * r * r;
+      const float* lf = left.data_ptr<float>() + l * r * r;
+      const float* rt = right.data_ptr<float>() + l * r * r;
+      float* bp = b[l].data_ptr<float>();
+      float* ap = a[l].data_ptr<float>();
+      float* mb = momentum ? mom_b[l].data_ptr<float>() : nullptr;
+      float* ma = momentum ? mom_a[l].data_ptr<float>() : nullptr;
+      // m side: M [C, rp] = [hc ; right] (padded)
+      const int64_t C = rc.C, rp = rc.rp;
+      std::fill(s.mat.begin(), s.mat.end(), 0.f);
+      for (int64_t c = 0; c < r; ++c)
+        for (int64_t q = 0; q < r; ++q) {
+          s.mat[c * rp + q] = hc[c * r + q];
+          s.mat[(rp + c) * rp + q] = rt[c * r + q];
+        }
+      const float* e = ell[l].data_ptr<float>();
+      rc.each(L, s.w.data(), [&](const RowBlock& blk, int64_t i0, int64_t n) {
+        for (int64_t ib = 0; ib < n; ib += 6) {
+          float inv_ell[6];
+          for (int u = 0; u < 6; ++u) inv_ell[u] = ib + u < n ? 1.f / e[i0 + ib + u] : 0.f;
+          col_blocks(0, rp, rp, [&](int64_t qb, int nv) {
+            nv == 2 ? update_rows_block<2>(blk, ib, r, s.mat.data(), qb, inv_ell, s.buf.data())
+                    : update_rows_block<1>(blk, ib, r, s.mat.data(), qb, inv_ell, s.buf.data());
+          });
+          // the tile's rows are all read; now write them back
+          for (int64_t u = 0; u < 6 && ib + u < n; ++u) {
+            const int64_t i = i0 + ib + u;
+            apply_step(bp + i * r, s.buf.data() + u * rp, mb == nullptr ? nullptr : mb + i * r, r, fb1, flr, fdecay);
+          }
+        }
+      });
+      // n side: dA[p, j] = Σ_q left[p, q] gA[q, j] / rho[j] + hc[p, q] A[q, j]; left and hc
+      // padded to rq rows (zeros) so every 4-row tile is whole.
+      const int64_t rq = cc.rq;
+      float* lpad = s.mat.data();
+      float* hpad = s.mat.data() + rq * r;
+      std::fill(lpad, lpad + 2 * rq * r, 0.f);
+      std::memcpy(lpad, lf, sizeof(float) * r * r);
+      std::memcpy(hpad, hc, sizeof(float) * r * r);
+      const float* rh = rho[l].data_ptr<float>();
+      for (int64_t j0 = 0; j0 < L.n; j0 += cc.J) {
+        const int64_t width = std::min(cc.J, L.n - j0);
+        cc.rows(L, j0, width, s.ptr, s.pad, s.zeros);
+        const float* const* x = s.ptr.data();
+        std::fill(s.vec.begin(), s.vec.end(), 1.f);
+        for (int64_t j = 0; j < width; ++j) s.vec[j] = 1.f / rh[j0 + j];
+        for (int64_t jb = 0; jb < width; jb += 16) {
+          const vf8 i0v = load8(s.vec.data() + jb), i1v = load8(s.vec.data() + jb + 8);
+          for (int64_t p0 = 0; p0 < rq; p0 += 4) {
+            vf8 acc[4][2] = {};
+            for (int64_t q = 0; q < r; ++q) {
+              vf8 g0 = load8(x[q] + jb) * i0v, g1 = load8(x[q] + jb + 8) * i1v;
+              vf8 a0 = load8(x[rq + q] + jb), a1 = load8(x[rq + q] + jb + 8);
+              pin(g0);
+              pin(g1);
+              pin(a0);
+              pin(a1);
+              for (int u = 0; u < 4; ++u) {
+                const vf8 cl = bcast(lpad[(p0 + u) * r + q]), ch = bcast(hpad[(p0 + u) * r + q]);
+                acc[u][0] += cl * g0;
+                acc[u][0] += ch * a0;
+                acc[u][1] += cl * g1;
+                acc[u][1] += ch * a1;
+              }
+            }
+            for (int u = 0; u < 4; ++u) {
+              store8(s.buf.data() + (p0 + u) * 16, acc[u][0]);
+              store8(s.buf.data() + (p0 + u) * 16 + 8, acc[u][1]);
+            }
+          }
+          // every row of this block is read; now write it back
+          const int64_t cols = std::min<int64_t>(16, width - jb);
+          for (int64_t p = 0; p < r; ++p) {
+            const int64_t at = p * L.n + j0 + jb;
+            apply_step(ap + at, s.buf.data() + p * 16, ma == nullptr ? nullptr : ma + at, cols, fb1, flr, fdecay);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lorafold_cpu, m) {
+  m.def("adapre_grams(Tensor[] A, Tensor[] B, Tensor[] gA, Tensor[] gB, bool lowrank) -> Tensor[]");
+  m.def(
+      "adapre_weights(Tensor[] A, Tensor[] B, Tensor[] gA, Tensor[] gB, Tensor(a!)[] row_state, "
+      "Tensor(b!)[] col_state, float[] inv_corr, float eps, Tensor? K_row, Tensor? K_col, float[] fold) "
+      "-> (Tensor[], Tensor[], Tensor, Tensor, Tensor)");
+  m.def("spd_cholesky_inverse(Tensor mats) -> (Tensor, Tensor)");
+  m.def(
+      "adapre_update(Tensor(a!)[] A, Tensor(b!)[] B, Tensor[] gA, Tensor[] gB, Tensor[] ell, Tensor[] rho, "
+      "Tensor left, Tensor right, Tensor half_c, float lr, float decay, Tensor(c!)[] mom_A, Tensor(d!)[] mom_B, "
+      "float beta1) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(lorafold_cpu, CPU, m) {
+  m.impl("adapre_grams", &adapre_grams);
+  m.impl("adapre_weights", &adapre_weights);
+  m.impl("spd_cholesky_inverse", &spd_cholesky_inverse);
+  m.impl("adapre_update", &adapre_update);
+}
