@@ -7,8 +7,9 @@
 // that is ~2.4x the time of torch's AdamW step. Here every pass reads each layer's factors
 // where they lie (no stacking), does its products in register tiles, and folds the
 // elementwise work (row/column scalings, the update, momentum, weight decay) into the same
-// pass. The r×r algebra between the passes (the statistic's kernels, the direction factors)
-// stays in torch, batched over all layers; the batched small-matrix inverse is here too.
+// pass. adapre_step also does the r×r algebra between the passes per layer (in torch it is a
+// batched linalg call per product, ~40 us each whatever the size); the separate ops remain
+// for the full-statistic path, which takes its sums from the exact gradient.
 //
 // Per layer, with A [r, n], B [m, r] (gradients gA, gB alike):
 //   m side: row i is w_i = [B_i | gB_i] (2r);   n side: column j is x_j = [gA_:j ; A_:j] (2r).
@@ -17,6 +18,9 @@
 //                          Adafactor state], then ell, rho and Σ_i ell_i B_iᵀ B_i, Σ_j rho_j A_:j A_:jᵀ
 //   adapre_update          dA = left (gA / rho) + hc A,  dB = (gB / ell) right + B hc;
 //                          p <- (p + lr d) * decay, d through a momentum when one is given.
+//   adapre_step            all of it for one layer in one task, with the r×r algebra between
+//                          the passes (statistic kernels, damped inverses, direction factors),
+//                          so each layer's factors come from memory once and stay in cache.
 // Sums are accumulated in fp32 registers over a cache-sized chunk of rows or columns and in
 // float64 across chunks. Threads: one task per layer on ATen's intra-op pool.
 
@@ -27,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <cstring>
 #include <vector>
@@ -48,6 +53,14 @@ inline void pin(vf8& v) {
 #else
   (void)v;
 #endif
+}
+
+// The n side walks 2r strided rows 16 columns (one cache line) at a time: 2r interleaved
+// streams, more than the hardware prefetcher follows, so each row's line `ahead` floats on
+// is requested while the current block is computed.
+inline void prefetch_rows_ahead(const float* const* x, int64_t rows, int64_t at, int64_t limit) {
+  if (at >= limit) return;
+  for (int64_t p = 0; p < rows; ++p) __builtin_prefetch(x[p] + at, 0, 3);
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -377,17 +390,29 @@ void dot_tiles_finish(const DotTiles& tiles, const vf8* acc, double* g, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------
-// Per-thread scratch, sized for the largest layer of a call.
+// Per-thread scratch, sized once per call for its rank.
 
 struct Scratch {
   std::vector<float> w, pad, zeros, buf, mat, vec;
   std::vector<double> g;
   std::vector<const float*> ptr;
   std::vector<vf8> acc;
+  Scratch(const RowChunks& rc, const ColChunks& cc) {
+    const int64_t sq = std::max(rc.C * rc.C, cc.P * cc.P);
+    w.resize(rc.rows * rc.C);
+    pad.resize(cc.P * cc.J);
+    zeros.assign(cc.J, 0.f);
+    buf.resize(std::max({rc.rows * rc.rp, cc.rq * 16, rc.rows, cc.J}));
+    mat.resize(std::max(sq, rc.C * rc.rp));
+    vec.resize(std::max(rc.rows, cc.J));
+    g.resize(sq);
+    ptr.resize(cc.P);
+    acc.resize(std::max<int64_t>(rc.rows, cc.P * cc.P));  // ≥ 8 vectors per 2 × 4 tile
+  }
 };
 
-// Copies the [rows, cols] float64 block at `g` (row stride ldg) into out, mirroring the
-// strictly lower part from the upper one when `mirror` (the kernels fill only the upper).
+// Copies the [n, n] float64 block at `g` (row stride ldg) into out, mirroring the strictly
+// lower part from the upper one when `mirror` (the kernels fill only the upper).
 void store_sym(const double* g, int64_t ldg, int64_t row0, int64_t col0, int64_t n, float* out, int64_t ldo,
                int64_t orow0, int64_t ocol0, bool mirror) {
   for (int64_t p = 0; p < n; ++p)
@@ -399,88 +424,55 @@ void store_sym(const double* g, int64_t ldg, int64_t row0, int64_t col0, int64_t
 }
 
 // ---------------------------------------------------------------------------------------
-// adapre_grams: (gm [k, 2r, 2r] = Σ_i w_iᵀ w_i over [B | gB],  gn [k, 2r, 2r] = Σ_j x_j x_jᵀ
-// over [gA ; A]). With lowrank = false only gn's gA Aᵀ block (and its mirror) is computed.
+// Per-layer passes. Each call sees one layer L at rank r; the ops below run them over lists.
 
-std::vector<at::Tensor> adapre_grams(at::TensorList a, at::TensorList b, at::TensorList ga, at::TensorList gb,
-                                     bool lowrank) {
-  int64_t r = 0;
-  const auto layers = layers_of(a, b, ga, gb, &r);
-  const int64_t k = static_cast<int64_t>(layers.size());
-  auto gm = at::zeros({k, 2 * r, 2 * r}, a[0].options());
-  auto gn = at::zeros({k, 2 * r, 2 * r}, a[0].options());
-  const RowChunks rc(r);
-  const ColChunks cc(r);
-  float* gmp = gm.data_ptr<float>();
-  float* gnp = gn.data_ptr<float>();
-  at::parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {
-    Scratch s;
-    s.w.resize(rc.rows * rc.C);
-    s.g.resize(std::max(rc.C * rc.C, cc.P * cc.P));
-    s.pad.resize(cc.P * cc.J);
-    s.zeros.assign(cc.J, 0.f);
-    s.ptr.resize(cc.P);
-    for (int64_t l = lo; l < hi; ++l) {
-      const Layer& L = layers[l];
-      const int64_t o = 2 * r;
-      float* outm = gmp + l * o * o;
-      float* outn = gnp + l * o * o;
-      if (lowrank) {
-        std::fill(s.g.begin(), s.g.end(), 0.0);
-        rc.each(L, s.w.data(), [&](const RowBlock& blk, int64_t, int64_t) {
-          gram_rows_upper(blk, rc.C, nullptr, s.g.data(), rc.C);
-        });
-        // blocks: B B (0, 0), B gB (0, rp), gB gB (rp, rp) of the padded C × C sum
-        store_sym(s.g.data(), rc.C, 0, 0, r, outm, o, 0, 0, true);
-        store_sym(s.g.data(), rc.C, rc.rp, rc.rp, r, outm, o, r, r, true);
-        for (int64_t p = 0; p < r; ++p)
-          for (int64_t q = 0; q < r; ++q) {
-            const float v = static_cast<float>(s.g[p * rc.C + rc.rp + q]);
-            outm[p * o + r + q] = v;
-            outm[(r + q) * o + p] = v;
-          }
+// gm [2r, 2r] = Σ_i w_iᵀ w_i over [B | gB], gn [2r, 2r] = Σ_j x_j x_jᵀ over [gA ; A] (both
+// zeroed first). With lowrank = false only gn's gA Aᵀ block (and its mirror) is computed.
+void layer_grams(const Layer& L, int64_t r, const RowChunks& rc, const ColChunks& cc, bool lowrank, Scratch& s,
+                 float* gm, float* gn) {
+  const int64_t o = 2 * r;
+  std::fill(gm, gm + o * o, 0.f);
+  std::fill(gn, gn + o * o, 0.f);
+  if (lowrank) {
+    std::fill(s.g.begin(), s.g.end(), 0.0);
+    rc.each(L, s.w.data(),
+            [&](const RowBlock& blk, int64_t, int64_t) { gram_rows_upper(blk, rc.C, nullptr, s.g.data(), rc.C); });
+    // blocks: B B (0, 0), B gB (0, rp), gB gB (rp, rp) of the padded C × C sum
+    store_sym(s.g.data(), rc.C, 0, 0, r, gm, o, 0, 0, true);
+    store_sym(s.g.data(), rc.C, rc.rp, rc.rp, r, gm, o, r, r, true);
+    for (int64_t p = 0; p < r; ++p)
+      for (int64_t q = 0; q < r; ++q) {
+        const float v = static_cast<float>(s.g[p * rc.C + rc.rp + q]);
+        gm[p * o + r + q] = v;
+        gm[(r + q) * o + p] = v;
       }
-      // lowrank: the upper block triangle of all 2r rows; else only gA (rows) × A (columns)
-      const DotTiles tiles = lowrank ? DotTiles{0, cc.P, 0, true} : DotTiles{0, cc.P, cc.rq, false};
-      s.acc.assign(8 * tiles.count(), vf8{});
-      for (int64_t j0 = 0; j0 < L.n; j0 += cc.J) {
-        const int64_t width = std::min(cc.J, L.n - j0);
-        cc.rows(L, j0, width, s.ptr, s.pad, s.zeros);
-        dot_tiles_run(tiles, s.ptr.data(), round_up(width, 8), nullptr, s.acc.data());
-      }
-      std::fill(s.g.begin(), s.g.end(), 0.0);
-      dot_tiles_finish(tiles, s.acc.data(), s.g.data(), cc.P);
-      if (lowrank) {
-        store_sym(s.g.data(), cc.P, 0, 0, r, outn, o, 0, 0, true);
-        store_sym(s.g.data(), cc.P, cc.rq, cc.rq, r, outn, o, r, r, true);
-      }
-      for (int64_t p = 0; p < r; ++p)
-        for (int64_t q = 0; q < r; ++q) {
-          const float v = static_cast<float>(s.g[p * cc.P + cc.rq + q]);
-          outn[p * o + r + q] = v;
-          outn[(r + q) * o + p] = v;
-        }
+  }
+  // lowrank: the upper block triangle of all 2r rows; else only gA (rows) × A (columns)
+  const DotTiles tiles = lowrank ? DotTiles{0, cc.P, 0, true} : DotTiles{0, cc.P, cc.rq, false};
+  std::fill(s.acc.begin(), s.acc.begin() + 8 * tiles.count(), vf8{});
+  for (int64_t j0 = 0; j0 < L.n; j0 += cc.J) {
+    const int64_t width = std::min(cc.J, L.n - j0);
+    cc.rows(L, j0, width, s.ptr, s.pad, s.zeros);
+    dot_tiles_run(tiles, s.ptr.data(), round_up(width, 8), nullptr, s.acc.data());
+  }
+  std::fill(s.g.begin(), s.g.end(), 0.0);
+  dot_tiles_finish(tiles, s.acc.data(), s.g.data(), cc.P);
+  if (lowrank) {
+    store_sym(s.g.data(), cc.P, 0, 0, r, gn, o, 0, 0, true);
+    store_sym(s.g.data(), cc.P, cc.rq, cc.rq, r, gn, o, r, r, true);
+  }
+  for (int64_t p = 0; p < r; ++p)
+    for (int64_t q = 0; q < r; ++q) {
+      const float v = static_cast<float>(s.g[p * cc.P + cc.rq + q]);
+      gn[p * o + r + q] = v;
+      gn[(r + q) * o + p] = v;
     }
-  });
-  return {gm, gn};
 }
-
-// ---------------------------------------------------------------------------------------
-// adapre_weights: the Adafactor weights and the weighted Grams, in one pass per layer.
-//
-// With K_row, K_col [k, 2r, 2r] (symmetric; a step that measures the statistic) first the
-// new sums row_sq[i] = w_i K_row w_iᵀ (w_i = [B_i | gB_i]) and col_sq[j] = x_jᵀ K_col x_j
-// (x_j = [gA_:j ; A_:j]) are folded into the state in place, r_t <- r_t + fold[l] (row_sq - r_t)
-// (c_t likewise). Each K is folded into an upper-triangular U (U_pq = K_pq + K_qp above the
-// diagonal) in the padded layout, which saves a third of the products of the forms. Then,
-// with inv_corr[l] = 1 / (1 - β2^t):
-//   ell = √r̂, r̂ = r_t · inv_corr + eps;   rho = √ĉ / √(1ᵀ r̂)
-//   BᵀLB = Σ_i ell_i B_iᵀ B_i,  ARAᵀ = Σ_j rho_j A_:j A_:jᵀ   ([k, r, r] each, undamped)
-// and the means of ell and rho ([k, 2] float64, for the damping).
 
 void col_quad_chunk(const float* const* x, int64_t P, int64_t width, const float* U, float* out) {
   // Y[p] = Σ_{q >= p} U[p, q] x_q, out = Σ_p x_p ∘ Y[p], 16 columns at a time
   for (int64_t jb = 0; jb < width; jb += 16) {
+    prefetch_rows_ahead(x, P, jb + 64, width);
     vf8 t0 = {}, t1 = {};
     for (int64_t p0 = 0; p0 < P; p0 += 4) {
       vf8 acc[4][2] = {};
@@ -504,7 +496,8 @@ void col_quad_chunk(const float* const* x, int64_t P, int64_t width, const float
   }
 }
 
-// U (upper, padded layout: unpadded index c maps to idx(c)) from a symmetric K [o, o].
+// U (upper, padded layout: unpadded index c maps to idx(c)) from a symmetric K [o, o]:
+// U_pp = K_pp, U_pq = K_pq + K_qp above the diagonal, so Σ_{p<=q} x_p U_pq x_q = xᵀ K x.
 template <typename Idx>
 void fold_upper(const float* K, int64_t o, int64_t ld, Idx idx, float* U, int64_t size) {
   std::fill(U, U + size, 0.f);
@@ -512,186 +505,69 @@ void fold_upper(const float* K, int64_t o, int64_t ld, Idx idx, float* U, int64_
     for (int64_t q = p; q < o; ++q) U[idx(p) * ld + idx(q)] = p == q ? K[p * o + p] : K[p * o + q] + K[q * o + p];
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adapre_weights(
-    at::TensorList a, at::TensorList b, at::TensorList ga, at::TensorList gb, at::TensorList row_state,
-    at::TensorList col_state, c10::ArrayRef<double> inv_corr, double eps, const c10::optional<at::Tensor>& k_row,
-    const c10::optional<at::Tensor>& k_col, c10::ArrayRef<double> fold) {
-  int64_t r = 0;
-  const auto layers = layers_of(a, b, ga, gb, &r);
-  const int64_t k = static_cast<int64_t>(layers.size());
-  check_vectors(row_state, layers, true, "row_state");
-  check_vectors(col_state, layers, false, "col_state");
-  TORCH_CHECK(static_cast<int64_t>(inv_corr.size()) == k, "inv_corr must have one entry per layer");
-  const bool measure = k_row.has_value();
-  TORCH_CHECK(k_col.has_value() == measure, "K_row and K_col must both be given or both be None");
-  if (measure) {
-    check_mats(*k_row, k, 2 * r, 2 * r, "K_row");
-    check_mats(*k_col, k, 2 * r, 2 * r, "K_col");
-    TORCH_CHECK(static_cast<int64_t>(fold.size()) == k, "fold must have one entry per layer");
-  }
-  std::vector<at::Tensor> ell(k), rho(k);
-  for (int64_t l = 0; l < k; ++l) {
-    ell[l] = at::empty({layers[l].m}, a[0].options());
-    rho[l] = at::empty({layers[l].n}, a[0].options());
-  }
-  auto bl = at::empty({k, r, r}, a[0].options());
-  auto ar = at::empty({k, r, r}, a[0].options());
-  auto means = at::empty({k, 2}, a[0].options().dtype(at::kDouble));
-  const RowChunks rc(r);
-  const ColChunks cc(r);
-  float* blp = bl.data_ptr<float>();
-  float* arp = ar.data_ptr<float>();
-  double* mp = means.data_ptr<double>();
-  const float* krp = measure ? k_row->data_ptr<float>() : nullptr;
-  const float* kcp = measure ? k_col->data_ptr<float>() : nullptr;
+// The Adafactor weights of one layer and its weighted Grams. With k_row, k_col (symmetric
+// [2r, 2r]) the new sums are first folded into the state rs, cs in place with weight f.
+// Writes ell [m], rho [n], bl = BᵀLB and ar = ARAᵀ ([r, r], undamped) and the means of ell
+// and rho (means[0], means[1]).
+void layer_weights(const Layer& L, int64_t r, const RowChunks& rc, const ColChunks& cc, const float* k_row,
+                   const float* k_col, float f, float ic, float eps, float* rs, float* cs, Scratch& s, float* e,
+                   float* rh, float* bl, float* ar, double* means) {
+  const int64_t o = 2 * r;
+  const bool measure = k_row != nullptr;
   auto row_idx = [&](int64_t c) { return c < r ? c : rc.rp + (c - r); };
   auto col_idx = [&](int64_t c) { return c < r ? c : cc.rq + (c - r); };
-  const float feps = static_cast<float>(eps);
-  at::parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {
-    Scratch s;
-    s.w.resize(rc.rows * rc.C);
-    s.g.resize(std::max(rc.C * rc.C, cc.P * cc.P));
-    s.mat.resize(std::max(rc.C * rc.C, cc.P * cc.P));
-    s.pad.resize(cc.P * cc.J);
-    s.zeros.assign(cc.J, 0.f);
-    s.ptr.resize(cc.P);
-    s.vec.resize(std::max(rc.rows, cc.J));
-    s.buf.resize(std::max(rc.rows, cc.J));
-    s.acc.resize(rc.rows);
-    const int64_t o = 2 * r;
-    for (int64_t l = lo; l < hi; ++l) {
-      const Layer& L = layers[l];
-      const float ic = static_cast<float>(inv_corr[l]);
-      const float f = measure ? static_cast<float>(fold[l]) : 0.f;
-      float* rs = row_state[l].data_ptr<float>();
-      float* cs = col_state[l].data_ptr<float>();
-      float* e = ell[l].data_ptr<float>();
-      float* rh = rho[l].data_ptr<float>();
-      // m side: [fold the new row sums], ell, BᵀLB
-      if (measure) fold_upper(krp + l * o * o, o, rc.C, row_idx, s.mat.data(), rc.C * rc.C);
-      double r_sum = 0.0, e_sum = 0.0, rho_sum = 0.0;
-      std::fill(s.g.begin(), s.g.end(), 0.0);
-      rc.each(L, s.w.data(), [&](const RowBlock& blk, int64_t i0, int64_t n) {
-        if (measure) {
-          quad_rows(blk, s.mat.data(), rc.C, s.acc.data(), s.vec.data());
-          for (int64_t i = 0; i < n; ++i) rs[i0 + i] += f * (s.vec[i] - rs[i0 + i]);
-        }
-        for (int64_t i = 0; i < n; ++i) {
-          const float v = rs[i0 + i] * ic + feps;
-          r_sum += v;
-          e[i0 + i] = std::sqrt(v);
-          e_sum += e[i0 + i];
-        }
-        const float* scale = e + i0;
-        if (blk.R != n) {  // a copied tail: its padding rows need (any finite) weights
-          std::fill(s.buf.begin(), s.buf.end(), 0.f);
-          std::memcpy(s.buf.data(), e + i0, sizeof(float) * n);
-          scale = s.buf.data();
-        }
-        gram_rows_upper(blk, rc.rp, scale, s.g.data(), rc.C);
-      });
-      store_sym(s.g.data(), rc.C, 0, 0, r, blp + l * r * r, r, 0, 0, true);
-      // n side: [fold the new column sums], √ĉ, Σ_j √ĉ_j A_:j A_:jᵀ; then the 1 / √(1ᵀ r̂)
-      if (measure) fold_upper(kcp + l * o * o, o, cc.P, col_idx, s.mat.data(), cc.P * cc.P);
-      const DotTiles tiles{0, cc.rq, 0, true};  // the A rows (from row rq of the pointers)
-      s.acc.assign(std::max<int64_t>(rc.rows, 8 * tiles.count()), vf8{});
-      for (int64_t j0 = 0; j0 < L.n; j0 += cc.J) {
-        const int64_t width = std::min(cc.J, L.n - j0);
-        cc.rows(L, j0, width, s.ptr, s.pad, s.zeros);
-        if (measure) {
-          col_quad_chunk(s.ptr.data(), cc.P, width, s.mat.data(), s.vec.data());
-          for (int64_t j = 0; j < width; ++j) cs[j0 + j] += f * (s.vec[j] - cs[j0 + j]);
-        }
-        std::fill(s.buf.begin(), s.buf.end(), 0.f);
-        for (int64_t j = 0; j < width; ++j) s.buf[j] = rh[j0 + j] = std::sqrt(cs[j0 + j] * ic + feps);
-        dot_tiles_run(tiles, s.ptr.data() + cc.rq, round_up(width, 8), s.buf.data(), s.acc.data());
-      }
-      const double norm = 1.0 / std::sqrt(r_sum);
-      const float fnorm = static_cast<float>(norm);
-      for (int64_t j = 0; j < L.n; ++j) {
-        rh[j] *= fnorm;
-        rho_sum += rh[j];
-      }
-      mp[2 * l] = e_sum / static_cast<double>(L.m);
-      mp[2 * l + 1] = rho_sum / static_cast<double>(L.n);
-      std::fill(s.g.begin(), s.g.end(), 0.0);
-      dot_tiles_finish(tiles, s.acc.data(), s.g.data(), cc.P);
-      for (auto& v : s.g) v *= norm;
-      store_sym(s.g.data(), cc.P, 0, 0, r, arp + l * r * r, r, 0, 0, true);
+  // m side: [fold the new row sums], ell, BᵀLB
+  if (measure) fold_upper(k_row, o, rc.C, row_idx, s.mat.data(), rc.C * rc.C);
+  double r_sum = 0.0, e_sum = 0.0, rho_sum = 0.0;
+  std::fill(s.g.begin(), s.g.end(), 0.0);
+  rc.each(L, s.w.data(), [&](const RowBlock& blk, int64_t i0, int64_t n) {
+    if (measure) {
+      quad_rows(blk, s.mat.data(), rc.C, s.acc.data(), s.vec.data());
+      for (int64_t i = 0; i < n; ++i) rs[i0 + i] += f * (s.vec[i] - rs[i0 + i]);
     }
-  });
-  return {ell, rho, bl, ar, means};
-}
-
-// ---------------------------------------------------------------------------------------
-// spd_cholesky_inverse: (M⁻¹ via M = LLᵀ, ok) for a batch of small SPD float64 [k, r, r];
-// ok[l] = false (and the inverse left as the identity) where a pivot is not positive or
-// not finite. The same result as torch.linalg.cholesky_ex + torch.cholesky_inverse, without
-// one LAPACK call per matrix (their per-call cost dominates at r = 16).
-
-std::tuple<at::Tensor, at::Tensor> spd_cholesky_inverse(const at::Tensor& mats) {
-  TORCH_CHECK(mats.device().is_cpu() && mats.scalar_type() == at::kDouble && mats.is_contiguous(),
-              "mats must be a contiguous float64 CPU tensor");
-  TORCH_CHECK(mats.dim() == 3 && mats.size(1) == mats.size(2), "mats must be [k, r, r]");
-  const int64_t k = mats.size(0), n = mats.size(1);
-  auto inv = at::empty_like(mats);
-  auto ok = at::empty({k}, mats.options().dtype(at::kBool));
-  const double* mp = mats.data_ptr<double>();
-  double* ip = inv.data_ptr<double>();
-  bool* okp = ok.data_ptr<bool>();
-  at::parallel_for(0, k, 16, [&](int64_t lo, int64_t hi) {
-    std::vector<double> c(n * n), li(n * n);
-    for (int64_t l = lo; l < hi; ++l) {
-      const double* m = mp + l * n * n;
-      double* out = ip + l * n * n;
-      bool good = true;
-      // lower Cholesky factor, reading the lower triangle (as LAPACK's 'L' does)
-      for (int64_t j = 0; j < n && good; ++j) {
-        double d = m[j * n + j];
-        for (int64_t t = 0; t < j; ++t) d -= c[j * n + t] * c[j * n + t];
-        if (!(d > 0.0) || !std::isfinite(d)) {
-          good = false;
-          break;
-        }
-        const double ljj = std::sqrt(d);
-        c[j * n + j] = ljj;
-        for (int64_t i = j + 1; i < n; ++i) {
-          double v = m[i * n + j];
-          for (int64_t t = 0; t < j; ++t) v -= c[i * n + t] * c[j * n + t];
-          c[i * n + j] = v / ljj;
-        }
-      }
-      okp[l] = good;
-      if (!good) {
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < n; ++j) out[i * n + j] = i == j ? 1.0 : 0.0;
-        continue;
-      }
-      // L⁻¹ (lower), then M⁻¹ = L⁻ᵀ L⁻¹
-      for (int64_t j = 0; j < n; ++j) {
-        li[j * n + j] = 1.0 / c[j * n + j];
-        for (int64_t i = j + 1; i < n; ++i) {
-          double v = 0.0;
-          for (int64_t t = j; t < i; ++t) v -= c[i * n + t] * li[t * n + j];
-          li[i * n + j] = v / c[i * n + i];
-        }
-      }
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = 0; j <= i; ++j) {
-          double v = 0.0;
-          for (int64_t t = i; t < n; ++t) v += li[t * n + i] * li[t * n + j];
-          out[i * n + j] = v;
-          out[j * n + i] = v;
-        }
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = rs[i0 + i] * ic + eps;
+      r_sum += v;
+      e[i0 + i] = std::sqrt(v);
+      e_sum += e[i0 + i];
     }
+    const float* scale = e + i0;
+    if (blk.R != n) {  // a copied tail: its padding rows need (any finite) weights
+      std::fill(s.buf.begin(), s.buf.begin() + blk.R, 0.f);
+      std::memcpy(s.buf.data(), e + i0, sizeof(float) * n);
+      scale = s.buf.data();
+    }
+    gram_rows_upper(blk, rc.rp, scale, s.g.data(), rc.C);
   });
-  return {inv, ok};
+  store_sym(s.g.data(), rc.C, 0, 0, r, bl, r, 0, 0, true);
+  // n side: [fold the new column sums], √ĉ, Σ_j √ĉ_j A_:j A_:jᵀ; then the 1 / √(1ᵀ r̂)
+  if (measure) fold_upper(k_col, o, cc.P, col_idx, s.mat.data(), cc.P * cc.P);
+  const DotTiles tiles{0, cc.rq, 0, true};  // the A rows (from row rq of the pointers)
+  std::fill(s.acc.begin(), s.acc.begin() + 8 * tiles.count(), vf8{});
+  for (int64_t j0 = 0; j0 < L.n; j0 += cc.J) {
+    const int64_t width = std::min(cc.J, L.n - j0);
+    cc.rows(L, j0, width, s.ptr, s.pad, s.zeros);
+    if (measure) {
+      col_quad_chunk(s.ptr.data(), cc.P, width, s.mat.data(), s.vec.data());
+      for (int64_t j = 0; j < width; ++j) cs[j0 + j] += f * (s.vec[j] - cs[j0 + j]);
+    }
+    std::fill(s.buf.begin(), s.buf.begin() + cc.J, 0.f);
+    for (int64_t j = 0; j < width; ++j) s.buf[j] = rh[j0 + j] = std::sqrt(cs[j0 + j] * ic + eps);
+    dot_tiles_run(tiles, s.ptr.data() + cc.rq, round_up(width, 8), s.buf.data(), s.acc.data());
+  }
+  const double norm = 1.0 / std::sqrt(r_sum);
+  const float fnorm = static_cast<float>(norm);
+  for (int64_t j = 0; j < L.n; ++j) {
+    rh[j] *= fnorm;
+    rho_sum += rh[j];
+  }
+  means[0] = e_sum / static_cast<double>(L.m);
+  means[1] = rho_sum / static_cast<double>(L.n);
+  std::fill(s.g.begin(), s.g.end(), 0.0);
+  dot_tiles_finish(tiles, s.acc.data(), s.g.data(), cc.P);
+  for (auto& v : s.g) v *= norm;
+  store_sym(s.g.data(), cc.P, 0, 0, r, ar, r, 0, 0, true);
 }
-
-// ---------------------------------------------------------------------------------------
-// adapre_update (in place): dA = left (gA / rho) + hc A, dB = (gB / ell) right + B hc, with
-// left, right, hc [k, r, r]; then d <- m <- m + (1 - beta1)(d - m) when momentum buffers are
-// given (mom_a, mom_b shaped like A, B; empty lists for none), p <- (p + lr d) * decay.
 
 void apply_step(float* __restrict p, const float* __restrict d, float* __restrict mom, int64_t n, float beta1,
                 float lr, float decay) {
@@ -708,6 +584,369 @@ void apply_step(float* __restrict p, const float* __restrict d, float* __restric
   }
 }
 
+// In place: dA = left (gA / rho) + hc A, dB = (gB / ell) right + B hc ([r, r] each); then
+// d <- m <- m + (1 - beta1)(d - m) when momentum buffers are given, p <- (p + lr d) * decay.
+void layer_update(const Layer& L, float* ap, float* bp, int64_t r, const RowChunks& rc, const ColChunks& cc,
+                  const float* e, const float* rh, const float* lf, const float* rt, const float* hc, float lr,
+                  float decay, float* ma, float* mb, float beta1, Scratch& s) {
+  // m side: M [C, rp] = [hc ; right] (padded)
+  const int64_t rp = rc.rp;
+  std::fill(s.mat.begin(), s.mat.begin() + rc.C * rp, 0.f);
+  for (int64_t c = 0; c < r; ++c)
+    for (int64_t q = 0; q < r; ++q) {
+      s.mat[c * rp + q] = hc[c * r + q];
+      s.mat[(rp + c) * rp + q] = rt[c * r + q];
+    }
+  rc.each(L, s.w.data(), [&](const RowBlock& blk, int64_t i0, int64_t n) {
+    for (int64_t ib = 0; ib < n; ib += 6) {
+      float inv_ell[6];
+      for (int u = 0; u < 6; ++u) inv_ell[u] = ib + u < n ? 1.f / e[i0 + ib + u] : 0.f;
+      col_blocks(0, rp, rp, [&](int64_t qb, int nv) {
+        nv == 2 ? update_rows_block<2>(blk, ib, r, s.mat.data(), qb, inv_ell, s.buf.data())
+                : update_rows_block<1>(blk, ib, r, s.mat.data(), qb, inv_ell, s.buf.data());
+      });
+      // the tile's rows are all read; now write them back
+      for (int64_t u = 0; u < 6 && ib + u < n; ++u) {
+        const int64_t i = i0 + ib + u;
+        apply_step(bp + i * r, s.buf.data() + u * rp, mb == nullptr ? nullptr : mb + i * r, r, beta1, lr, decay);
+      }
+    }
+  });
+  // n side: dA[p, j] = Σ_q left[p, q] gA[q, j] / rho[j] + hc[p, q] A[q, j]; left and hc
+  // padded to rq rows (zeros) so every 4-row tile is whole.
+  const int64_t rq = cc.rq;
+  float* lpad = s.mat.data();
+  float* hpad = s.mat.data() + rq * r;
+  std::fill(lpad, lpad + 2 * rq * r, 0.f);
+  std::memcpy(lpad, lf, sizeof(float) * r * r);
+  std::memcpy(hpad, hc, sizeof(float) * r * r);
+  for (int64_t j0 = 0; j0 < L.n; j0 += cc.J) {
+    const int64_t width = std::min(cc.J, L.n - j0);
+    cc.rows(L, j0, width, s.ptr, s.pad, s.zeros);
+    const float* const* x = s.ptr.data();
+    std::fill(s.vec.begin(), s.vec.end(), 1.f);
+    for (int64_t j = 0; j < width; ++j) s.vec[j] = 1.f / rh[j0 + j];
+    for (int64_t jb = 0; jb < width; jb += 16) {
+      prefetch_rows_ahead(x, cc.P, jb + 64, width);
+      const vf8 i0v = load8(s.vec.data() + jb), i1v = load8(s.vec.data() + jb + 8);
+      for (int64_t p0 = 0; p0 < rq; p0 += 4) {
+        vf8 acc[4][2] = {};
+        // two passes (gA / rho rows, then A rows): one FMA per accumulator per row, so the
+        // 8 accumulator chains never wait on each other
+        for (int64_t q = 0; q < r; ++q) {
+          vf8 g0 = load8(x[q] + jb) * i0v, g1 = load8(x[q] + jb + 8) * i1v;
+          pin(g0);
+          pin(g1);
+          for (int u = 0; u < 4; ++u) {
+            const vf8 cl = bcast(lpad[(p0 + u) * r + q]);
+            acc[u][0] += cl * g0;
+            acc[u][1] += cl * g1;
+          }
+        }
+        for (int64_t q = 0; q < r; ++q) {
+          vf8 a0 = load8(x[rq + q] + jb), a1 = load8(x[rq + q] + jb + 8);
+          pin(a0);
+          pin(a1);
+          for (int u = 0; u < 4; ++u) {
+            const vf8 ch = bcast(hpad[(p0 + u) * r + q]);
+            acc[u][0] += ch * a0;
+            acc[u][1] += ch * a1;
+          }
+        }
+        for (int u = 0; u < 4; ++u) {
+          store8(s.buf.data() + (p0 + u) * 16, acc[u][0]);
+          store8(s.buf.data() + (p0 + u) * 16 + 8, acc[u][1]);
+        }
+      }
+      // every row of this block is read; now write it back
+      const int64_t cols = std::min<int64_t>(16, width - jb);
+      for (int64_t p = 0; p < r; ++p) {
+        const int64_t at = p * L.n + j0 + jb;
+        apply_step(ap + at, s.buf.data() + p * 16, ma == nullptr ? nullptr : ma + at, cols, beta1, lr, decay);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Small dense algebra for the r×r step of each layer (row-major, leading dimension r).
+
+// (M⁻¹ by M = LLᵀ, ok) for SPD float64 [n, n] (lower triangle read, as LAPACK's 'L');
+// ok = false where a pivot is not positive or not finite, and then out is left alone.
+bool chol_inverse(const double* m, int64_t n, double* out, double* c, double* li) {
+  for (int64_t j = 0; j < n; ++j) {
+    double d = m[j * n + j];
+    for (int64_t t = 0; t < j; ++t) d -= c[j * n + t] * c[j * n + t];
+    if (!(d > 0.0) || !std::isfinite(d)) return false;
+    const double ljj = std::sqrt(d);
+    c[j * n + j] = ljj;
+    for (int64_t i = j + 1; i < n; ++i) {
+      double v = m[i * n + j];
+      for (int64_t t = 0; t < j; ++t) v -= c[i * n + t] * c[j * n + t];
+      c[i * n + j] = v / ljj;
+    }
+  }
+  // L⁻¹ (lower), then M⁻¹ = L⁻ᵀ L⁻¹
+  for (int64_t j = 0; j < n; ++j) {
+    li[j * n + j] = 1.0 / c[j * n + j];
+    for (int64_t i = j + 1; i < n; ++i) {
+      double v = 0.0;
+      for (int64_t t = j; t < i; ++t) v -= c[i * n + t] * li[t * n + j];
+      li[i * n + j] = v / c[i * n + i];
+    }
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j <= i; ++j) {
+      double v = 0.0;
+      for (int64_t t = i; t < n; ++t) v += li[t * n + i] * li[t * n + j];
+      out[i * n + j] = v;
+      out[j * n + i] = v;
+    }
+  return true;
+}
+
+// Z = op(X) op(Y) (+ Z when accumulate), op = transpose when tx / ty; all [r, r] float32.
+void mm(const float* X, bool tx, const float* Y, bool ty, float* Z, int64_t r, bool accumulate, float* tmp) {
+  const float* y = Y;
+  if (ty) {
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j < r; ++j) tmp[i * r + j] = Y[j * r + i];
+    y = tmp;
+  }
+  if (!accumulate) std::fill(Z, Z + r * r, 0.f);
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t t = 0; t < r; ++t) {
+      const float x = tx ? X[t * r + i] : X[i * r + t];
+      float* __restrict zi = Z + i * r;
+      const float* __restrict yt = y + t * r;
+#pragma omp simd
+      for (int64_t j = 0; j < r; ++j) zi[j] += x * yt[j];
+    }
+}
+
+struct SmallAlgebra {
+  int64_t r;
+  std::vector<float> f;   // float32 work matrices, r×r each
+  std::vector<double> d;  // float64 work matrices
+  explicit SmallAlgebra(int64_t rank) : r(rank), f(24 * rank * rank), d(6 * rank * rank) {}
+  float* F(int i) { return f.data() + i * r * r; }
+  double* Dm(int i) { return d.data() + i * r * r; }
+};
+
+// (M + δI)⁻¹ of a float32 Gram in float64, into out (float32). "pinv" semantics of the torch
+// path: exact only when tr(M)·tr(M⁻¹)·r·eps < 1/2 (then pinv and the inverse coincide);
+// returns false where that fails or the factorization does (the caller's fallback).
+bool damped_pinv(const float* m, double damping, SmallAlgebra& w, float* out) {
+  const int64_t r = w.r;
+  double* dm = w.Dm(0);
+  for (int64_t i = 0; i < r * r; ++i) dm[i] = m[i];
+  for (int64_t i = 0; i < r; ++i) dm[i * r + i] += damping;
+  double* inv = w.Dm(1);
+  if (!chol_inverse(dm, r, inv, w.Dm(2), w.Dm(3))) return false;
+  double tr_m = 0.0, tr_inv = 0.0;
+  for (int64_t i = 0; i < r; ++i) {
+    tr_m += dm[i * r + i];
+    tr_inv += inv[i * r + i];
+  }
+  const double rtol = std::numeric_limits<double>::epsilon() * static_cast<double>(r);
+  if (!(tr_m * tr_inv * rtol < 0.5)) return false;
+  for (int64_t i = 0; i < r * r; ++i) {
+    if (!std::isfinite(inv[i])) return false;
+    out[i] = static_cast<float>(inv[i]);
+  }
+  return true;
+}
+
+// (M + δ·mean·I)⁻¹ in float64 into out (float32); the identity where it fails (the torch
+// path's "cholesky" rule); returns whether it succeeded.
+bool damped_inverse(const float* m, double shift, SmallAlgebra& w, float* out) {
+  const int64_t r = w.r;
+  double* dm = w.Dm(0);
+  for (int64_t i = 0; i < r * r; ++i) dm[i] = m[i];
+  for (int64_t i = 0; i < r; ++i) dm[i * r + i] += shift;
+  double* inv = w.Dm(1);
+  bool ok = chol_inverse(dm, r, inv, w.Dm(2), w.Dm(3));
+  for (int64_t i = 0; ok && i < r * r; ++i) ok = std::isfinite(inv[i]);
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) out[i * r + j] = ok ? static_cast<float>(inv[i * r + j]) : (i == j ? 1.f : 0.f);
+  return ok;
+}
+
+// The low-rank statistic's kernels K_row, K_col ([2r, 2r] each) from one layer's Grams, the
+// formulas of training/optim/adaprelora.py: stat_kernels (products in float32 as there).
+// Returns false where a pseudo-inverse needs the eigh-based fallback.
+bool stat_kernels_layer(const float* gm, const float* gn, float scale, double damping, SmallAlgebra& w, float* k_row,
+                        float* k_col) {
+  const int64_t r = w.r, o = 2 * r;
+  float *bb = w.F(0), *b_gb = w.F(1), *gb_gb = w.F(2), *aa = w.F(3), *ga_a = w.F(4), *ga_ga = w.F(5);
+  for (int64_t p = 0; p < r; ++p)
+    for (int64_t q = 0; q < r; ++q) {
+      bb[p * r + q] = gm[p * o + q];
+      b_gb[p * r + q] = gm[p * o + r + q];
+      gb_gb[p * r + q] = gm[(r + p) * o + r + q];
+      ga_ga[p * r + q] = gn[p * o + q];
+      ga_a[p * r + q] = gn[p * o + r + q];
+      aa[p * r + q] = gn[(r + p) * o + r + q];
+    }
+  float *inv_b = w.F(6), *inv_a = w.F(7), *x1 = w.F(8), *z = w.F(9), *x2 = w.F(10), *t0 = w.F(11), *m12 = w.F(12);
+  float *nn = w.F(13), *row11 = w.F(14), *row21 = w.F(15), *row22 = w.F(16), *p = w.F(17), *u22 = w.F(18);
+  float *col11 = w.F(19), *col12 = w.F(20), *t1 = w.F(21), *tmp = w.F(22);
+  if (!damped_pinv(bb, damping, w, inv_b) || !damped_pinv(aa, damping, w, inv_a)) return false;
+  const int64_t rr = r * r;
+  for (int64_t i = 0; i < rr; ++i) {
+    x1[i] = inv_a[i] / scale;
+    z[i] = inv_b[i] / scale;
+  }
+  mm(inv_b, false, b_gb, false, t0, r, false, tmp);  // x2 = -(inv_b b_gb) x1
+  mm(t0, false, x1, false, x2, r, false, tmp);
+  for (int64_t i = 0; i < rr; ++i) x2[i] = -x2[i];
+  mm(z, false, ga_a, false, m12, r, false, tmp);  // m12 = z ga_a
+  mm(x2, false, aa, false, nn, r, false, tmp);    // n = m12 + x2 aa
+  for (int64_t i = 0; i < rr; ++i) nn[i] += m12[i];
+  mm(z, false, ga_ga, false, t0, r, false, tmp);  // row11 = z ga_ga z + x2 m12ᵀ + n x2ᵀ
+  mm(t0, false, z, false, row11, r, false, tmp);
+  mm(x2, false, m12, true, row11, r, true, tmp);
+  mm(nn, false, x2, true, row11, r, true, tmp);
+  mm(x1, false, nn, true, row21, r, false, tmp);  // row21 = x1 nᵀ
+  mm(x1, false, aa, false, t0, r, false, tmp);    // row22 = x1 aa x1
+  mm(t0, false, x1, false, row22, r, false, tmp);
+  mm(bb, false, x2, false, p, r, false, tmp);  // p = bb x2 + b_gb x1
+  mm(b_gb, false, x1, false, p, r, true, tmp);
+  mm(b_gb, true, x2, false, t1, r, false, tmp);  // u22 = x2ᵀ p + x1 (b_gbᵀ x2 + gb_gb x1)
+  mm(gb_gb, false, x1, false, t1, r, true, tmp);
+  mm(x1, false, t1, false, u22, r, false, tmp);
+  mm(x2, true, p, false, u22, r, true, tmp);
+  mm(z, false, bb, false, t0, r, false, tmp);  // col11 = z bb z, col12 = z p
+  mm(t0, false, z, false, col11, r, false, tmp);
+  mm(z, false, p, false, col12, r, false, tmp);
+  // K_row = [[row11, row21ᵀ], [row21, row22]], K_col = [[col11, col12], [col12ᵀ, u22]]
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      k_row[i * o + j] = row11[i * r + j];
+      k_row[i * o + r + j] = row21[j * r + i];
+      k_row[(r + i) * o + j] = row21[i * r + j];
+      k_row[(r + i) * o + r + j] = row22[i * r + j];
+      k_col[i * o + j] = col11[i * r + j];
+      k_col[i * o + r + j] = col12[i * r + j];
+      k_col[(r + i) * o + j] = col12[j * r + i];
+      k_col[(r + i) * o + r + j] = u22[i * r + j];
+    }
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------
+// The ops over lists of layers (one rank per call; one task per layer).
+
+std::vector<at::Tensor> adapre_grams(at::TensorList a, at::TensorList b, at::TensorList ga, at::TensorList gb,
+                                     bool lowrank) {
+  int64_t r = 0;
+  const auto layers = layers_of(a, b, ga, gb, &r);
+  const int64_t k = static_cast<int64_t>(layers.size()), o = 2 * r;
+  auto gm = at::empty({k, o, o}, a[0].options());
+  auto gn = at::empty({k, o, o}, a[0].options());
+  const RowChunks rc(r);
+  const ColChunks cc(r);
+  at::parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {
+    Scratch s(rc, cc);
+    for (int64_t l = lo; l < hi; ++l)
+      layer_grams(layers[l], r, rc, cc, lowrank, s, gm.data_ptr<float>() + l * o * o, gn.data_ptr<float>() + l * o * o);
+  });
+  return {gm, gn};
+}
+
+// With K_row, K_col [k, 2r, 2r] (symmetric; a step that measures the statistic) the new sums
+// row_sq[i] = w_i K_row w_iᵀ and col_sq[j] = x_jᵀ K_col x_j are first folded into the state in
+// place, r_t <- r_t + fold[l] (row_sq - r_t) (c_t likewise). Then, with inv_corr[l] =
+// 1 / (1 - β2^t): ell = √r̂, r̂ = r_t · inv_corr + eps; rho = √ĉ / √(1ᵀ r̂); BᵀLB, ARAᵀ
+// ([k, r, r], undamped) and the means of ell and rho ([k, 2] float64, for the damping).
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adapre_weights(
+    at::TensorList a, at::TensorList b, at::TensorList ga, at::TensorList gb, at::TensorList row_state,
+    at::TensorList col_state, c10::ArrayRef<double> inv_corr, double eps, const c10::optional<at::Tensor>& k_row,
+    const c10::optional<at::Tensor>& k_col, c10::ArrayRef<double> fold) {
+  int64_t r = 0;
+  const auto layers = layers_of(a, b, ga, gb, &r);
+  const int64_t k = static_cast<int64_t>(layers.size()), o = 2 * r;
+  check_vectors(row_state, layers, true, "row_state");
+  check_vectors(col_state, layers, false, "col_state");
+  TORCH_CHECK(static_cast<int64_t>(inv_corr.size()) == k, "inv_corr must have one entry per layer");
+  const bool measure = k_row.has_value();
+  TORCH_CHECK(k_col.has_value() == measure, "K_row and K_col must both be given or both be None");
+  if (measure) {
+    check_mats(*k_row, k, o, o, "K_row");
+    check_mats(*k_col, k, o, o, "K_col");
+    TORCH_CHECK(static_cast<int64_t>(fold.size()) == k, "fold must have one entry per layer");
+  }
+  std::vector<at::Tensor> ell(k), rho(k);
+  for (int64_t l = 0; l < k; ++l) {
+    ell[l] = at::empty({layers[l].m}, a[0].options());
+    rho[l] = at::empty({layers[l].n}, a[0].options());
+  }
+  auto bl = at::empty({k, r, r}, a[0].options());
+  auto ar = at::empty({k, r, r}, a[0].options());
+  auto means = at::empty({k, 2}, a[0].options().dtype(at::kDouble));
+  const RowChunks rc(r);
+  const ColChunks cc(r);
+  at::parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {
+    Scratch s(rc, cc);
+    for (int64_t l = lo; l < hi; ++l) {
+      layer_weights(layers[l], r, rc, cc, measure ? k_row->data_ptr<float>() + l * o * o : nullptr,
+                    measure ? k_col->data_ptr<float>() + l * o * o : nullptr,
+                    measure ? static_cast<float>(fold[l]) : 0.f, static_cast<float>(inv_corr[l]),
+                    static_cast<float>(eps), row_state[l].data_ptr<float>(), col_state[l].data_ptr<float>(), s,
+                    ell[l].data_ptr<float>(), rho[l].data_ptr<float>(), bl.data_ptr<float>() + l * r * r,
+                    ar.data_ptr<float>() + l * r * r, means.data_ptr<double>() + 2 * l);
+    }
+  });
+  return {ell, rho, bl, ar, means};
+}
+
+// (M⁻¹ via M = LLᵀ, ok) for a batch of small SPD float64 [k, r, r]; ok[l] = false (and the
+// inverse left as the identity) where a pivot is not positive or not finite. The same result
+// as torch.linalg.cholesky_ex + torch.cholesky_inverse, without one LAPACK call per matrix
+// (their per-call cost dominates at r = 16).
+std::tuple<at::Tensor, at::Tensor> spd_cholesky_inverse(const at::Tensor& mats) {
+  TORCH_CHECK(mats.device().is_cpu() && mats.scalar_type() == at::kDouble && mats.is_contiguous(),
+              "mats must be a contiguous float64 CPU tensor");
+  TORCH_CHECK(mats.dim() == 3 && mats.size(1) == mats.size(2), "mats must be [k, r, r]");
+  const int64_t k = mats.size(0), n = mats.size(1);
+  auto inv = at::empty_like(mats);
+  auto ok = at::empty({k}, mats.options().dtype(at::kBool));
+  const double* mp = mats.data_ptr<double>();
+  double* ip = inv.data_ptr<double>();
+  bool* okp = ok.data_ptr<bool>();
+  at::parallel_for(0, k, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<double> c(n * n), li(n * n);
+    for (int64_t l = lo; l < hi; ++l) {
+      double* out = ip + l * n * n;
+      okp[l] = chol_inverse(mp + l * n * n, n, out, c.data(), li.data());
+      if (!okp[l]) {
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < n; ++j) out[i * n + j] = i == j ? 1.0 : 0.0;
+      }
+    }
+  });
+  return {inv, ok};
+}
+
+std::vector<float*> mutable_list(const at::TensorList& t) {
+  std::vector<float*> out(t.size());
+  for (size_t l = 0; l < t.size(); ++l) out[l] = t[l].data_ptr<float>();
+  return out;
+}
+
+void check_momentum(const at::TensorList& mom_a, const at::TensorList& mom_b, const at::TensorList& a,
+                    const at::TensorList& b) {
+  TORCH_CHECK(mom_a.size() == mom_b.size(), "mom_A and mom_B must both be given or both be empty");
+  if (mom_a.empty()) return;
+  TORCH_CHECK(mom_a.size() == a.size(), "mom_A must list one buffer per layer");
+  for (size_t l = 0; l < a.size(); ++l) {
+    check_f32_contig(mom_a[l], "mom_A");
+    check_f32_contig(mom_b[l], "mom_B");
+    TORCH_CHECK(mom_a[l].sizes() == a[l].sizes() && mom_b[l].sizes() == b[l].sizes(), "layer ", l,
+                ": momentum buffers must have the factors' shapes");
+  }
+}
+
 void adapre_update(at::TensorList a, at::TensorList b, at::TensorList ga, at::TensorList gb, at::TensorList ell,
                    at::TensorList rho, const at::Tensor& left, const at::Tensor& right, const at::Tensor& half_c,
                    double lr, double decay, at::TensorList mom_a, at::TensorList mom_b, double beta1) {
@@ -719,111 +958,96 @@ void adapre_update(at::TensorList a, at::TensorList b, at::TensorList ga, at::Te
   check_mats(left, k, r, r, "left");
   check_mats(right, k, r, r, "right");
   check_mats(half_c, k, r, r, "half_c");
+  check_momentum(mom_a, mom_b, a, b);
   const bool momentum = !mom_a.empty();
-  TORCH_CHECK(mom_a.size() == mom_b.size(), "mom_A and mom_B must both be given or both be empty");
-  if (momentum) {
-    TORCH_CHECK(mom_a.size() == a.size(), "mom_A must list one buffer per layer");
-    for (int64_t l = 0; l < k; ++l) {
-      check_f32_contig(mom_a[l], "mom_A");
-      check_f32_contig(mom_b[l], "mom_B");
-      TORCH_CHECK(mom_a[l].sizes() == a[l].sizes() && mom_b[l].sizes() == b[l].sizes(),
-                  "layer ", l, ": momentum buffers must have the factors' shapes");
-    }
-  }
   const RowChunks rc(r);
   const ColChunks cc(r);
-  const float flr = static_cast<float>(lr), fdecay = static_cast<float>(decay), fb1 = static_cast<float>(beta1);
   at::parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {
-    Scratch s;
-    s.w.resize(rc.rows * rc.C);
-    s.pad.resize(cc.P * cc.J);
-    s.zeros.assign(cc.J, 0.f);
-    s.ptr.resize(cc.P);
-    s.vec.resize(std::max(rc.rows, cc.J));
-    s.mat.resize(std::max(rc.C * rc.rp, 2 * cc.rq * r));
-    s.buf.resize(std::max(rc.rows * rc.rp, cc.rq * 16));
+    Scratch s(rc, cc);
     for (int64_t l = lo; l < hi; ++l) {
-      const Layer& L = layers[l];
-      const float* hc = half_c.data_ptr<float>() + l * r * r;
-      const float* lf = left.data_ptr<float>() + l * r * r;
-      const float* rt = right.data_ptr<float>() + l * r * r;
-      float* bp = b[l].data_ptr<float>();
-      float* ap = a[l].data_ptr<float>();
-      float* mb = momentum ? mom_b[l].data_ptr<float>() : nullptr;
-      float* ma = momentum ? mom_a[l].data_ptr<float>() : nullptr;
-      // m side: M [C, rp] = [hc ; right] (padded)
-      const int64_t C = rc.C, rp = rc.rp;
-      std::fill(s.mat.begin(), s.mat.end(), 0.f);
-      for (int64_t c = 0; c < r; ++c)
-        for (int64_t q = 0; q < r; ++q) {
-          s.mat[c * rp + q] = hc[c * r + q];
-          s.mat[(rp + c) * rp + q] = rt[c * r + q];
-        }
-      const float* e = ell[l].data_ptr<float>();
-      rc.each(L, s.w.data(), [&](const RowBlock& blk, int64_t i0, int64_t n) {
-        for (int64_t ib = 0; ib < n; ib += 6) {
-          float inv_ell[6];
-          for (int u = 0; u < 6; ++u) inv_ell[u] = ib + u < n ? 1.f / e[i0 + ib + u] : 0.f;
-          col_blocks(0, rp, rp, [&](int64_t qb, int nv) {
-            nv == 2 ? update_rows_block<2>(blk, ib, r, s.mat.data(), qb, inv_ell, s.buf.data())
-                    : update_rows_block<1>(blk, ib, r, s.mat.data(), qb, inv_ell, s.buf.data());
-          });
-          // the tile's rows are all read; now write them back
-          for (int64_t u = 0; u < 6 && ib + u < n; ++u) {
-            const int64_t i = i0 + ib + u;
-            apply_step(bp + i * r, s.buf.data() + u * rp, mb == nullptr ? nullptr : mb + i * r, r, fb1, flr, fdecay);
-          }
-        }
-      });
-      // n side: dA[p, j] = Σ_q left[p, q] gA[q, j] / rho[j] + hc[p, q] A[q, j]; left and hc
-      // padded to rq rows (zeros) so every 4-row tile is whole.
-      const int64_t rq = cc.rq;
-      float* lpad = s.mat.data();
-      float* hpad = s.mat.data() + rq * r;
-      std::fill(lpad, lpad + 2 * rq * r, 0.f);
-      std::memcpy(lpad, lf, sizeof(float) * r * r);
-      std::memcpy(hpad, hc, sizeof(float) * r * r);
-      const float* rh = rho[l].data_ptr<float>();
-      for (int64_t j0 = 0; j0 < L.n; j0 += cc.J) {
-        const int64_t width = std::min(cc.J, L.n - j0);
-        cc.rows(L, j0, width, s.ptr, s.pad, s.zeros);
-        const float* const* x = s.ptr.data();
-        std::fill(s.vec.begin(), s.vec.end(), 1.f);
-        for (int64_t j = 0; j < width; ++j) s.vec[j] = 1.f / rh[j0 + j];
-        for (int64_t jb = 0; jb < width; jb += 16) {
-          const vf8 i0v = load8(s.vec.data() + jb), i1v = load8(s.vec.data() + jb + 8);
-          for (int64_t p0 = 0; p0 < rq; p0 += 4) {
-            vf8 acc[4][2] = {};
-            for (int64_t q = 0; q < r; ++q) {
-              vf8 g0 = load8(x[q] + jb) * i0v, g1 = load8(x[q] + jb + 8) * i1v;
-              vf8 a0 = load8(x[rq + q] + jb), a1 = load8(x[rq + q] + jb + 8);
-              pin(g0);
-              pin(g1);
-              pin(a0);
-              pin(a1);
-              for (int u = 0; u < 4; ++u) {
-                const vf8 cl = bcast(lpad[(p0 + u) * r + q]), ch = bcast(hpad[(p0 + u) * r + q]);
-                acc[u][0] += cl * g0;
-                acc[u][0] += ch * a0;
-                acc[u][1] += cl * g1;
-                acc[u][1] += ch * a1;
-              }
-            }
-            for (int u = 0; u < 4; ++u) {
-              store8(s.buf.data() + (p0 + u) * 16, acc[u][0]);
-              store8(s.buf.data() + (p0 + u) * 16 + 8, acc[u][1]);
-            }
-          }
-          // every row of this block is read; now write it back
-          const int64_t cols = std::min<int64_t>(16, width - jb);
-          for (int64_t p = 0; p < r; ++p) {
-            const int64_t at = p * L.n + j0 + jb;
-            apply_step(ap + at, s.buf.data() + p * 16, ma == nullptr ? nullptr : ma + at, cols, fb1, flr, fdecay);
-          }
-        }
-      }
+      layer_update(layers[l], a[l].data_ptr<float>(), b[l].data_ptr<float>(), r, rc, cc, ell[l].data_ptr<float>(),
+                   rho[l].data_ptr<float>(), left.data_ptr<float>() + l * r * r,
+                   right.data_ptr<float>() + l * r * r, half_c.data_ptr<float>() + l * r * r,
+                   static_cast<float>(lr), static_cast<float>(decay),
+                   momentum ? mom_a[l].data_ptr<float>() : nullptr, momentum ? mom_b[l].data_ptr<float>() : nullptr,
+                   static_cast<float>(beta1), s);
     }
   });
+}
+
+// adapre_step: one whole AdaPreLoRA step per layer in one task, so the layer's factors come
+// from memory once and stay in cache for every pass:
+//   Grams → [statistic kernels (r×r) → fold] → weights, BᵀLB, ARAᵀ → damped inverses and
+//   direction factors (r×r) → update.
+// scales[l] = s, inv_corr[l] = 1 / (1 - β2^t), fold[l] = the EMA weight of this step's sums
+// (measure: this step measures the low-rank statistic). Returns per layer 0 = stepped,
+// 1 = stepped but a weighted inverse failed (the identity was used, as the torch path
+// does), 2 = not touched: a pseudo-inverse of the statistic needs the eigh fallback (the
+// caller steps that layer through the torch path).
+at::Tensor adapre_step(at::TensorList a, at::TensorList b, at::TensorList ga, at::TensorList gb,
+                       at::TensorList row_state, at::TensorList col_state, at::TensorList mom_a,
+                       at::TensorList mom_b, c10::ArrayRef<double> scales, c10::ArrayRef<double> inv_corr,
+                       c10::ArrayRef<double> fold, bool measure, double lr, double decay, double beta1, double eps,
+                       double damping) {
+  int64_t r = 0;
+  const auto layers = layers_of(a, b, ga, gb, &r);
+  const int64_t k = static_cast<int64_t>(layers.size()), o = 2 * r;
+  check_vectors(row_state, layers, true, "row_state");
+  check_vectors(col_state, layers, false, "col_state");
+  check_momentum(mom_a, mom_b, a, b);
+  TORCH_CHECK(static_cast<int64_t>(scales.size()) == k && static_cast<int64_t>(inv_corr.size()) == k,
+              "scales and inv_corr must have one entry per layer");
+  TORCH_CHECK(!measure || static_cast<int64_t>(fold.size()) == k, "fold must have one entry per layer");
+  const bool momentum = !mom_a.empty();
+  auto status = at::zeros({k}, a[0].options().dtype(at::kByte));
+  uint8_t* st = status.data_ptr<uint8_t>();
+  const RowChunks rc(r);
+  const ColChunks cc(r);
+  int64_t max_m = 1, max_n = 1;
+  for (const auto& L : layers) {
+    max_m = std::max(max_m, L.m);
+    max_n = std::max(max_n, L.n);
+  }
+  at::parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {
+    Scratch s(rc, cc);
+    SmallAlgebra w(r);
+    std::vector<float> gm(o * o), gn(o * o), k_row(o * o), k_col(o * o), e(max_m), rh(max_n);
+    for (int64_t l = lo; l < hi; ++l) {
+      const Layer& L = layers[l];
+      const float scale = static_cast<float>(scales[l]);
+      layer_grams(L, r, rc, cc, measure, s, gm.data(), gn.data());
+      if (measure && !stat_kernels_layer(gm.data(), gn.data(), scale, damping, w, k_row.data(), k_col.data())) {
+        st[l] = 2;
+        continue;
+      }
+      float *bl = w.F(0), *ar = w.F(1), *inv_l = w.F(2), *inv_r = w.F(3), *left = w.F(4), *right = w.F(5);
+      float *hc = w.F(6), *ga_a = w.F(7), *t0 = w.F(8), *tmp = w.F(9);
+      double means[2];
+      layer_weights(L, r, rc, cc, measure ? k_row.data() : nullptr, measure ? k_col.data() : nullptr,
+                    measure ? static_cast<float>(fold[l]) : 0.f, static_cast<float>(inv_corr[l]),
+                    static_cast<float>(eps), row_state[l].data_ptr<float>(), col_state[l].data_ptr<float>(), s,
+                    e.data(), rh.data(), bl, ar, means);
+      // direction factors (training/optim/adaprelora.py: direction_factors)
+      const bool ok_l = damped_inverse(bl, damping * means[0], w, inv_l);
+      const bool ok_r = damped_inverse(ar, damping * means[1], w, inv_r);
+      if (!ok_l || !ok_r) st[l] = 1;
+      const float s2 = scale * scale;
+      for (int64_t p = 0; p < r; ++p)
+        for (int64_t q = 0; q < r; ++q) ga_a[p * r + q] = gn[p * o + r + q];
+      mm(inv_l, false, ga_a, false, t0, r, false, tmp);
+      mm(t0, false, inv_r, false, hc, r, false, tmp);
+      for (int64_t i = 0; i < r * r; ++i) {
+        hc[i] *= 0.5f / s2;
+        left[i] = -inv_l[i] / s2;
+        right[i] = -inv_r[i] / s2;
+      }
+      layer_update(L, a[l].data_ptr<float>(), b[l].data_ptr<float>(), r, rc, cc, e.data(), rh.data(), left, right,
+                   hc, static_cast<float>(lr), static_cast<float>(decay),
+                   momentum ? mom_a[l].data_ptr<float>() : nullptr, momentum ? mom_b[l].data_ptr<float>() : nullptr,
+                   static_cast<float>(beta1), s);
+    }
+  });
+  return status;
 }
 
 }  // namespace
@@ -839,6 +1063,10 @@ TORCH_LIBRARY_FRAGMENT(lorafold_cpu, m) {
       "adapre_update(Tensor(a!)[] A, Tensor(b!)[] B, Tensor[] gA, Tensor[] gB, Tensor[] ell, Tensor[] rho, "
       "Tensor left, Tensor right, Tensor half_c, float lr, float decay, Tensor(c!)[] mom_A, Tensor(d!)[] mom_B, "
       "float beta1) -> ()");
+  m.def(
+      "adapre_step(Tensor(a!)[] A, Tensor(b!)[] B, Tensor[] gA, Tensor[] gB, Tensor(c!)[] row_state, "
+      "Tensor(d!)[] col_state, Tensor(e!)[] mom_A, Tensor(f!)[] mom_B, float[] scales, float[] inv_corr, "
+      "float[] fold, bool measure, float lr, float decay, float beta1, float eps, float damping) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lorafold_cpu, CPU, m) {
@@ -846,4 +1074,5 @@ TORCH_LIBRARY_IMPL(lorafold_cpu, CPU, m) {
   m.impl("adapre_weights", &adapre_weights);
   m.impl("spd_cholesky_inverse", &spd_cholesky_inverse);
   m.impl("adapre_update", &adapre_update);
+  m.impl("adapre_step", &adapre_step);
 }

@@ -1,20 +1,24 @@
-"""AdaPreLoRA's step through the compiled CPU passes (``kernels/csrc/optim_ops.cpp``).
+"""AdaPreLoRA's step through the compiled CPU kernels (``kernels/csrc/optim_ops.cpp``).
 
-The same math as the torch path of :class:`~lorafold.training.optim.adaprelora.AdaPreLoRA`
-(whose functions it reuses for the r×r algebra), with the O((m + n) r²) work done by four
-compiled passes that read each layer's factors in place instead of stacked copies:
+The same math as the torch path of :class:`~lorafold.training.optim.adaprelora.AdaPreLoRA`,
+done per layer in one compiled task that reads the factors where they lie (no stacked
+copies) and keeps them in cache across its passes:
 
-    Grams (per layer) → statistic kernels (r×r, batched) → row/column sums of squares →
-    EMA and weights (foreach) → weighted Grams → inverses and direction factors (r×r,
-    batched) → directions and the in-place update (momentum, weight decay).
+    Grams → statistic kernels (r×r) → row/column sums of squares folded into the state →
+    weights and weighted Grams → damped inverses and direction factors (r×r) → directions
+    and the in-place update (momentum, weight decay).
 
-On one CPU thread this brings the step from ~2.4x to about the time of torch's AdamW
-(``benchmarks/bench_optimizer_step.py``). Used for float32 CPU factors when the kernels are
-available; every other case keeps the torch path.
+Through torch the same step is ~14 batched matmuls and ~30 batched r×r ops with elementwise
+passes between them; on one CPU thread that is ~2.4x torch's AdamW step
+(``benchmarks/bench_optimizer_step.py`` has the measured ratios). Used for float32 CPU
+factors where the kernels are built; everything else keeps the torch path. A layer whose
+statistic needs the eigh-based pseudo-inverse (a near-singular Gram) is left untouched by
+the kernel and takes the torch path's step.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -22,6 +26,12 @@ import torch
 from lorafold.kernels import cpu_ops
 from lorafold.training.optim._base import ActivePair
 from lorafold.training.optim._common import LINALG_DTYPE, spd_inverse
+
+logger = logging.getLogger(__name__)
+
+# adapre_step's per-layer status codes
+STATUS_OK, STATUS_IDENTITY, STATUS_FALLBACK = 0, 1, 2
+
 
 def usable(pairs: list[ActivePair]) -> bool:
     """Whether the compiled passes take these pairs as they are (fp32, CPU, contiguous)."""
@@ -35,13 +45,6 @@ def _by_rank(pairs: list[ActivePair]) -> list[list[ActivePair]]:
     return list(out.values())
 
 
-def _sym(top_left: torch.Tensor, top_right: torch.Tensor, bottom_right: torch.Tensor) -> torch.Tensor:
-    """``[[X, Y], [Yᵀ, Z]]`` as a contiguous float32 [k, 2r, 2r] batch."""
-    top = torch.cat([top_left, top_right], -1)
-    bottom = torch.cat([top_right.mT, bottom_right], -1)
-    return torch.cat([top, bottom], -2).to(torch.float32).contiguous()
-
-
 def _damped(gram: torch.Tensor, means: torch.Tensor, damping: float) -> torch.Tensor:
     """``gram + δ mean(w) I`` in float64 (the torch path's :func:`weighted_grams` damping)."""
     eye = torch.eye(gram.shape[-1], dtype=LINALG_DTYPE)
@@ -50,43 +53,71 @@ def _damped(gram: torch.Tensor, means: torch.Tensor, damping: float) -> torch.Te
 
 def step(opt: Any, group: dict[str, Any], pairs: list[ActivePair], refresh: bool) -> None:
     """One step of the AdaPreLoRA ``opt`` over ``pairs`` (all float32 CPU); ``refresh``: this
-    step measures the statistic. The state bookkeeping is the optimizer's (``_advance``,
-    ``_fold``), so both paths keep the same state."""
-    # imported here: adaprelora imports this module
-    from lorafold.training.optim.adaprelora import Grams, direction_factors, stat_kernels
+    step measures the statistic. The state bookkeeping is the optimizer's (``_plan``,
+    ``_commit``, ``_fold``), so both paths keep the same state.
 
-    lowrank = refresh and group["statistic"] == "lowrank"
+    One fused call per rank (``adapre_step``: every pass and the r×r algebra of a layer in one
+    task), except for the refresh steps of the exact statistic, whose sums come from the
+    m×n gradient: those run the separate passes (:func:`_step_passes`)."""
+    if refresh and group["statistic"] == "full":
+        _step_passes(opt, group, pairs)
+        return
+    for sub in _by_rank(pairs):
+        states, folds = opt._plan(group, sub, refresh)
+        inv_corr = [1.0 / (1.0 - group["beta2"] ** (st.get("step", 0) + 1)) for st in states]
+        mom_a = [_momentum(opt, p.A) for p in sub] if group["beta1"] else []
+        mom_b = [_momentum(opt, p.B) for p in sub] if group["beta1"] else []
+        status = cpu_ops.adapre_step(
+            [p.A for p in sub],
+            [p.B for p in sub],
+            [p.gA for p in sub],
+            [p.gB for p in sub],
+            [st["row_sq"] for st in states],
+            [st["col_sq"] for st in states],
+            mom_a,
+            mom_b,
+            [p.scale for p in sub],
+            inv_corr,
+            folds,
+            refresh,
+            group["lr"],
+            1.0 - group["lr"] * group["weight_decay"],
+            group["beta1"],
+            group["stat_eps"],
+            group["damping"],
+        ).tolist()
+        opt._commit([st for st, code in zip(states, status, strict=True) if code != STATUS_FALLBACK], refresh)
+        if STATUS_IDENTITY in status:
+            logger.warning(
+                "Cholesky inverse failed for %d of %d layers; using the identity there",
+                status.count(STATUS_IDENTITY),
+                len(status),
+            )
+        fallback = [p for p, code in zip(sub, status, strict=True) if code == STATUS_FALLBACK]
+        if fallback:  # a pseudo-inverse needs eigh (near-singular Gram): the torch path, as a whole step
+            opt._step_pairs_torch(group, fallback)
+
+
+def _step_passes(opt: Any, group: dict[str, Any], pairs: list[ActivePair]) -> None:
+    """A refresh step of the exact statistic (``statistic="full"``): the row and column sums
+    of the m×n ``G²`` folded in torch, then the compiled passes with the r×r algebra in torch
+    between them."""
+    from lorafold.training.optim.adaprelora import direction_factors  # adaprelora imports this module
+
     damping = group["damping"]
     for sub in _by_rank(pairs):
         r = sub[0].rank
         a, b = [p.A for p in sub], [p.B for p in sub]
         g_a, g_b = [p.gA for p in sub], [p.gB for p in sub]
         s = torch.tensor([p.scale for p in sub], dtype=LINALG_DTYPE)
-        gm, gn = cpu_ops.adapre_grams(a, b, g_a, g_b, lowrank)
+        _, gn = cpu_ops.adapre_grams(a, b, g_a, g_b, False)
         ga_a = gn[:, :r, r:]
-        k_row = k_col = None
-        if lowrank:
-            grams = Grams(ga_a, gm[:, :r, :r], gn[:, r:, r:], gm[:, :r, r:], gm[:, r:, r:], gn[:, :r, :r])
-            k = stat_kernels(grams, s, damping, compiled=True)
-            k_row = _sym(k.row11, k.row21.mT, k.row22)
-            k_col = _sym(k.col11, k.col12, k.col22)
-            states, folds = opt._advance(group, sub, True)  # the kernel folds the new sums
-        else:
-            rows, cols = opt._full_sq(sub) if refresh else (None, None)
-            states, folds = opt._fold(group, sub, rows, cols), []
+        rows, cols = opt._full_sq(sub)
+        states = opt._fold(group, sub, rows, cols)
         inv_corr = [1.0 / (1.0 - group["beta2"] ** st["step"]) for st in states]
         ell, rho, bl, ar, means = cpu_ops.adapre_weights(
-            a,
-            b,
-            g_a,
-            g_b,
-            [st["row_sq"] for st in states],
-            [st["col_sq"] for st in states],
-            inv_corr,
+            a, b, g_a, g_b, [st["row_sq"] for st in states], [st["col_sq"] for st in states], inv_corr,
             group["stat_eps"],
-            k_row,
-            k_col,
-            folds,
         )
         # one batched inverse for both sides
         inv = spd_inverse(

@@ -106,7 +106,7 @@ class StatKernels:
         return [StatKernels(*p) for p in zip(*parts, strict=True)]
 
 
-def stat_kernels(grams: Grams, s: torch.Tensor, pinv_damping: float, compiled: bool = False) -> StatKernels:
+def stat_kernels(grams: Grams, s: torch.Tensor, pinv_damping: float) -> StatKernels:
     """The statistic's kernels from the Grams (all r×r; ``s`` is ``[k]`` or ``[k, 1, 1]``).
 
     With ``P_B⁻¹ = pinv(BᵀB + δI)``, ``P_A⁻¹ = pinv(AAᵀ + δI)`` and LoRA-Pro's reduced gradients
@@ -133,8 +133,8 @@ def stat_kernels(grams: Grams, s: torch.Tensor, pinv_damping: float, compiled: b
     assert grams.b_gb is not None and grams.gb_gb is not None and grams.ga_ga is not None
     work = grams.bb.dtype
     sw = s.to(work).reshape(-1, 1, 1)
-    # float64 factorizations, one batch for both (compiled: see spd_inverse)
-    inv = spd_inverse(torch.cat([grams.bb, grams.aa]), pinv_damping, "pinv", compiled).to(work)
+    # float64 factorizations, one batch for both
+    inv = spd_inverse(torch.cat([grams.bb, grams.aa]), pinv_damping, "pinv").to(work)
     inv_b, inv_a = inv.split(grams.bb.shape[0])
     x1, z = inv_a / sw, inv_b / sw
     x2 = -(inv_b @ grams.b_gb) @ x1
@@ -327,23 +327,21 @@ class AdaPreLoRA(PairOptimizer):
         interval = group["stat_interval"]
         for p in pairs:
             st = self.state[p.A]
-            if "row_sq" not in st or st["step"] + 1 - st["stat_at"] >= interval:
+            if "row_sq" not in st or st.get("step", 0) + 1 - st["stat_at"] >= interval:
                 return True
         return False
 
-    def _advance(
+    def _plan(
         self, group: dict[str, Any], pairs: list[ActivePair], refresh: bool
     ) -> tuple[list[dict[str, Any]], list[float]]:
-        """Advance every layer's step; on a refresh step also return each layer's EMA weight
-        for the new sums (creating zero statistics the first time). Returns the layers' states.
+        """The layers' states and, on a refresh step, each layer's EMA weight for the new sums
+        (creating zero statistics the first time); the step counts are left to :meth:`_commit`.
 
         A refresh ``j`` steps after the previous one weighs the new sums by ``1 − β2^j``: the
         EMA the per-step rule gives when the sums stay constant in between, so the bias
         correction ``1 − β2^t`` holds for every interval (``j = 1`` is the per-step rule)."""
         states = [self.state[p.A] for p in pairs]
         beta2 = group["beta2"]
-        for st in states:
-            st["step"] = st.get("step", 0) + 1
         folds: list[float] = []
         if refresh:
             for p, st in zip(pairs, states, strict=True):
@@ -352,8 +350,23 @@ class AdaPreLoRA(PairOptimizer):
                     st["stat_at"] = 0
                     st["row_sq"] = torch.zeros(p.B.shape[0], dtype=work, device=p.B.device)
                     st["col_sq"] = torch.zeros(p.A.shape[1], dtype=work, device=p.A.device)
-                folds.append(1.0 - beta2 ** (st["step"] - st["stat_at"]))
+                folds.append(1.0 - beta2 ** (st.get("step", 0) + 1 - st["stat_at"]))
+        return states, folds
+
+    @staticmethod
+    def _commit(states: list[dict[str, Any]], refresh: bool) -> None:
+        """Count the step (and the refresh) of layers that took it."""
+        for st in states:
+            st["step"] = st.get("step", 0) + 1
+            if refresh:
                 st["stat_at"] = st["step"]
+
+    def _advance(
+        self, group: dict[str, Any], pairs: list[ActivePair], refresh: bool
+    ) -> tuple[list[dict[str, Any]], list[float]]:
+        """:meth:`_plan` then :meth:`_commit`: states and EMA weights of a step being taken."""
+        states, folds = self._plan(group, pairs, refresh)
+        self._commit(states, refresh)
         return states, folds
 
     def _fold(
