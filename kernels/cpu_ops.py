@@ -13,8 +13,9 @@ from lorafold.kernels import cpu_ext
 
 def usable(*tensors: torch.Tensor) -> bool:
     """True when the compiled kernels are loaded and take these tensors as they are."""
-    for t in tensors:
-        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+    f32 = torch.float32
+    for t in tensors:  # `is_cpu` and `dtype` are plain attributes; `t.device` builds an object
+        if not t.is_cpu or t.dtype != f32 or not t.is_contiguous():
             return False
     return cpu_ext.available()
 

@@ -274,11 +274,17 @@ class AdaPreLoRA(PairOptimizer):
     ``stat_interval = k > 1`` (an extension; default 1 = the per-step rule) measures the
     Adafactor statistic only every k steps, like Shampoo's preconditioner update frequency,
     and reuses the stored ``r_t, c_t`` in between. The statistic is about half of a step's
-    cost (SmolLM2, rank 16, one thread, ``benchmarks/bench_optimizer_step.py``: 52 ms per
-    step with k = 1, 27 ms on a step that skips it, 29 ms amortized at k = 10; AdamW 23 ms). The trade-off is the statistic's staleness: on the
-    factorization test bed at κ = 1000, where the gradient shrinks by orders of magnitude
-    within the run, k = 10 needs 3x the iterations of k = 1 and k = 20 reaches f ≤ 1e-8 at
-    no step size (``benchmarks/bench_optimizers.py``), so it is not the default.
+    cost (SmolLM2, rank 16, one thread, ``benchmarks/bench_optimizer_step.py``, compiled CPU
+    step: 31.2 ms with k = 1, 16.3 ms on a step that skips it; AdamW 25.3 ms). The trade-off
+    is the statistic's staleness: on the factorization test bed at κ = 1000, where the
+    gradient shrinks by orders of magnitude within the run, k = 10 needs 3x the iterations
+    of k = 1 and k = 20 reaches f ≤ 1e-8 at no step size (``benchmarks/bench_optimizers.py``),
+    so it is not the default.
+
+    ``backend``: ``"auto"`` (default) takes the compiled CPU step (``_adaprelora_cpu``, the
+    same math, ~2x faster on CPU) for float32 CPU factors where ``lorafold.kernels.cpu_ext``
+    has built the kernels, and the torch path otherwise; ``"torch"`` always takes the torch
+    path; ``"cpp"`` insists on the compiled step and raises where it cannot run.
     """
 
     def __init__(
