@@ -673,39 +673,57 @@ void layer_update(const Layer& L, float* ap, float* bp, int64_t r, const RowChun
 
 // (M⁻¹ by M = LLᵀ, ok) for SPD float64 [n, n] (lower triangle read, as LAPACK's 'L');
 // ok = false where a pivot is not positive or not finite, and then out is left alone.
+// c, li: [n, n] scratch. L⁻¹ is built a row at a time (each row an axpy of the rows above,
+// contiguous, so it vectorizes), then M⁻¹ = L⁻ᵀ L⁻¹ as a sum of outer products of its rows.
 bool chol_inverse(const double* m, int64_t n, double* out, double* c, double* li) {
   for (int64_t j = 0; j < n; ++j) {
+    const double* cj = c + j * n;
     double d = m[j * n + j];
-    for (int64_t t = 0; t < j; ++t) d -= c[j * n + t] * c[j * n + t];
+#pragma omp simd reduction(- : d)
+    for (int64_t t = 0; t < j; ++t) d -= cj[t] * cj[t];
     if (!(d > 0.0) || !std::isfinite(d)) return false;
     const double ljj = std::sqrt(d);
     c[j * n + j] = ljj;
     for (int64_t i = j + 1; i < n; ++i) {
+      const double* ci = c + i * n;
       double v = m[i * n + j];
-      for (int64_t t = 0; t < j; ++t) v -= c[i * n + t] * c[j * n + t];
+#pragma omp simd reduction(- : v)
+      for (int64_t t = 0; t < j; ++t) v -= ci[t] * cj[t];
       c[i * n + j] = v / ljj;
     }
   }
-  // L⁻¹ (lower), then M⁻¹ = L⁻ᵀ L⁻¹
-  for (int64_t j = 0; j < n; ++j) {
-    li[j * n + j] = 1.0 / c[j * n + j];
-    for (int64_t i = j + 1; i < n; ++i) {
-      double v = 0.0;
-      for (int64_t t = j; t < i; ++t) v -= c[i * n + t] * li[t * n + j];
-      li[i * n + j] = v / c[i * n + i];
+  // rows of X = L⁻¹: X_i = (e_i − Σ_{t<i} L_it X_t) / L_ii (X lower triangular)
+  std::fill(li, li + n * n, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    double* __restrict xi = li + i * n;
+    xi[i] = 1.0;
+    for (int64_t t = 0; t < i; ++t) {
+      const double lit = c[i * n + t];
+      const double* __restrict xt = li + t * n;
+#pragma omp simd
+      for (int64_t q = 0; q <= t; ++q) xi[q] -= lit * xt[q];
+    }
+    const double inv = 1.0 / c[i * n + i];
+#pragma omp simd
+    for (int64_t q = 0; q <= i; ++q) xi[q] *= inv;
+  }
+  // M⁻¹ = Xᵀ X = Σ_t X_tᵀ X_t
+  std::fill(out, out + n * n, 0.0);
+  for (int64_t t = 0; t < n; ++t) {
+    const double* __restrict xt = li + t * n;
+    for (int64_t i = 0; i <= t; ++i) {
+      const double xti = xt[i];
+      double* __restrict oi = out + i * n;
+#pragma omp simd
+      for (int64_t q = 0; q <= t; ++q) oi[q] += xti * xt[q];
     }
   }
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j <= i; ++j) {
-      double v = 0.0;
-      for (int64_t t = i; t < n; ++t) v += li[t * n + i] * li[t * n + j];
-      out[i * n + j] = v;
-      out[j * n + i] = v;
-    }
   return true;
 }
 
-// Z = op(X) op(Y) (+ Z when accumulate), op = transpose when tx / ty; all [r, r] float32.
+// Z = op(X) op(Y) (+ Z when accumulate), op = transpose when tx / ty; all [r, r] float32;
+// tmp: [r, r] scratch. 4 rows × 16 columns of Z per register tile (8 accumulators), the
+// columns past the last whole vector one at a time.
 void mm(const float* X, bool tx, const float* Y, bool ty, float* Z, int64_t r, bool accumulate, float* tmp) {
   const float* y = Y;
   if (ty) {
@@ -713,14 +731,49 @@ void mm(const float* X, bool tx, const float* Y, bool ty, float* Z, int64_t r, b
       for (int64_t j = 0; j < r; ++j) tmp[i * r + j] = Y[j * r + i];
     y = tmp;
   }
-  if (!accumulate) std::fill(Z, Z + r * r, 0.f);
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t t = 0; t < r; ++t) {
-      const float x = tx ? X[t * r + i] : X[i * r + t];
-      float* __restrict zi = Z + i * r;
-      const float* __restrict yt = y + t * r;
-#pragma omp simd
-      for (int64_t j = 0; j < r; ++j) zi[j] += x * yt[j];
+  auto x_at = [&](int64_t i, int64_t t) { return tx ? X[t * r + i] : X[i * r + t]; };
+  const int64_t r16 = r / 16 * 16, r8 = r / 8 * 8;
+  int64_t i0 = 0;
+  for (; i0 + 4 <= r; i0 += 4) {
+    int64_t jb = 0;
+    for (; jb < r16; jb += 16) {
+      vf8 acc[4][2];
+      for (int u = 0; u < 4; ++u)
+        for (int v = 0; v < 2; ++v) acc[u][v] = accumulate ? load8(Z + (i0 + u) * r + jb + 8 * v) : vf8{};
+      for (int64_t t = 0; t < r; ++t) {
+        vf8 y0 = load8(y + t * r + jb), y1 = load8(y + t * r + jb + 8);
+        pin(y0);
+        pin(y1);
+        for (int u = 0; u < 4; ++u) {
+          const vf8 xv = bcast(x_at(i0 + u, t));
+          acc[u][0] += xv * y0;
+          acc[u][1] += xv * y1;
+        }
+      }
+      for (int u = 0; u < 4; ++u)
+        for (int v = 0; v < 2; ++v) store8(Z + (i0 + u) * r + jb + 8 * v, acc[u][v]);
+    }
+    for (; jb < r8; jb += 8) {
+      vf8 acc[4];
+      for (int u = 0; u < 4; ++u) acc[u] = accumulate ? load8(Z + (i0 + u) * r + jb) : vf8{};
+      for (int64_t t = 0; t < r; ++t) {
+        const vf8 y0 = load8(y + t * r + jb);
+        for (int u = 0; u < 4; ++u) acc[u] += bcast(x_at(i0 + u, t)) * y0;
+      }
+      for (int u = 0; u < 4; ++u) store8(Z + (i0 + u) * r + jb, acc[u]);
+    }
+    for (int64_t u = 0; u < 4; ++u)
+      for (int64_t j = r8; j < r; ++j) {
+        float v = accumulate ? Z[(i0 + u) * r + j] : 0.f;
+        for (int64_t t = 0; t < r; ++t) v += x_at(i0 + u, t) * y[t * r + j];
+        Z[(i0 + u) * r + j] = v;
+      }
+  }
+  for (; i0 < r; ++i0)  // the last r % 4 rows
+    for (int64_t j = 0; j < r; ++j) {
+      float v = accumulate ? Z[i0 * r + j] : 0.f;
+      for (int64_t t = 0; t < r; ++t) v += x_at(i0, t) * y[t * r + j];
+      Z[i0 * r + j] = v;
     }
 }
 
