@@ -275,7 +275,7 @@ class AdaPreLoRA(PairOptimizer):
     Adafactor statistic only every k steps, like Shampoo's preconditioner update frequency,
     and reuses the stored ``r_t, c_t`` in between. The statistic is about half of a step's
     cost (SmolLM2, rank 16, one thread, ``benchmarks/bench_optimizer_step.py``, compiled CPU
-    step: 31.2 ms with k = 1, 16.3 ms on a step that skips it; AdamW 25.3 ms). The trade-off
+    step: 27.7 ms with k = 1, 15.4 ms on a step that skips it; AdamW 25.0 ms). The trade-off
     is the statistic's staleness: on the factorization test bed at κ = 1000, where the
     gradient shrinks by orders of magnitude within the run, k = 10 needs 3x the iterations
     of k = 1 and k = 20 reaches f ≤ 1e-8 at no step size (``benchmarks/bench_optimizers.py``),
