@@ -423,6 +423,23 @@ void store_sym(const double* g, int64_t ldg, int64_t row0, int64_t col0, int64_t
     }
 }
 
+// The unpadded 2r × 2r Gram out (row stride 2r) from a padded float64 sum g (row stride ld)
+// whose second half starts at index `half`: the off-diagonal block (and its mirror) always,
+// the two diagonal blocks when `diagonal` (filled from their upper triangles).
+void store_padded_gram(const double* g, int64_t ld, int64_t half, int64_t r, bool diagonal, float* out) {
+  const int64_t o = 2 * r;
+  if (diagonal) {
+    store_sym(g, ld, 0, 0, r, out, o, 0, 0, true);
+    store_sym(g, ld, half, half, r, out, o, r, r, true);
+  }
+  for (int64_t p = 0; p < r; ++p)
+    for (int64_t q = 0; q < r; ++q) {
+      const float v = static_cast<float>(g[p * ld + half + q]);
+      out[p * o + r + q] = v;
+      out[(r + q) * o + p] = v;
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Per-layer passes. Each call sees one layer L at rank r; the ops below run them over lists.
 
@@ -438,14 +455,7 @@ void layer_grams(const Layer& L, int64_t r, const RowChunks& rc, const ColChunks
     rc.each(L, s.w.data(),
             [&](const RowBlock& blk, int64_t, int64_t) { gram_rows_upper(blk, rc.C, nullptr, s.g.data(), rc.C); });
     // blocks: B B (0, 0), B gB (0, rp), gB gB (rp, rp) of the padded C × C sum
-    store_sym(s.g.data(), rc.C, 0, 0, r, gm, o, 0, 0, true);
-    store_sym(s.g.data(), rc.C, rc.rp, rc.rp, r, gm, o, r, r, true);
-    for (int64_t p = 0; p < r; ++p)
-      for (int64_t q = 0; q < r; ++q) {
-        const float v = static_cast<float>(s.g[p * rc.C + rc.rp + q]);
-        gm[p * o + r + q] = v;
-        gm[(r + q) * o + p] = v;
-      }
+    store_padded_gram(s.g.data(), rc.C, rc.rp, r, true, gm);
   }
   // lowrank: the upper block triangle of all 2r rows; else only gA (rows) × A (columns)
   const DotTiles tiles = lowrank ? DotTiles{0, cc.P, 0, true} : DotTiles{0, cc.P, cc.rq, false};
@@ -457,16 +467,29 @@ void layer_grams(const Layer& L, int64_t r, const RowChunks& rc, const ColChunks
   }
   std::fill(s.g.begin(), s.g.end(), 0.0);
   dot_tiles_finish(tiles, s.acc.data(), s.g.data(), cc.P);
-  if (lowrank) {
-    store_sym(s.g.data(), cc.P, 0, 0, r, gn, o, 0, 0, true);
-    store_sym(s.g.data(), cc.P, cc.rq, cc.rq, r, gn, o, r, r, true);
-  }
-  for (int64_t p = 0; p < r; ++p)
-    for (int64_t q = 0; q < r; ++q) {
-      const float v = static_cast<float>(s.g[p * cc.P + cc.rq + q]);
-      gn[p * o + r + q] = v;
-      gn[(r + q) * o + p] = v;
+  store_padded_gram(s.g.data(), cc.P, cc.rq, r, lowrank, gn);
+}
+
+// acc[u][v] += Σ_{q0 <= q < q1} c[u * ldc + q] (x_q[jb + 8v ..] ∘ s_v), u < 4, v < 2: four
+// output rows of a coefficient matrix (c at the first) times 16 columns of the rows x_q,
+// each row optionally scaled by s (SCALED). One FMA per accumulator per row.
+template <bool SCALED>
+inline void cols_acc(const float* const* x, const float* c, int64_t ldc, int64_t q0, int64_t q1, int64_t jb, vf8 s0,
+                     vf8 s1, vf8 (&acc)[4][2]) {
+  for (int64_t q = q0; q < q1; ++q) {
+    vf8 x0 = load8(x[q] + jb), x1 = load8(x[q] + jb + 8);
+    if (SCALED) {
+      x0 *= s0;
+      x1 *= s1;
     }
+    pin(x0);
+    pin(x1);
+    for (int u = 0; u < 4; ++u) {
+      const vf8 cv = bcast(c[u * ldc + q]);
+      acc[u][0] += cv * x0;
+      acc[u][1] += cv * x1;
+    }
+  }
 }
 
 void col_quad_chunk(const float* const* x, int64_t P, int64_t width, const float* U, float* out) {
@@ -476,16 +499,7 @@ void col_quad_chunk(const float* const* x, int64_t P, int64_t width, const float
     vf8 t0 = {}, t1 = {};
     for (int64_t p0 = 0; p0 < P; p0 += 4) {
       vf8 acc[4][2] = {};
-      for (int64_t q = p0; q < P; ++q) {
-        vf8 x0 = load8(x[q] + jb), x1 = load8(x[q] + jb + 8);
-        pin(x0);
-        pin(x1);
-        for (int u = 0; u < 4; ++u) {
-          const vf8 c = bcast(U[(p0 + u) * P + q]);
-          acc[u][0] += c * x0;
-          acc[u][1] += c * x1;
-        }
-      }
+      cols_acc<false>(x, U + p0 * P, P, p0, P, jb, vf8{}, vf8{}, acc);
       for (int u = 0; u < 4; ++u) {
         t0 += acc[u][0] * load8(x[p0 + u] + jb);
         t1 += acc[u][1] * load8(x[p0 + u] + jb + 8);
@@ -633,26 +647,8 @@ void layer_update(const Layer& L, float* ap, float* bp, int64_t r, const RowChun
         vf8 acc[4][2] = {};
         // two passes (gA / rho rows, then A rows): one FMA per accumulator per row, so the
         // 8 accumulator chains never wait on each other
-        for (int64_t q = 0; q < r; ++q) {
-          vf8 g0 = load8(x[q] + jb) * i0v, g1 = load8(x[q] + jb + 8) * i1v;
-          pin(g0);
-          pin(g1);
-          for (int u = 0; u < 4; ++u) {
-            const vf8 cl = bcast(lpad[(p0 + u) * r + q]);
-            acc[u][0] += cl * g0;
-            acc[u][1] += cl * g1;
-          }
-        }
-        for (int64_t q = 0; q < r; ++q) {
-          vf8 a0 = load8(x[rq + q] + jb), a1 = load8(x[rq + q] + jb + 8);
-          pin(a0);
-          pin(a1);
-          for (int u = 0; u < 4; ++u) {
-            const vf8 ch = bcast(hpad[(p0 + u) * r + q]);
-            acc[u][0] += ch * a0;
-            acc[u][1] += ch * a1;
-          }
-        }
+        cols_acc<true>(x, lpad + p0 * r, r, 0, r, jb, i0v, i1v, acc);
+        cols_acc<false>(x + rq, hpad + p0 * r, r, 0, r, jb, vf8{}, vf8{}, acc);
         for (int u = 0; u < 4; ++u) {
           store8(s.buf.data() + (p0 + u) * 16, acc[u][0]);
           store8(s.buf.data() + (p0 + u) * 16 + 8, acc[u][1]);
@@ -786,16 +782,27 @@ struct SmallAlgebra {
   double* Dm(int i) { return d.data() + i * r * r; }
 };
 
-// (M + δI)⁻¹ of a float32 Gram in float64, into out (float32). "pinv" semantics of the torch
-// path: exact only when tr(M)·tr(M⁻¹)·r·eps < 1/2 (then pinv and the inverse coincide);
-// returns false where that fails or the factorization does (the caller's fallback).
-bool damped_pinv(const float* m, double damping, SmallAlgebra& w, float* out) {
+// (M + shift·I)⁻¹ of a float32 [r, r] M in float64: M + shift·I into w.Dm(0), its inverse
+// into w.Dm(1); false where the factorization fails or the inverse is not finite.
+bool shifted_inverse(const float* m, double shift, SmallAlgebra& w) {
   const int64_t r = w.r;
   double* dm = w.Dm(0);
-  for (int64_t i = 0; i < r * r; ++i) dm[i] = m[i];
-  for (int64_t i = 0; i < r; ++i) dm[i * r + i] += damping;
   double* inv = w.Dm(1);
+  for (int64_t i = 0; i < r * r; ++i) dm[i] = m[i];
+  for (int64_t i = 0; i < r; ++i) dm[i * r + i] += shift;
   if (!chol_inverse(dm, r, inv, w.Dm(2), w.Dm(3))) return false;
+  for (int64_t i = 0; i < r * r; ++i)
+    if (!std::isfinite(inv[i])) return false;
+  return true;
+}
+
+// (M + δI)⁻¹ into out (float32) with the torch path's "pinv" semantics: exact only when
+// tr(M)·tr(M⁻¹)·r·eps < 1/2 (then pinv and the inverse coincide); false where that fails or
+// the factorization does (the caller's fallback to the eigh-based pinv).
+bool damped_pinv(const float* m, double damping, SmallAlgebra& w, float* out) {
+  const int64_t r = w.r;
+  if (!shifted_inverse(m, damping, w)) return false;
+  const double *dm = w.Dm(0), *inv = w.Dm(1);
   double tr_m = 0.0, tr_inv = 0.0;
   for (int64_t i = 0; i < r; ++i) {
     tr_m += dm[i * r + i];
@@ -803,23 +810,16 @@ bool damped_pinv(const float* m, double damping, SmallAlgebra& w, float* out) {
   }
   const double rtol = std::numeric_limits<double>::epsilon() * static_cast<double>(r);
   if (!(tr_m * tr_inv * rtol < 0.5)) return false;
-  for (int64_t i = 0; i < r * r; ++i) {
-    if (!std::isfinite(inv[i])) return false;
-    out[i] = static_cast<float>(inv[i]);
-  }
+  for (int64_t i = 0; i < r * r; ++i) out[i] = static_cast<float>(inv[i]);
   return true;
 }
 
-// (M + δ·mean·I)⁻¹ in float64 into out (float32); the identity where it fails (the torch
-// path's "cholesky" rule); returns whether it succeeded.
+// (M + shift·I)⁻¹ into out (float32); the identity where it fails (the torch path's
+// "cholesky" rule); returns whether it succeeded.
 bool damped_inverse(const float* m, double shift, SmallAlgebra& w, float* out) {
   const int64_t r = w.r;
-  double* dm = w.Dm(0);
-  for (int64_t i = 0; i < r * r; ++i) dm[i] = m[i];
-  for (int64_t i = 0; i < r; ++i) dm[i * r + i] += shift;
-  double* inv = w.Dm(1);
-  bool ok = chol_inverse(dm, r, inv, w.Dm(2), w.Dm(3));
-  for (int64_t i = 0; ok && i < r * r; ++i) ok = std::isfinite(inv[i]);
+  const bool ok = shifted_inverse(m, shift, w);
+  const double* inv = w.Dm(1);
   for (int64_t i = 0; i < r; ++i)
     for (int64_t j = 0; j < r; ++j) out[i * r + j] = ok ? static_cast<float>(inv[i * r + j]) : (i == j ? 1.f : 0.f);
   return ok;
@@ -979,12 +979,6 @@ std::tuple<at::Tensor, at::Tensor> spd_cholesky_inverse(const at::Tensor& mats) 
     }
   });
   return {inv, ok};
-}
-
-std::vector<float*> mutable_list(const at::TensorList& t) {
-  std::vector<float*> out(t.size());
-  for (size_t l = 0; l < t.size(); ++l) out[l] = t[l].data_ptr<float>();
-  return out;
 }
 
 void check_momentum(const at::TensorList& mom_a, const at::TensorList& mom_b, const at::TensorList& a,
