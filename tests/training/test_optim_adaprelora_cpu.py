@@ -188,3 +188,19 @@ def test_layer_needing_the_eigh_pseudo_inverse_takes_the_torch_step(monkeypatch:
     assert fallbacks == [[first]], fallbacks
     assert _max_rel(results[0][0], results[1][0]) < 1e-4
     assert results[0][1].state[lora_pairs(results[0][0])[0].A]["step"] == 1
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_step_bumps_the_factors_version_like_an_inplace_op(backend: str) -> None:
+    """A graph that saved the old factors must refuse to backpropagate after the step."""
+    model = _model()
+    opt = AdaPreLoRA(lora_pairs(model), lr=3e-3, backend=backend)
+    _grads(model, 0)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(9))
+    stale = model(ids, labels=ids).loss  # its graph holds the factors as they are now
+    pair = lora_pairs(model)[0]
+    before = (pair.A._version, pair.B._version)
+    opt.step()
+    assert pair.A._version > before[0] and pair.B._version > before[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.backward()

@@ -86,6 +86,7 @@ def step(opt: Any, group: dict[str, Any], pairs: list[ActivePair], refresh: bool
             group["stat_eps"],
             group["damping"],
         ).tolist()
+        _mark_modified(sub)
         opt._commit([st for st, code in zip(states, status, strict=True) if code != STATUS_FALLBACK], refresh)
         if STATUS_IDENTITY in status:
             logger.warning(
@@ -133,6 +134,13 @@ def _step_passes(opt: Any, group: dict[str, Any], pairs: list[ActivePair]) -> No
         cpu_ops.adapre_update(
             a, b, g_a, g_b, ell, rho, left, right, half_c, group["lr"], decay, mom_a, mom_b, group["beta1"]
         )
+        _mark_modified(sub)
+
+
+def _mark_modified(pairs: list[ActivePair]) -> None:
+    """Bump the factors' autograd version counters, as torch's in-place ops do: the kernels
+    write through raw pointers, and a graph that saved the old factors must see the change."""
+    torch.autograd.graph.increment_version([t for p in pairs for t in (p.A, p.B)])
 
 
 def _momentum(opt: Any, p: torch.Tensor) -> torch.Tensor:
