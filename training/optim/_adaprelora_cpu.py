@@ -8,8 +8,9 @@ copies) and keeps them in cache across its passes:
     weights and weighted Grams → damped inverses and direction factors (r×r) → directions
     and the in-place update (momentum, weight decay).
 
-Through torch the same step is ~14 batched matmuls and ~30 batched r×r ops with elementwise
-passes between them; on one CPU thread that is ~2.4x torch's AdamW step
+Through torch the same step is 82 batched matmuls (torch profiler: the r-wide ones per shape
+bucket, the r×r ones over all layers) with elementwise passes between them; on one CPU thread
+that is ~2.4x torch's AdamW step
 (``benchmarks/bench_optimizer_step.py`` has the measured ratios). Used for float32 CPU
 factors where the kernels are built; everything else keeps the torch path. A layer whose
 statistic needs the eigh-based pseudo-inverse (a near-singular Gram) is left untouched by
