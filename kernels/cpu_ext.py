@@ -1,5 +1,5 @@
 """Build (once) and load the compiled CPU kernels of `kernels/csrc/` (serving: `cpu_ops.cpp`;
-the AdaPreLoRA optimizer's passes: `optim_ops.cpp`), one shared library.
+the AdaPreLoRA optimizer's step: `optim_ops.cpp`), one shared library.
 
 The ops register as `torch.ops.lorafold_cpu.*`. The shared library is built on first use
 with torch's C++ extension builder (gcc + ninja, ~15 s) into a folder keyed by the source,
@@ -126,7 +126,7 @@ def _load() -> bool:
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as err:
         logger.warning("compiled CPU kernels unavailable (%s); using the slower torch path", err)
         return False
-    return hasattr(torch.ops.lorafold_cpu, "lora_apply") and hasattr(torch.ops.lorafold_cpu, "adapre_update")
+    return hasattr(torch.ops.lorafold_cpu, "lora_apply") and hasattr(torch.ops.lorafold_cpu, "adapre_step")
 
 
 def main() -> int:

@@ -56,74 +56,9 @@ def lora_apply(
     )
 
 
-# ----- AdaPreLoRA's per-layer passes (`csrc/optim_ops.cpp`) --------------------------------
+# ----- AdaPreLoRA's optimizer step (`csrc/optim_ops.cpp`) ----------------------------------
 # Lists hold one tensor per layer, all layers of one call at the same rank r (A_l [r, n_l],
-# B_l [m_l, r]); r×r results come back stacked [k, ...], float32.
-
-
-def adapre_grams(
-    a: list[torch.Tensor], b: list[torch.Tensor], g_a: list[torch.Tensor], g_b: list[torch.Tensor], lowrank: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Gm, Gn)``, each [k, 2r, 2r]: the Grams of ``[B | g_B]`` (over rows) and of
-    ``[g_A ; A]`` (over columns). With ``lowrank=False`` only Gn's ``g_A Aᵀ`` blocks are filled."""
-    gm, gn = torch.ops.lorafold_cpu.adapre_grams(a, b, g_a, g_b, lowrank)
-    return gm, gn
-
-
-def adapre_weights(
-    a: list[torch.Tensor],
-    b: list[torch.Tensor],
-    g_a: list[torch.Tensor],
-    g_b: list[torch.Tensor],
-    row_state: list[torch.Tensor],
-    col_state: list[torch.Tensor],
-    inv_corr: list[float],
-    eps: float,
-    k_row: torch.Tensor | None = None,
-    k_col: torch.Tensor | None = None,
-    fold: list[float] | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Adafactor weights and weighted Grams in one pass per layer.
-
-    With ``k_row, k_col`` (symmetric [k, 2r, 2r]) the new sums ``diag([B, g_B] K_row [B, g_B]ᵀ)``
-    and ``diag([g_Aᵀ, Aᵀ] K_col [g_A; A])`` are first folded into the state in place,
-    ``r_t ← r_t + fold_l (sums − r_t)``. Returns ``ℓ = √r̂``, ``ρ = √ĉ / √(1ᵀ r̂)`` per layer
-    (``r̂ = r_t · inv_corr + eps``), the undamped ``BᵀLB``, ``ARAᵀ`` [k, r, r] and the means of
-    ℓ and ρ [k, 2] (float64)."""
-    ell, rho, bl, ar, means = torch.ops.lorafold_cpu.adapre_weights(
-        a, b, g_a, g_b, row_state, col_state, inv_corr, float(eps), k_row, k_col, fold or []
-    )
-    return list(ell), list(rho), bl, ar, means
-
-
-def spd_cholesky_inverse(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(M⁻¹, ok)`` for contiguous float64 SPD ``[k, r, r]`` by Cholesky; ``ok[l]`` False (and
-    the identity returned) where the factorization fails."""
-    inv, ok = torch.ops.lorafold_cpu.spd_cholesky_inverse(mats)
-    return inv, ok
-
-
-def adapre_update(
-    a: list[torch.Tensor],
-    b: list[torch.Tensor],
-    g_a: list[torch.Tensor],
-    g_b: list[torch.Tensor],
-    ell: list[torch.Tensor],
-    rho: list[torch.Tensor],
-    left: torch.Tensor,
-    right: torch.Tensor,
-    half_c: torch.Tensor,
-    lr: float,
-    decay: float,
-    mom_a: list[torch.Tensor] | None = None,
-    mom_b: list[torch.Tensor] | None = None,
-    beta1: float = 0.0,
-) -> None:
-    """In place: ``dA = left (g_A / ρ) + half_c A``, ``dB = (g_B / ℓ) right + B half_c``; with
-    momentum buffers ``m ← m + (1 − β1)(d − m)``, ``d ← m``; then ``p ← (p + lr d) · decay``."""
-    torch.ops.lorafold_cpu.adapre_update(
-        a, b, g_a, g_b, ell, rho, left, right, half_c, float(lr), float(decay), mom_a or [], mom_b or [], float(beta1)
-    )
+# B_l [m_l, r]).
 
 
 def adapre_step(

@@ -1,26 +1,25 @@
-// AdaPreLoRA's per-layer passes over the LoRA factors, compiled (training/optim/adaprelora.py).
+// AdaPreLoRA's optimizer step over the LoRA factors, compiled (training/optim/adaprelora.py;
+// driven by training/optim/_adaprelora_cpu.py).
 //
 // Why compiled code: the optimizer's O((m + n) r²) work is ~9 r-wide products per factor row
 // (Grams, the low-rank statistic's quadratic forms, the weighted Grams, the two directions).
 // Through torch each is a batched matmul over a stacked copy of the factors, with the
-// elementwise steps between them as further passes over [k, m, r] tensors: on one CPU thread
-// that is ~2.4x the time of torch's AdamW step. Here every pass reads each layer's factors
-// where they lie (no stacking), does its products in register tiles, and folds the
-// elementwise work (row/column scalings, the update, momentum, weight decay) into the same
-// pass. adapre_step also does the r×r algebra between the passes per layer (in torch it is a
-// batched linalg call per product, ~40 us each whatever the size); the separate ops remain
-// for the full-statistic path, which takes its sums from the exact gradient.
+// elementwise steps and the r×r algebra (a batched linalg call per product, ~60-80 us each
+// whatever the size) between them: on one CPU thread that is ~2.4x the time of torch's
+// AdamW step. Here one task per layer does every pass on the factors where they lie (no
+// stacking), in register tiles, with the elementwise work (row/column scalings, the update,
+// momentum, weight decay) folded into the passes and the r×r algebra in between, so a
+// layer's factors come from memory once and stay in cache.
 //
 // Per layer, with A [r, n], B [m, r] (gradients gA, gB alike):
 //   m side: row i is w_i = [B_i | gB_i] (2r);   n side: column j is x_j = [gA_:j ; A_:j] (2r).
-//   adapre_grams           Σ_i w_iᵀ w_i and Σ_j x_j x_jᵀ (2r × 2r each; only gA Aᵀ when !lowrank)
-//   adapre_weights         [fold row_sq[i] = w_i K_row w_iᵀ, col_sq[j] = x_jᵀ K_col x_j into the
-//                          Adafactor state], then ell, rho and Σ_i ell_i B_iᵀ B_i, Σ_j rho_j A_:j A_:jᵀ
-//   adapre_update          dA = left (gA / rho) + hc A,  dB = (gB / ell) right + B hc;
-//                          p <- (p + lr d) * decay, d through a momentum when one is given.
-//   adapre_step            all of it for one layer in one task, with the r×r algebra between
-//                          the passes (statistic kernels, damped inverses, direction factors),
-//                          so each layer's factors come from memory once and stay in cache.
+//   layer_grams     Σ_i w_iᵀ w_i and Σ_j x_j x_jᵀ (2r × 2r each; only gA Aᵀ without the statistic)
+//   stat_kernels_layer  the low-rank statistic's K_row, K_col from them (r×r algebra)
+//   layer_weights   [fold row_sq[i] = w_i K_row w_iᵀ, col_sq[j] = x_jᵀ K_col x_j into the
+//                   Adafactor state], then ell, rho and Σ_i ell_i B_iᵀ B_i, Σ_j rho_j A_:j A_:jᵀ
+//   (damped inverses and direction factors, r×r)
+//   layer_update    dA = left (gA / rho) + hc A,  dB = (gB / ell) right + B hc;
+//                   p <- (p + lr d) * decay, d through a momentum when one is given.
 // Sums are accumulated in fp32 registers over a cache-sized chunk of rows or columns and in
 // float64 across chunks. Threads: one task per layer on ATen's intra-op pool.
 
@@ -108,12 +107,6 @@ void check_vectors(const at::TensorList& v, const std::vector<Layer>& layers, bo
     const int64_t want = rows ? layers[l].m : layers[l].n;
     TORCH_CHECK(v[l].dim() == 1 && v[l].size(0) == want, "layer ", l, ": ", name, " must be [", want, "]");
   }
-}
-
-void check_mats(const at::Tensor& t, int64_t k, int64_t rows, int64_t cols, const char* name) {
-  check_f32_contig(t, name);
-  TORCH_CHECK(t.dim() == 3 && t.size(0) == k && t.size(1) == rows && t.size(2) == cols, name, " must be [", k, ", ",
-              rows, ", ", cols, "]");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -888,98 +881,7 @@ bool stat_kernels_layer(const float* gm, const float* gn, float scale, double da
 }
 
 // ---------------------------------------------------------------------------------------
-// The ops over lists of layers (one rank per call; one task per layer).
-
-std::vector<at::Tensor> adapre_grams(at::TensorList a, at::TensorList b, at::TensorList ga, at::TensorList gb,
-                                     bool lowrank) {
-  int64_t r = 0;
-  const auto layers = layers_of(a, b, ga, gb, &r);
-  const int64_t k = static_cast<int64_t>(layers.size()), o = 2 * r;
-  auto gm = at::empty({k, o, o}, a[0].options());
-  auto gn = at::empty({k, o, o}, a[0].options());
-  const RowChunks rc(r);
-  const ColChunks cc(r);
-  at::parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {
-    Scratch s(rc, cc);
-    for (int64_t l = lo; l < hi; ++l)
-      layer_grams(layers[l], r, rc, cc, lowrank, s, gm.data_ptr<float>() + l * o * o, gn.data_ptr<float>() + l * o * o);
-  });
-  return {gm, gn};
-}
-
-// With K_row, K_col [k, 2r, 2r] (symmetric; a step that measures the statistic) the new sums
-// row_sq[i] = w_i K_row w_iᵀ and col_sq[j] = x_jᵀ K_col x_j are first folded into the state in
-// place, r_t <- r_t + fold[l] (row_sq - r_t) (c_t likewise). Then, with inv_corr[l] =
-// 1 / (1 - β2^t): ell = √r̂, r̂ = r_t · inv_corr + eps; rho = √ĉ / √(1ᵀ r̂); BᵀLB, ARAᵀ
-// ([k, r, r], undamped) and the means of ell and rho ([k, 2] float64, for the damping).
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> adapre_weights(
-    at::TensorList a, at::TensorList b, at::TensorList ga, at::TensorList gb, at::TensorList row_state,
-    at::TensorList col_state, c10::ArrayRef<double> inv_corr, double eps, const c10::optional<at::Tensor>& k_row,
-    const c10::optional<at::Tensor>& k_col, c10::ArrayRef<double> fold) {
-  int64_t r = 0;
-  const auto layers = layers_of(a, b, ga, gb, &r);
-  const int64_t k = static_cast<int64_t>(layers.size()), o = 2 * r;
-  check_vectors(row_state, layers, true, "row_state");
-  check_vectors(col_state, layers, false, "col_state");
-  TORCH_CHECK(static_cast<int64_t>(inv_corr.size()) == k, "inv_corr must have one entry per layer");
-  const bool measure = k_row.has_value();
-  TORCH_CHECK(k_col.has_value() == measure, "K_row and K_col must both be given or both be None");
-  if (measure) {
-    check_mats(*k_row, k, o, o, "K_row");
-    check_mats(*k_col, k, o, o, "K_col");
-    TORCH_CHECK(static_cast<int64_t>(fold.size()) == k, "fold must have one entry per layer");
-  }
-  std::vector<at::Tensor> ell(k), rho(k);
-  for (int64_t l = 0; l < k; ++l) {
-    ell[l] = at::empty({layers[l].m}, a[0].options());
-    rho[l] = at::empty({layers[l].n}, a[0].options());
-  }
-  auto bl = at::empty({k, r, r}, a[0].options());
-  auto ar = at::empty({k, r, r}, a[0].options());
-  auto means = at::empty({k, 2}, a[0].options().dtype(at::kDouble));
-  const RowChunks rc(r);
-  const ColChunks cc(r);
-  at::parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {
-    Scratch s(rc, cc);
-    for (int64_t l = lo; l < hi; ++l) {
-      layer_weights(layers[l], r, rc, cc, measure ? k_row->data_ptr<float>() + l * o * o : nullptr,
-                    measure ? k_col->data_ptr<float>() + l * o * o : nullptr,
-                    measure ? static_cast<float>(fold[l]) : 0.f, static_cast<float>(inv_corr[l]),
-                    static_cast<float>(eps), row_state[l].data_ptr<float>(), col_state[l].data_ptr<float>(), s,
-                    ell[l].data_ptr<float>(), rho[l].data_ptr<float>(), bl.data_ptr<float>() + l * r * r,
-                    ar.data_ptr<float>() + l * r * r, means.data_ptr<double>() + 2 * l);
-    }
-  });
-  return {ell, rho, bl, ar, means};
-}
-
-// (M⁻¹ via M = LLᵀ, ok) for a batch of small SPD float64 [k, r, r]; ok[l] = false (and the
-// inverse left as the identity) where a pivot is not positive or not finite. The same result
-// as torch.linalg.cholesky_ex + torch.cholesky_inverse, without one LAPACK call per matrix
-// (their per-call cost dominates at r = 16).
-std::tuple<at::Tensor, at::Tensor> spd_cholesky_inverse(const at::Tensor& mats) {
-  TORCH_CHECK(mats.device().is_cpu() && mats.scalar_type() == at::kDouble && mats.is_contiguous(),
-              "mats must be a contiguous float64 CPU tensor");
-  TORCH_CHECK(mats.dim() == 3 && mats.size(1) == mats.size(2), "mats must be [k, r, r]");
-  const int64_t k = mats.size(0), n = mats.size(1);
-  auto inv = at::empty_like(mats);
-  auto ok = at::empty({k}, mats.options().dtype(at::kBool));
-  const double* mp = mats.data_ptr<double>();
-  double* ip = inv.data_ptr<double>();
-  bool* okp = ok.data_ptr<bool>();
-  at::parallel_for(0, k, 16, [&](int64_t lo, int64_t hi) {
-    std::vector<double> c(n * n), li(n * n);
-    for (int64_t l = lo; l < hi; ++l) {
-      double* out = ip + l * n * n;
-      okp[l] = chol_inverse(mp + l * n * n, n, out, c.data(), li.data());
-      if (!okp[l]) {
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < n; ++j) out[i * n + j] = i == j ? 1.0 : 0.0;
-      }
-    }
-  });
-  return {inv, ok};
-}
+// The op over a list of layers (one rank per call; one task per layer).
 
 void check_momentum(const at::TensorList& mom_a, const at::TensorList& mom_b, const at::TensorList& a,
                     const at::TensorList& b) {
@@ -992,34 +894,6 @@ void check_momentum(const at::TensorList& mom_a, const at::TensorList& mom_b, co
     TORCH_CHECK(mom_a[l].sizes() == a[l].sizes() && mom_b[l].sizes() == b[l].sizes(), "layer ", l,
                 ": momentum buffers must have the factors' shapes");
   }
-}
-
-void adapre_update(at::TensorList a, at::TensorList b, at::TensorList ga, at::TensorList gb, at::TensorList ell,
-                   at::TensorList rho, const at::Tensor& left, const at::Tensor& right, const at::Tensor& half_c,
-                   double lr, double decay, at::TensorList mom_a, at::TensorList mom_b, double beta1) {
-  int64_t r = 0;
-  const auto layers = layers_of(a, b, ga, gb, &r);
-  const int64_t k = static_cast<int64_t>(layers.size());
-  check_vectors(ell, layers, true, "ell");
-  check_vectors(rho, layers, false, "rho");
-  check_mats(left, k, r, r, "left");
-  check_mats(right, k, r, r, "right");
-  check_mats(half_c, k, r, r, "half_c");
-  check_momentum(mom_a, mom_b, a, b);
-  const bool momentum = !mom_a.empty();
-  const RowChunks rc(r);
-  const ColChunks cc(r);
-  at::parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {
-    Scratch s(rc, cc);
-    for (int64_t l = lo; l < hi; ++l) {
-      layer_update(layers[l], a[l].data_ptr<float>(), b[l].data_ptr<float>(), r, rc, cc, ell[l].data_ptr<float>(),
-                   rho[l].data_ptr<float>(), left.data_ptr<float>() + l * r * r,
-                   right.data_ptr<float>() + l * r * r, half_c.data_ptr<float>() + l * r * r,
-                   static_cast<float>(lr), static_cast<float>(decay),
-                   momentum ? mom_a[l].data_ptr<float>() : nullptr, momentum ? mom_b[l].data_ptr<float>() : nullptr,
-                   static_cast<float>(beta1), s);
-    }
-  });
 }
 
 // adapre_step: one whole AdaPreLoRA step per layer in one task, so the layer's factors come
@@ -1100,16 +974,6 @@ at::Tensor adapre_step(at::TensorList a, at::TensorList b, at::TensorList ga, at
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lorafold_cpu, m) {
-  m.def("adapre_grams(Tensor[] A, Tensor[] B, Tensor[] gA, Tensor[] gB, bool lowrank) -> Tensor[]");
-  m.def(
-      "adapre_weights(Tensor[] A, Tensor[] B, Tensor[] gA, Tensor[] gB, Tensor(a!)[] row_state, "
-      "Tensor(b!)[] col_state, float[] inv_corr, float eps, Tensor? K_row, Tensor? K_col, float[] fold) "
-      "-> (Tensor[], Tensor[], Tensor, Tensor, Tensor)");
-  m.def("spd_cholesky_inverse(Tensor mats) -> (Tensor, Tensor)");
-  m.def(
-      "adapre_update(Tensor(a!)[] A, Tensor(b!)[] B, Tensor[] gA, Tensor[] gB, Tensor[] ell, Tensor[] rho, "
-      "Tensor left, Tensor right, Tensor half_c, float lr, float decay, Tensor(c!)[] mom_A, Tensor(d!)[] mom_B, "
-      "float beta1) -> ()");
   m.def(
       "adapre_step(Tensor(a!)[] A, Tensor(b!)[] B, Tensor[] gA, Tensor[] gB, Tensor(c!)[] row_state, "
       "Tensor(d!)[] col_state, Tensor(e!)[] mom_A, Tensor(f!)[] mom_B, float[] scales, float[] inv_corr, "
@@ -1117,9 +981,5 @@ TORCH_LIBRARY_FRAGMENT(lorafold_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(lorafold_cpu, CPU, m) {
-  m.impl("adapre_grams", &adapre_grams);
-  m.impl("adapre_weights", &adapre_weights);
-  m.impl("spd_cholesky_inverse", &spd_cholesky_inverse);
-  m.impl("adapre_update", &adapre_update);
   m.impl("adapre_step", &adapre_step);
 }

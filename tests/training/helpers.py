@@ -91,3 +91,19 @@ def usv_point(layer):
     """Detached copies of the layer's U, S, V and its dense W = U S Vᵀ."""
     U, S, V = (t.detach().clone() for t in layer.factors())
     return U, S, V, U @ S @ V.T
+
+
+def fixed_batch_losses(model, opt, steps: int, vocab: int, seed: int = 0) -> list[float]:
+    """Train ``model`` with ``opt`` for ``steps`` steps on one fixed batch of 2 x 8 random
+    token ids below ``vocab``; the loss before each step."""
+    import torch
+
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(seed))
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -15,6 +15,7 @@ import torch
 from lorafold.training.adapters.lora import inject_lora, lora_pairs
 from lorafold.training.optim.adaprelora import AdaPreLoRA, FullGradCapture
 from tests.conftest import build_tiny_llama, require_cpu_kernels
+from tests.training.helpers import fixed_batch_losses
 
 STEPS = 6
 
@@ -142,14 +143,7 @@ def test_zero_b_start_trains_on_the_compiled_path() -> None:
     model = build_tiny_llama(seed=1, num_hidden_layers=1)
     inject_lora(model, r=8, alpha=16)
     opt = AdaPreLoRA(lora_pairs(model), lr=3e-3, backend="cpp")
-    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(20):
-        opt.zero_grad(set_to_none=True)
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fixed_batch_losses(model, opt, steps=20, vocab=256)
     assert all(torch.isfinite(p.A).all() and torch.isfinite(p.B).all() for p in lora_pairs(model))
     assert any(float(p.B.detach().abs().max()) > 0 for p in lora_pairs(model))
     assert losses[-1] < 0.95 * losses[0], losses

@@ -10,7 +10,7 @@ import torch
 from lorafold.training.adapters.lora import inject_lora, lora_pairs
 from lorafold.training.optim.registry import OPTIMIZERS, build_optimizer
 from lorafold.training.optim.testbed import FactorModel, make_target, one_step, random_factors
-from tests.training.helpers import one_thread_fixture, tiny_llama_cfg
+from tests.training.helpers import fixed_batch_losses, one_thread_fixture, tiny_llama_cfg
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,14 +51,7 @@ def test_trains_tiny_llama(name: str) -> None:
     inject_lora(model, r=4, alpha=8)
     opt = build_optimizer(name, model, **TRAIN_SETTINGS[name])
     assert isinstance(opt, torch.optim.Optimizer)
-    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(30):
-        opt.zero_grad(set_to_none=True)
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fixed_batch_losses(model, opt, steps=30, vocab=64)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.95 * losses[0], losses
     assert all(torch.isfinite(p.A).all() and torch.isfinite(p.B).all() for p in lora_pairs(model))

@@ -26,7 +26,6 @@ import torch
 
 from lorafold.kernels import cpu_ops
 from lorafold.training.optim._base import ActivePair
-from lorafold.training.optim._common import LINALG_DTYPE, spd_inverse
 
 logger = logging.getLogger(__name__)
 
@@ -46,25 +45,17 @@ def _by_rank(pairs: list[ActivePair]) -> list[list[ActivePair]]:
     return list(out.values())
 
 
-def _damped(gram: torch.Tensor, means: torch.Tensor, damping: float) -> torch.Tensor:
-    """``gram + δ mean(w) I`` in float64 (the torch path's :func:`weighted_grams` damping)."""
-    eye = torch.eye(gram.shape[-1], dtype=LINALG_DTYPE)
-    return gram.to(LINALG_DTYPE) + damping * means.to(LINALG_DTYPE)[:, None, None] * eye
-
-
 def step(opt: Any, group: dict[str, Any], pairs: list[ActivePair], refresh: bool) -> None:
     """One step of the AdaPreLoRA ``opt`` over ``pairs`` (all float32 CPU); ``refresh``: this
-    step measures the statistic. The state bookkeeping is the optimizer's (``_plan``,
-    ``_commit``, ``_fold``), so both paths keep the same state.
-
-    One fused call per rank (``adapre_step``: every pass and the r×r algebra of a layer in one
-    task), except for the refresh steps of the exact statistic, whose sums come from the
-    m×n gradient: those run the separate passes (:func:`_step_passes`)."""
-    if refresh and group["statistic"] == "full":
-        _step_passes(opt, group, pairs)
-        return
+    step measures the statistic. One fused call per rank (``adapre_step``: every pass and the
+    r×r algebra of a layer in one task). The state bookkeeping is the optimizer's (``_plan``,
+    ``_commit``), so both paths keep the same state. The exact statistic's sums come from the
+    m×n gradient: they are folded into the state here, and the kernel only reads it."""
+    exact = refresh and group["statistic"] == "full"
     for sub in _by_rank(pairs):
         states, folds = opt._plan(group, sub, refresh)
+        if exact:
+            opt._lerp_sums(states, folds, *opt._full_sq(sub))
         inv_corr = [1.0 / (1.0 - group["beta2"] ** (st.get("step", 0) + 1)) for st in states]
         mom_a = [_momentum(opt, p.A) for p in sub] if group["beta1"] else []
         mom_b = [_momentum(opt, p.B) for p in sub] if group["beta1"] else []
@@ -80,7 +71,7 @@ def step(opt: Any, group: dict[str, Any], pairs: list[ActivePair], refresh: bool
             [p.scale for p in sub],
             inv_corr,
             folds,
-            refresh,
+            refresh and not exact,
             group["lr"],
             1.0 - group["lr"] * group["weight_decay"],
             group["beta1"],
@@ -98,44 +89,6 @@ def step(opt: Any, group: dict[str, Any], pairs: list[ActivePair], refresh: bool
         fallback = [p for p, code in zip(sub, status, strict=True) if code == STATUS_FALLBACK]
         if fallback:  # a pseudo-inverse needs eigh (near-singular Gram): the torch path, as a whole step
             opt._step_pairs_torch(group, fallback)
-
-
-def _step_passes(opt: Any, group: dict[str, Any], pairs: list[ActivePair]) -> None:
-    """A refresh step of the exact statistic (``statistic="full"``): the row and column sums
-    of the m×n ``G²`` folded in torch, then the compiled passes with the r×r algebra in torch
-    between them."""
-    from lorafold.training.optim.adaprelora import direction_factors  # adaprelora imports this module
-
-    damping = group["damping"]
-    for sub in _by_rank(pairs):
-        r = sub[0].rank
-        a, b = [p.A for p in sub], [p.B for p in sub]
-        g_a, g_b = [p.gA for p in sub], [p.gB for p in sub]
-        s = torch.tensor([p.scale for p in sub], dtype=LINALG_DTYPE)
-        _, gn = cpu_ops.adapre_grams(a, b, g_a, g_b, False)
-        ga_a = gn[:, :r, r:]
-        rows, cols = opt._full_sq(sub)
-        states = opt._fold(group, sub, rows, cols)
-        inv_corr = [1.0 / (1.0 - group["beta2"] ** st["step"]) for st in states]
-        ell, rho, bl, ar, means = cpu_ops.adapre_weights(
-            a, b, g_a, g_b, [st["row_sq"] for st in states], [st["col_sq"] for st in states], inv_corr,
-            group["stat_eps"],
-        )
-        # one batched inverse for both sides
-        inv = spd_inverse(
-            torch.cat([_damped(bl, means[:, 0], damping), _damped(ar, means[:, 1], damping)]), 0.0, compiled=True
-        )
-        inv_l, inv_r = inv.split(len(sub))
-        left, right, half_c = (f.to(torch.float32).contiguous() for f in direction_factors(inv_l, inv_r, ga_a, s))
-        mom_a = mom_b = None
-        if group["beta1"]:
-            mom_a = [_momentum(opt, p.A) for p in sub]
-            mom_b = [_momentum(opt, p.B) for p in sub]
-        decay = 1.0 - group["lr"] * group["weight_decay"]
-        cpu_ops.adapre_update(
-            a, b, g_a, g_b, ell, rho, left, right, half_c, group["lr"], decay, mom_a, mom_b, group["beta1"]
-        )
-        _mark_modified(sub)
 
 
 def _mark_modified(pairs: list[ActivePair]) -> None:

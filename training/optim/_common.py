@@ -17,8 +17,6 @@ from collections.abc import Sequence
 
 import torch
 
-from lorafold.kernels import cpu_ops
-
 logger = logging.getLogger(__name__)
 
 LINALG_DTYPE = torch.float64
@@ -74,9 +72,7 @@ def add_damping(mats: torch.Tensor, damping: float) -> torch.Tensor:
     return mats + damping * torch.eye(mats.shape[-1], dtype=mats.dtype, device=mats.device)
 
 
-def spd_inverse(
-    mats: torch.Tensor, damping: float = DEFAULT_DAMPING, method: str = "cholesky", compiled: bool = False
-) -> torch.Tensor:
+def spd_inverse(mats: torch.Tensor, damping: float = DEFAULT_DAMPING, method: str = "cholesky") -> torch.Tensor:
     """``(M + δI)⁻¹`` for a stack of symmetric PSD ``[k, r, r]`` matrices, float64.
 
     ``method="cholesky"``: one batched Cholesky; a layer whose factorization fails (singular
@@ -87,16 +83,16 @@ def spd_inverse(
     ``rtol = r·eps``) removes nothing — guaranteed when ``tr(M)·tr(M⁻¹) < 1/rtol``, since
     ``λ_max ≤ tr(M)`` and ``1/λ_min ≤ tr(M⁻¹)``. Only the layers that fail that bound (or
     the factorization) go through the eigh-based pinv, so the result is pinv's exactly.
-
-    ``compiled=True`` factors CPU float64 batches with the compiled small-matrix Cholesky where
-    it is built (same results to rounding; for callers whose step is otherwise compiled, since
-    it changes the rounding of what LAPACK would give).
     """
     if method not in ("cholesky", "pinv"):
         raise ValueError(f"unknown inverse method {method!r}: use 'cholesky' or 'pinv'")
     damped = add_damping(mats, damping)
     finite = _finite_batch(damped)
-    inv, ok = _cholesky_inverse(damped, finite, compiled)
+    chol, info = torch.linalg.cholesky_ex(damped)
+    ok = finite & (info == 0)
+    if not bool(ok.all()):  # host sync: one per batched call; the rare path substitutes I
+        chol = torch.where(ok[:, None, None], chol, _identity_like(chol))
+    inv = torch.cholesky_inverse(chol)
     if method == "cholesky":
         return _replace_failed(inv, ok, "Cholesky inverse")
     rtol = torch.finfo(damped.dtype).eps * damped.shape[-1]  # torch.linalg.pinv's default
@@ -107,27 +103,6 @@ def spd_inverse(
         safe = torch.where(finite[:, None, None], damped, _identity_like(damped)).index_select(0, redo)
         inv = inv.index_copy(0, redo, torch.linalg.pinv(safe, hermitian=True))
     return _replace_failed(inv, finite, "pinv")
-
-
-def _cholesky_inverse(
-    damped: torch.Tensor, finite: torch.Tensor, compiled: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(M⁻¹ by Cholesky, ok)``; ``I`` where ``ok`` is False (not finite, or not SPD).
-
-    ``compiled``: on CPU the compiled batched kernel when it is built. LAPACK is called once
-    per matrix, and at r = 16 that per-call cost is most of the time (~0.5 ms for 210)."""
-    if compiled and damped.device.type == "cpu" and damped.dtype == torch.float64 and cpu_ops.usable():
-        damped = damped.contiguous()
-        inv, ok = cpu_ops.spd_cholesky_inverse(damped)
-        ok = finite & ok
-        if not bool(ok.all()):
-            inv = torch.where(ok[:, None, None], inv, _identity_like(inv))
-        return inv, ok
-    chol, info = torch.linalg.cholesky_ex(damped)
-    ok = finite & (info == 0)
-    if not bool(ok.all()):  # host sync: one per batched call; the rare path substitutes I
-        chol = torch.where(ok[:, None, None], chol, _identity_like(chol))
-    return torch.cholesky_inverse(chol), ok
 
 
 def sym_eigh(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

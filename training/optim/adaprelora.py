@@ -387,15 +387,25 @@ class AdaPreLoRA(PairOptimizer):
         refresh = row is not None and col is not None
         states, folds = self._advance(group, pairs, refresh)
         if refresh:
-            lists: dict[float, tuple[list[torch.Tensor], ...]] = {}
-            for st, rw, cl, w in zip(states, row, col, folds, strict=True):  # type: ignore[arg-type]
-                group_lists = lists.setdefault(w, ([], [], [], []))
-                for dst, t in zip(group_lists, (st["row_sq"], rw, st["col_sq"], cl), strict=True):
-                    dst.append(t)
-            for w, (rows_, new_rows, cols_, new_cols) in lists.items():  # one weight in lockstep
-                torch._foreach_lerp_(rows_, [t.to(rows_[0].dtype) for t in new_rows], w)
-                torch._foreach_lerp_(cols_, [t.to(cols_[0].dtype) for t in new_cols], w)
+            self._lerp_sums(states, folds, row, col)  # type: ignore[arg-type]
         return states
+
+    @staticmethod
+    def _lerp_sums(
+        states: list[dict[str, Any]],
+        folds: list[float],
+        row: torch.Tensor | Sequence[torch.Tensor],
+        col: torch.Tensor | Sequence[torch.Tensor],
+    ) -> None:
+        """``r_t ← r_t + w (sums − r_t)`` (and ``c_t``), one foreach lerp per distinct weight."""
+        lists: dict[float, tuple[list[torch.Tensor], ...]] = {}
+        for st, rw, cl, w in zip(states, row, col, folds, strict=True):
+            group_lists = lists.setdefault(w, ([], [], [], []))
+            for dst, t in zip(group_lists, (st["row_sq"], rw, st["col_sq"], cl), strict=True):
+                dst.append(t)
+        for w, (rows_, new_rows, cols_, new_cols) in lists.items():  # one weight in lockstep
+            torch._foreach_lerp_(rows_, [t.to(rows_[0].dtype) for t in new_rows], w)
+            torch._foreach_lerp_(cols_, [t.to(cols_[0].dtype) for t in new_cols], w)
 
     def _weights(
         self,
@@ -438,9 +448,8 @@ class AdaPreLoRA(PairOptimizer):
             return quad_rows(bucket.b, bucket.g_b, k.row11, k.row21, k.row22), quad_cols(
                 bucket.g_a, bucket.a, k.col11, k.col12, k.col22
             )
-        work = torch.promote_types(bucket.a.dtype, torch.float32)
-        g2 = torch.stack([self.full_grad_fn(p.name).to(work) for p in bucket.pairs]).square()  # type: ignore[misc]
-        return g2.sum(-1), g2.sum(-2)
+        rows, cols = self._full_sq(bucket.pairs)
+        return torch.stack(rows), torch.stack(cols)
 
     def _use_compiled(self, pairs: list[ActivePair]) -> bool:
         """The compiled CPU passes for fp32 CPU factors where they are built (``backend="auto"``);
@@ -456,10 +465,11 @@ class AdaPreLoRA(PairOptimizer):
         return ok
 
     def _full_sq(self, pairs: list[ActivePair]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Row and column sums of the exact ``G²`` per layer (``statistic="full"``)."""
+        """Row and column sums of the exact ``G²`` per layer (``statistic="full"``), in at
+        least fp32."""
         rows, cols = [], []
         for p in pairs:
-            g2 = self.full_grad_fn(p.name).to(p.A.dtype).square()  # type: ignore[misc]
+            g2 = self.full_grad_fn(p.name).to(compute_dtype(p.A.dtype)).square()  # type: ignore[misc]
             rows.append(g2.sum(-1))
             cols.append(g2.sum(-2))
         return rows, cols
