@@ -22,14 +22,24 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorafold.server.lora.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, LoRAAdapter, ModuleSpec, load_adapter
+from lorafold.server.lora.peft_format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterError,
+    AdapterFileOutsideRootError,
+    LoRAAdapter,
+    ModuleSpec,
+    load_adapter,
+    parse_adapter,
+    read_adapter_files,
+)
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "registry.json"
 
 
 class PathNotAllowedError(AdapterError):
-    """An adapter path outside the configured adapter root."""
+    """An adapter path (or a file in it) outside the configured adapter root."""
 
 
 @dataclass(slots=True)
@@ -137,19 +147,31 @@ class AdapterRegistry:
         return resolved
 
     def register_folder(self, name: str, folder: Path, source: str | None = None) -> Registration:
-        """Validate `folder`, store a copy, and (re)bind `name` to it."""
-        adapter = load_adapter(folder, self.base_modules, max_rank=self.max_rank)
+        """Validate `folder` (every file confined to the adapter root), store a copy, bind `name`."""
+        try:
+            config_raw, weights_raw = read_adapter_files(folder, self.adapter_root)
+        except AdapterFileOutsideRootError as exc:
+            raise PathNotAllowedError(str(exc)) from exc
+        return self._register(name, config_raw, weights_raw, source or str(folder))
+
+    def register_upload(self, name: str, config: bytes, weights: bytes) -> Registration:
+        return self._register(name, config, weights, "upload")
+
+    def _register(self, name: str, config_raw: bytes, weights_raw: bytes, source: str) -> Registration:
+        # The stored copy is written from the very bytes that were validated, never re-read
+        # from the source, so a file swapped after the check cannot be served.
+        adapter = parse_adapter(config_raw, weights_raw, self.base_modules, max_rank=self.max_rank, source=source)
         stored = self.state_dir / "adapters" / adapter.content_hash
         if not (stored / WEIGHTS_NAME).exists():
             tmp = Path(tempfile.mkdtemp(dir=self.state_dir / "adapters", prefix=".incoming-"))
-            shutil.copyfile(folder / CONFIG_NAME, tmp / CONFIG_NAME)
-            shutil.copyfile(folder / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
+            (tmp / CONFIG_NAME).write_bytes(config_raw)
+            (tmp / WEIGHTS_NAME).write_bytes(weights_raw)
             try:
                 tmp.rename(stored)
             except OSError:  # a concurrent registration of the same weights won the race
                 shutil.rmtree(tmp, ignore_errors=True)
         entry = Registration(
-            name=name, content_hash=adapter.content_hash, folder=str(stored), source=source or str(folder),
+            name=name, content_hash=adapter.content_hash, folder=str(stored), source=source,
             registered_at=time.time(), rank=adapter.max_rank, ranks=sorted(adapter.ranks),
             targets=list(adapter.target_names), size_bytes=adapter.nbytes,
         )
@@ -162,12 +184,6 @@ class AdapterRegistry:
                 self._drop_unreferenced(old)
         logger.info("registered adapter %s (rank %d, %s)", name, entry.rank, entry.content_hash[:12])
         return entry
-
-    def register_upload(self, name: str, config: bytes, weights: bytes) -> Registration:
-        with tempfile.TemporaryDirectory(dir=self.state_dir) as tmp:
-            Path(tmp, CONFIG_NAME).write_bytes(config)
-            Path(tmp, WEIGHTS_NAME).write_bytes(weights)
-            return self.register_folder(name, Path(tmp), source="upload")
 
     def delete(self, name: str) -> Registration | None:
         with self._lock:

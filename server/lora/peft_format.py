@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,15 +20,25 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
+# Documented ranges of the numeric config values (docs/api.md, "Adapters"). They keep the
+# scale alpha / r finite and far from overflow; weights themselves are checked finite.
+MAX_ALPHA = 1e6
+MAX_CONFIG_BYTES = 1 << 20
+# The weight dtypes a PEFT adapter is saved in; anything else (float8, int) is refused by name.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class AdapterError(ValueError):
     """An adapter folder that cannot be served; the message says why and what to do."""
+
+
+class AdapterFileOutsideRootError(AdapterError):
+    """An adapter file that resolves outside the adapter root (e.g. a symlink)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,18 +102,67 @@ def _targets_match(target_modules: object, module: str) -> bool:
     return any(module == t or module.endswith("." + t) for t in names)
 
 
-def read_config(folder: Path) -> dict:
-    path = folder / CONFIG_NAME
-    if not path.is_file():
+def read_adapter_files(folder: Path, root: Path | None = None) -> tuple[bytes, bytes]:
+    """The raw bytes of `adapter_config.json` and `adapter_model.safetensors` in `folder`.
+
+    With `root`, every file must resolve (symlinks followed) to a path under `root`: a folder
+    inside the root whose files link elsewhere is refused. Each file is then opened by its
+    resolved path without following links, so nothing swapped in after the check is read.
+    """
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder {folder} does not exist")
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config_path.is_file():
         raise AdapterError(f"{folder} has no {CONFIG_NAME}: an adapter folder needs it beside {WEIGHTS_NAME}")
+    if not weights_path.is_file():
+        others = sorted(p.name for p in folder.glob("adapter_model.*"))
+        hint = f" (found {others}: only safetensors is loaded, convert with safetensors.torch.save_file)" if others else ""
+        raise AdapterError(f"{folder} has no {WEIGHTS_NAME}{hint}")
+    return _read_confined(config_path, root), _read_confined(weights_path, root)
+
+
+def _read_confined(path: Path, root: Path | None) -> bytes:
+    real = path.resolve()
+    if root is not None:
+        top = root.resolve()
+        if top not in real.parents:
+            raise AdapterFileOutsideRootError(
+                f"{path.name} in {path.parent} links to {real}, outside the adapter root {top}; "
+                "copy the file itself under the adapter root"
+            )
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise AdapterError(f"cannot read {path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read()
+
+
+
+def parse_config(raw: bytes) -> dict:
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{CONFIG_NAME} is larger than {MAX_CONFIG_BYTES} bytes; it should be a small JSON object")
+    try:
+        config = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_NAME} must hold a JSON object")
     check_config(config)
     return config
+
+
+def _refuse_constant(name: str) -> float:
+    # Python's json accepts NaN / Infinity, which JSON itself does not: a NaN lora_alpha would
+    # slip through every `<= 0` check and poison the outputs.
+    raise AdapterError(f"{CONFIG_NAME} contains {name}, which is not valid JSON; use finite numbers")
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"{folder} has no {CONFIG_NAME}: an adapter folder needs it beside {WEIGHTS_NAME}")
+    return parse_config(path.read_bytes())
 
 
 def check_config(config: dict) -> None:
@@ -118,16 +178,61 @@ def check_config(config: dict) -> None:
         raise AdapterError(f"bias={config['bias']!r} is not supported: retrain with bias='none'")
     if config.get("fan_in_fan_out"):
         raise AdapterError("fan_in_fan_out=true is for Conv1D models (GPT-2); Llama-family adapters must set it false")
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise AdapterError(f"{CONFIG_NAME}: {key!r} must be a positive number, got {value!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
+    _check_rank("r", config.get("r"))
+    _check_alpha("lora_alpha", config.get("lora_alpha"))
+    for key, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
             raise AdapterError(f"{CONFIG_NAME}: {key!r} must be an object mapping module names to numbers")
+        for module_key, value in pattern.items():
+            _check_regex(f"{key} key", module_key)
+            check(f"{key}[{module_key!r}]", value)
+    _check_targets(config.get("target_modules"))
 
 
-def load_adapter(folder: str | Path, base_modules: Mapping[str, ModuleSpec], *, max_rank: int | None = None) -> LoRAAdapter:
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_rank(label: str, value: object) -> None:
+    if not (_is_number(value) and value >= 1 and float(value).is_integer()):
+        raise AdapterError(f"{CONFIG_NAME}: {label} must be a positive integer rank, got {value!r}")
+
+
+def _check_alpha(label: str, value: object) -> None:
+    if not (_is_number(value) and 0 < value <= MAX_ALPHA):
+        raise AdapterError(f"{CONFIG_NAME}: {label} must be a number in (0, {MAX_ALPHA:g}], got {value!r}")
+
+
+def _check_regex(label: str, pattern: object) -> None:
+    if not isinstance(pattern, str) or not pattern:
+        raise AdapterError(f"{CONFIG_NAME}: every {label} must be a non-empty string, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise AdapterError(f"{CONFIG_NAME}: {label} {pattern!r} is not a valid regular expression: {exc}") from exc
+
+
+def _check_targets(target_modules: object) -> None:
+    if target_modules is None:
+        return
+    if isinstance(target_modules, str):
+        _check_regex("target_modules", target_modules)
+        return
+    if not isinstance(target_modules, list) or not all(isinstance(t, str) and t for t in target_modules):
+        raise AdapterError(
+            f"{CONFIG_NAME}: target_modules must be a list of module names, a regex string, or 'all-linear'; "
+            f"got {target_modules!r}"
+        )
+
+
+def load_adapter(
+    folder: str | Path,
+    base_modules: Mapping[str, ModuleSpec],
+    *,
+    max_rank: int | None = None,
+    root: Path | None = None,
+) -> LoRAAdapter:
     """Read a PEFT adapter folder and validate it against `base_modules`.
 
     Args:
@@ -135,28 +240,34 @@ def load_adapter(folder: str | Path, base_modules: Mapping[str, ModuleSpec], *, 
         base_modules: module path (e.g. "model.layers.0.self_attn.q_proj") -> shape, for
             every linear of the base model that adapters may target.
         max_rank: refuse adapters of larger rank (None: no limit).
+        root: when given, every file read must resolve to a path under it.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise AdapterError(f"adapter folder {folder} does not exist")
-    config = read_config(folder)
-    weights_path = folder / WEIGHTS_NAME
-    if not weights_path.is_file():
-        others = sorted(p.name for p in folder.glob("adapter_model.*"))
-        hint = f" (found {others}: only safetensors is loaded, convert with safetensors.torch.save_file)" if others else ""
-        raise AdapterError(f"{folder} has no {WEIGHTS_NAME}{hint}")
-    raw = weights_path.read_bytes()
+    config_raw, weights_raw = read_adapter_files(folder, root)
+    return parse_adapter(config_raw, weights_raw, base_modules, max_rank=max_rank, source=str(folder))
+
+
+def parse_adapter(
+    config_raw: bytes,
+    weights_raw: bytes,
+    base_modules: Mapping[str, ModuleSpec],
+    *,
+    max_rank: int | None = None,
+    source: str = "",
+) -> LoRAAdapter:
+    """Validate an adapter given as the bytes of its two files (folder, upload or store)."""
+    config = parse_config(config_raw)
     try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
+        tensors = load_safetensors(weights_raw)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterError(f"{WEIGHTS_NAME} is not a readable safetensors file: {exc}") from exc
     modules = parse_tensors(tensors, config, base_modules, max_rank=max_rank)
-    digest = hashlib.sha256(raw)
+    digest = hashlib.sha256(weights_raw)
     digest.update(json.dumps(config, sort_keys=True).encode())
     targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in modules}))
     return LoRAAdapter(
-        modules=modules, config=config, content_hash=digest.hexdigest(), nbytes=len(raw),
-        source=str(folder), target_names=targets,
+        modules=modules, config=config, content_hash=digest.hexdigest(), nbytes=len(weights_raw),
+        source=source, target_names=targets,
     )
 
 
@@ -207,8 +318,10 @@ def _check_pair(module: str, a: torch.Tensor, b: torch.Tensor, spec: ModuleSpec)
     for label, t in (("lora_A", a), ("lora_B", b)):
         if t.dim() != 2:
             raise AdapterError(f"module {module!r}: {label} must be 2-D, got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise AdapterError(f"module {module!r}: {label} has dtype {t.dtype}; expected a floating type")
+        if t.dtype not in WEIGHT_DTYPES:
+            raise AdapterError(
+                f"module {module!r}: {label} has dtype {t.dtype}; save adapters in float32, float16 or bfloat16"
+            )
         if not bool(torch.isfinite(t).all()):
             raise AdapterError(f"module {module!r}: {label} contains NaN or Inf")
     if a.shape[1] != spec.in_features:

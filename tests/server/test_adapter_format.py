@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorafold.server.lora.peft_format import AdapterError, load_adapter
+from lorafold.server.lora.peft_format import AdapterError, AdapterFileOutsideRootError, load_adapter
 from lorafold.server.lora.wrap import wrap_linears
 from tests.conftest import build_tiny_llama, make_peft_adapter
 
@@ -75,6 +75,11 @@ def _int_dtype(t):
     t[k] = t[k].to(torch.int32)
 
 
+def _float8(t):
+    k = _first(t, "lora_A.weight")
+    t[k] = t[k].to(torch.float8_e4m3fn)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -82,13 +87,25 @@ def _int_dtype(t):
         (dict(config={"modules_to_save": ["lm_head"]}), "modules_to_save"),
         (dict(config={"bias": "all"}), "bias"),
         (dict(config={"r": 8}), "config says r=8"),
-        (dict(config={"r": "eight"}), "'r' must be a positive number"),
+        (dict(config={"r": "eight"}), "r must be a positive integer rank"),
+        (dict(config={"lora_alpha": float("nan")}), "not valid JSON"),
+        (dict(config={"lora_alpha": float("inf")}), "not valid JSON"),
+        (dict(config={"lora_alpha": 1e38}), r"lora_alpha must be a number in \(0, 1e\+06\]"),
+        (dict(config={"lora_alpha": -1}), "lora_alpha must be a number"),
+        (dict(config={"rank_pattern": {"q_proj": "x"}}), "rank_pattern\['q_proj'\] must be a positive integer"),
+        (dict(config={"rank_pattern": {"q_proj(": 4}}), "not a valid regular expression"),
+        (dict(config={"alpha_pattern": {"q_proj": 0}}), "alpha_pattern\['q_proj'\] must be a number"),
+        (dict(config={"rank_pattern": [1, 2]}), "rank_pattern' must be an object"),
+        (dict(config={"target_modules": 7}), "target_modules must be a list"),
+        (dict(config={"target_modules": [None]}), "target_modules must be a list"),
+        (dict(config={"target_modules": "q_proj("}), "not a valid regular expression"),
         (dict(config={"peft_type": "IA3"}), "only LoRA"),
         (dict(tensors=_transpose_first_a), "base layer takes"),
         (dict(tensors=_nan), "NaN"),
         (dict(tensors=_drop_b), "not its partner"),
         (dict(tensors=_unknown_module), "not a target linear"),
-        (dict(tensors=_int_dtype), "floating"),
+        (dict(tensors=_int_dtype), "save adapters in float32"),
+        (dict(tensors=_float8), "float8_e4m3fn; save adapters in float32"),
         (dict(drop="adapter_config.json"), "has no adapter_config.json"),
     ],
 )
@@ -129,3 +146,20 @@ def test_adapter_for_other_model_is_refused(good, tmp_path):
     folder = make_peft_adapter(other, tmp_path / "other", r=4)
     with pytest.raises(AdapterError, match="base layer"):
         load_adapter(folder, good[1])
+
+
+def test_files_linking_outside_the_root_are_refused(good, tmp_path):
+    """A folder inside the root whose files are symlinks to an adapter elsewhere is refused;
+    links that stay inside the root are fine."""
+    outside = variant(good, tmp_path / "outside")
+    root = tmp_path / "root"
+    (root / "linked").mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (root / "linked" / name).symlink_to(outside / name)
+    with pytest.raises(AdapterFileOutsideRootError, match="outside the adapter root"):
+        load_adapter(root / "linked", good[1], root=root)
+    inside = variant(good, root / "real")
+    (root / "alias").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (root / "alias" / name).symlink_to(inside / name)
+    assert load_adapter(root / "alias", good[1], root=root).content_hash == load_adapter(inside, good[1]).content_hash
