@@ -225,6 +225,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--adapter-root", help="folder that registered adapter paths must lie under")
     p.add_argument("--state-dir", help="folder for the adapter registry and uploaded adapters")
+    p.add_argument("--adapter-store", metavar="URL",
+                   help="where the adapter catalogue and weights live, shared by every replica: file:///PATH "
+                   "(default: the state dir) or s3://BUCKET/PREFIX (endpoint and credentials from AWS_ENDPOINT_URL, "
+                   "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION)")
+    p.add_argument("--store-refresh-seconds", type=float, metavar="S",
+                   help="poll the adapter store every S seconds: changes made through other replicas are "
+                   "served here within S (default 5)")
     p.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
                    help="accepted inference key; repeat for several (none: inference is open)")
     p.add_argument("--admin-key", default=argparse.SUPPRESS, help="key for the adapter registry routes")

@@ -20,6 +20,7 @@ from lorafold.server.engine.async_engine import AsyncEngine
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.engine import LLMEngine
 from lorafold.server.models.loader import BaseModel, load_base_model
+from lorafold.server.store import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,12 @@ def create_app(settings: ServerSettings, *, base: BaseModel | None = None) -> Fa
         state.metrics = Metrics(top_n=settings.metrics_top_adapters)
         state.metrics.kv_total.set(settings.kv_blocks)
         state.registry = AdapterRegistry(
-            settings.state_dir, settings.adapter_root, engine.runner.base_modules(),
+            open_store(settings.store_url), settings.adapter_root, engine.runner.base_modules(),
             max_rank=settings.max_adapter_rank, cpu_cache_bytes=settings.cpu_cache_bytes,
+            refresh_seconds=settings.store_refresh_seconds,
         )
-        restored = state.registry.restore()
+        restored = state.registry.restore()  # the store's whole catalogue; StoreError stops the start
+        state.registry.start()
         if restored:
             logger.info("restored %d registered adapters: %s", len(restored), ", ".join(restored[:10]))
         state.metrics.update_registry(state.registry)
@@ -71,6 +74,7 @@ def create_app(settings: ServerSettings, *, base: BaseModel | None = None) -> Fa
                   description="One base model, many LoRA adapters, OpenAI-compatible API.")
     app.state.settings = settings
     install_error_handlers(app)
+    routes_adapters.install_store_error_handler(app)
 
     @app.middleware("http")
     async def cap_body(request: Request, call_next):  # noqa: ANN001, ANN202

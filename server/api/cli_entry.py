@@ -18,6 +18,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "admin_key": "admin_key", "max_loras": "max_loras", "max_num_seqs": "max_num_seqs",
         "max_model_len": "max_model_len", "kv_blocks": "kv_blocks", "max_tokens_cap": "max_tokens_cap",
         "max_queue": "max_queue", "prepack_weights": "prepack_weights",
+        "adapter_store": "adapter_store", "store_refresh_seconds": "store_refresh_seconds",
     }
     for arg, field in mapping.items():
         value = getattr(args, arg, None)

@@ -1,41 +1,40 @@
-"""The adapter registry: names -> validated PEFT adapters, persisted, with a CPU cache tier.
+"""The adapter registry: names -> validated PEFT adapters, kept in the adapter store, with a
+CPU cache tier.
 
-Tiers: device slots (the engine) <- CPU cache (this class, LRU under a byte budget) <- disk
-(a content-addressed copy of every registered adapter in the state directory). Registered
-weights are copied, so what is served is exactly what was validated, whatever later
-happens to the source folder, and registrations survive restarts.
+Tiers: device slots (the engine) <- CPU cache (this class, LRU under a byte budget) <- the
+adapter store (`lorafold.server.store`: a folder, or an S3 bucket shared by every replica).
+Registered weights are copied into the store from the very bytes that were validated, so
+what is served is exactly what was checked, whatever later happens to the source folder.
+Weights fetched from the store are checked against the manifest's sha256 digests and
+re-validated before anything is served.
 
-Thread-safe: registration and cold loads run in worker threads (never on the event loop).
+Thread-safe: registration, store reads and cold loads run in worker threads (never on the
+event loop), except `get`'s one manifest GET for a name this replica has not seen yet.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import tempfile
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafold.server.lora.peft_format import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
     AdapterError,
     AdapterFileOutsideRootError,
     LoRAAdapter,
     ModuleSpec,
-    load_adapter,
     parse_adapter,
     read_adapter_files,
 )
+from lorafold.server.store import AdapterStore, Manifest, StoreIntegrityError
+from lorafold.server.store.base import sha256_hex, verify_blob
+from lorafold.server.store.catalogue import Catalogue
 
 logger = logging.getLogger(__name__)
-STATE_FILE = "registry.json"
 
 
 class PathNotAllowedError(AdapterError):
@@ -44,15 +43,17 @@ class PathNotAllowedError(AdapterError):
 
 @dataclass(slots=True)
 class Registration:
+    """A name's registration as this replica sees it (usage counts are per replica)."""
+
     name: str
     content_hash: str
-    folder: str  # the stored copy
     source: str
     registered_at: float
     rank: int
     ranks: list[int]
     targets: list[str]
     size_bytes: int
+    etag: str = ""
     requests_served: int = 0
     last_used: float | None = None
 
@@ -62,7 +63,7 @@ class TierStats:
     cpu_hits: int = 0
     cpu_misses: int = 0
     cpu_evictions: int = 0
-    disk_loads: int = 0
+    disk_loads: int = 0  # loads from the store (a folder or a bucket)
     load_seconds: list[float] = field(default_factory=list)  # drained by the metrics
 
 
@@ -73,63 +74,50 @@ def _adapter_bytes(adapter: LoRAAdapter) -> int:
 class AdapterRegistry:
     def __init__(
         self,
-        state_dir: Path,
+        store: AdapterStore,
         adapter_root: Path,
         base_modules: Mapping[str, ModuleSpec],
         *,
         max_rank: int | None = None,
         cpu_cache_bytes: int = 1 << 30,
+        refresh_seconds: float = 5.0,
     ) -> None:
-        self.state_dir = Path(state_dir)
+        self.store = store
         self.adapter_root = Path(adapter_root)
         self.base_modules = dict(base_modules)
         self.max_rank = max_rank
         self.cpu_cache_bytes = cpu_cache_bytes
         self.stats = TierStats()
+        self.catalogue = Catalogue(store, refresh_seconds=refresh_seconds, on_forget=self._drop_cached)
         self._lock = threading.RLock()
-        self._entries: dict[str, Registration] = {}
+        self._usage: dict[str, tuple[int, float | None]] = {}  # name -> (requests served, last use)
         self._cache: OrderedDict[str, LoRAAdapter] = OrderedDict()  # content hash -> weights
         self._cache_bytes = 0
-        (self.state_dir / "adapters").mkdir(parents=True, exist_ok=True)
+        self._loading: dict[str, threading.Lock] = {}  # content hash -> one fetch at a time
 
-    # ---- persistence ---------------------------------------------------------------------
+    # ---- the catalogue -------------------------------------------------------------------
 
     def restore(self) -> list[str]:
-        """Reload registrations saved by an earlier run; returns the names restored."""
-        path = self.state_dir / STATE_FILE
-        if not path.exists():
-            return []
-        try:
-            raw = json.loads(path.read_text())
-            entries = [Registration(**e) for e in raw.get("adapters", [])]
-        except (json.JSONDecodeError, TypeError, KeyError) as exc:
-            backup = path.with_suffix(f".corrupt-{int(time.time())}")
-            path.replace(backup)
-            logger.error("registry state %s is unreadable (%s); moved aside to %s", path, exc, backup)
-            return []
-        restored = []
-        with self._lock:
-            for e in entries:
-                if (Path(e.folder) / WEIGHTS_NAME).exists():
-                    self._entries[e.name] = e
-                    restored.append(e.name)
-                else:
-                    logger.error("adapter %s: stored weights %s are gone; dropping it", e.name, e.folder)
-        return restored
+        """Read the store's whole catalogue (a fresh replica serves it all); the names."""
+        self.store.check()
+        return self.catalogue.sync()
 
-    def _save(self) -> None:
-        """Write the state atomically (temp file + rename): a crash never leaves half a file."""
-        payload = {"version": 1, "adapters": [asdict(e) for e in self._entries.values()]}
-        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".registry-", suffix=".json")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.state_dir / STATE_FILE)
+    def start(self) -> None:
+        """Poll the store for changes made through other replicas."""
+        self.catalogue.start()
 
     def flush(self) -> None:
-        with self._lock:
-            self._save()
+        """Stop polling (every write already reached the store when it returned)."""
+        self.catalogue.stop()
+
+    def _registration(self, manifest: Manifest, etag: str) -> Registration:
+        served, last = self._usage.get(manifest.name, (0, None))
+        return Registration(
+            name=manifest.name, content_hash=manifest.content_hash, source=manifest.source,
+            registered_at=manifest.registered_at, rank=manifest.rank, ranks=list(manifest.ranks),
+            targets=list(manifest.targets), size_bytes=manifest.size_bytes, etag=etag,
+            requests_served=served, last_used=last,
+        )
 
     # ---- registration (blocking: run in a worker thread) ---------------------------------
 
@@ -161,60 +149,40 @@ class AdapterRegistry:
         # The stored copy is written from the very bytes that were validated, never re-read
         # from the source, so a file swapped after the check cannot be served.
         adapter = parse_adapter(config_raw, weights_raw, self.base_modules, max_rank=self.max_rank, source=source)
-        stored = self.state_dir / "adapters" / adapter.content_hash
-        if not (stored / WEIGHTS_NAME).exists():
-            tmp = Path(tempfile.mkdtemp(dir=self.state_dir / "adapters", prefix=".incoming-"))
-            (tmp / CONFIG_NAME).write_bytes(config_raw)
-            (tmp / WEIGHTS_NAME).write_bytes(weights_raw)
-            try:
-                tmp.rename(stored)
-            except OSError:  # a concurrent registration of the same weights won the race
-                shutil.rmtree(tmp, ignore_errors=True)
-        entry = Registration(
-            name=name, content_hash=adapter.content_hash, folder=str(stored), source=source,
-            registered_at=time.time(), rank=adapter.max_rank, ranks=sorted(adapter.ranks),
-            targets=list(adapter.target_names), size_bytes=adapter.nbytes,
+        self.store.put_blob(adapter.content_hash, config_raw, weights_raw)
+        manifest = Manifest(
+            name=name, content_hash=adapter.content_hash, config_sha256=sha256_hex(config_raw),
+            weights_sha256=sha256_hex(weights_raw), config=adapter.config, rank=adapter.max_rank,
+            ranks=sorted(adapter.ranks), targets=list(adapter.target_names), size_bytes=adapter.nbytes,
+            registered_at=time.time(), source=source,
         )
+        etag = self.catalogue.publish(manifest)  # compare-and-swap: StoreConflictError on a race
         with self._lock:
-            old = self._entries.get(name)
-            self._entries[name] = entry
-            self._save()
             self._put_cache(adapter)
-            if old is not None and old.content_hash != entry.content_hash:
-                self._drop_unreferenced(old)
-        logger.info("registered adapter %s (rank %d, %s)", name, entry.rank, entry.content_hash[:12])
-        return entry
+        logger.info("registered adapter %s (rank %d, %s) in %s", name, manifest.rank, manifest.content_hash[:12],
+                    self.store.url)
+        return self._registration(manifest, etag)
 
     def delete(self, name: str) -> Registration | None:
+        """Unbind `name` in the store. Its blob stays (another name, or a replica's request in
+        flight, may use the same weights); requests in flight hold their own copy and finish."""
+        manifest = self.catalogue.remove(name)
         with self._lock:
-            entry = self._entries.pop(name, None)
-            if entry is not None:
-                self._save()
-                self._drop_unreferenced(entry)
-        return entry
-
-    def _drop_unreferenced(self, entry: Registration) -> None:
-        """Forget weights no registration uses any more (requests in flight hold their own copy)."""
-        if any(e.content_hash == entry.content_hash for e in self._entries.values()):
-            return
-        cached = self._cache.pop(entry.content_hash, None)
-        if cached is not None:
-            self._cache_bytes -= _adapter_bytes(cached)
-        shutil.rmtree(entry.folder, ignore_errors=True)
+            self._usage.pop(name, None)
+        return None if manifest is None else self._registration(manifest, "")
 
     # ---- lookups -------------------------------------------------------------------------
 
     def get(self, name: str) -> Registration | None:
-        with self._lock:
-            return self._entries.get(name)
+        """`name`'s registration; a name this replica has not seen is looked up in the store."""
+        found = self.catalogue.lookup(name)
+        return None if found is None else self._registration(*found)
 
     def names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._entries)
+        return self.catalogue.names()
 
     def entries(self) -> list[Registration]:
-        with self._lock:
-            return [self._entries[n] for n in sorted(self._entries)]
+        return [self._registration(m, "") for m in self.catalogue.manifests()]
 
     def in_cpu_cache(self, content_hash: str) -> bool:
         with self._lock:
@@ -222,32 +190,54 @@ class AdapterRegistry:
 
     def record_use(self, name: str) -> None:
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is not None:
-                entry.requests_served += 1
-                entry.last_used = time.time()
+            served, _ = self._usage.get(name, (0, None))
+            self._usage[name] = (served + 1, time.time())
 
     # ---- the CPU tier --------------------------------------------------------------------
 
     def load(self, name: str) -> tuple[Registration, LoRAAdapter]:
-        """The adapter's weights, from the CPU cache or (blocking) from disk."""
+        """The adapter's weights, from the CPU cache or (blocking) from the store."""
+        found = self.catalogue.lookup(name)
+        if found is None:
+            raise KeyError(name)
+        manifest, etag = found
+        entry = self._registration(manifest, etag)
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is None:
-                raise KeyError(name)
-            cached = self._cache.get(entry.content_hash)
+            cached = self._cached(manifest.content_hash)
             if cached is not None:
-                self._cache.move_to_end(entry.content_hash)
-                self.stats.cpu_hits += 1
                 return entry, cached
             self.stats.cpu_misses += 1
+            gate = self._loading.setdefault(manifest.content_hash, threading.Lock())
+        with gate:  # concurrent first requests for one adapter fetch it once
+            with self._lock:
+                cached = self._cache.get(manifest.content_hash)
+            if cached is None:
+                cached = self._fetch(manifest)
+        with self._lock:
+            self._loading.pop(manifest.content_hash, None)
+        return entry, cached
+
+    def _fetch(self, manifest: Manifest) -> LoRAAdapter:
         t0 = time.perf_counter()
-        adapter = load_adapter(entry.folder, self.base_modules, max_rank=self.max_rank)
+        config_raw, weights_raw = self.store.get_blob(manifest.content_hash)
+        verify_blob(manifest, config_raw, weights_raw)  # sha256 of the bytes, before parsing them
+        adapter = parse_adapter(config_raw, weights_raw, self.base_modules, max_rank=self.max_rank,
+                                source=f"{self.store.url} {manifest.name}")
+        if adapter.content_hash != manifest.content_hash:
+            raise StoreIntegrityError(f"adapter {manifest.name!r}: the stored weights hash to {adapter.content_hash[:16]}..., "
+                                      f"the manifest says {manifest.content_hash[:16]}...; re-register the adapter")
         with self._lock:
             self.stats.disk_loads += 1
             self.stats.load_seconds.append(time.perf_counter() - t0)
             self._put_cache(adapter)
-        return entry, adapter
+        return adapter
+
+    def _cached(self, content_hash: str) -> LoRAAdapter | None:
+        cached = self._cache.get(content_hash)
+        if cached is not None:
+            self._cache.move_to_end(content_hash)
+            self.stats.cpu_hits += 1
+        return cached
 
     def _put_cache(self, adapter: LoRAAdapter) -> None:
         if adapter.content_hash in self._cache:
@@ -259,6 +249,13 @@ class AdapterRegistry:
             _, evicted = self._cache.popitem(last=False)
             self._cache_bytes -= _adapter_bytes(evicted)
             self.stats.cpu_evictions += 1
+
+    def _drop_cached(self, content_hash: str) -> None:
+        """Weights no name uses any more leave the CPU tier (requests in flight hold their own copy)."""
+        with self._lock:
+            cached = self._cache.pop(content_hash, None)
+            if cached is not None:
+                self._cache_bytes -= _adapter_bytes(cached)
 
     @property
     def cpu_resident(self) -> int:

@@ -1,20 +1,35 @@
 """The adapter registry routes (admin key): register by path or upload, list, delete; plus
-vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter aliases."""
+vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter aliases; and how adapter-store
+failures reach clients (`install_store_error_handler`)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 
-from fastapi import APIRouter, Depends, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from lorafold.server.api.auth import require_admin
-from lorafold.server.api.errors import APIError, bad_request, not_found
+from lorafold.server.api.errors import APIError, bad_request, error_body, not_found
 from lorafold.server.api.protocol import AdapterInfo, RegisterAdapterRequest, VLLMLoadRequest, VLLMUnloadRequest
 from lorafold.server.api.registry import PathNotAllowedError, Registration
 from lorafold.server.engine.engine import adapter_key
 from lorafold.server.lora.peft_format import AdapterError
+from lorafold.server.store import StoreAuthError, StoreConflictError, StoreError, StoreIntegrityError
+
+# Store failures are not the client's fault (except a lost compare-and-swap race, 409): they
+# get a 5xx that names the store's problem, never a bare 500 and never wrong weights.
+_STORE_STATUS = ((StoreConflictError, 409, "conflict_error"), (StoreIntegrityError, 502, "adapter_store_integrity_error"),
+                 (StoreAuthError, 502, "adapter_store_auth_error"), (StoreError, 503, "adapter_store_unavailable"))
+
+
+def install_store_error_handler(app: FastAPI) -> None:
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
+        status, type_ = next((s, t) for cls, s, t in _STORE_STATUS if isinstance(exc, cls))
+        headers = {"Retry-After": "5"} if status == 503 else None
+        return JSONResponse(error_body(f"adapter store: {exc}", type_, status), status_code=status, headers=headers)
 
 router = APIRouter(dependencies=[Depends(require_admin)])
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
@@ -94,7 +109,7 @@ async def list_adapters(request: Request) -> dict:
 
 @router.get("/v1/adapters/{name:path}")
 async def get_adapter(name: str, request: Request) -> AdapterInfo:
-    entry = request.app.state.registry.get(name)
+    entry = await asyncio.to_thread(request.app.state.registry.get, name)
     if entry is None:
         raise not_found(f"adapter {name!r} is not registered")
     return await _info(request, entry)
@@ -104,7 +119,7 @@ async def get_adapter(name: str, request: Request) -> AdapterInfo:
 async def delete_adapter(name: str, request: Request) -> dict:
     state = request.app.state
     # Requests in flight keep their own reference to the weights and finish normally.
-    if state.registry.delete(name) is None:
+    if await asyncio.to_thread(state.registry.delete, name) is None:
         raise not_found(f"adapter {name!r} is not registered")
     state.metrics.update_registry(state.registry)
     return {"deleted": name}
@@ -119,7 +134,7 @@ async def vllm_load(body: VLLMLoadRequest, request: Request) -> PlainTextRespons
 @router.post("/v1/unload_lora_adapter")
 async def vllm_unload(body: VLLMUnloadRequest, request: Request) -> PlainTextResponse:
     state = request.app.state
-    if state.registry.delete(body.lora_name) is None:
+    if await asyncio.to_thread(state.registry.delete, body.lora_name) is None:
         raise not_found(f"adapter {body.lora_name!r} is not registered")
     state.metrics.update_registry(state.registry)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -17,7 +17,12 @@ class ServerSettings:
 
     model: base model (None = packaged SmolLM2; a local HF folder; a .gguf file).
     adapter_root: folder under which adapters may be registered by path; nothing outside it.
-    state_dir: where registrations and their weights persist across restarts.
+    state_dir: where registrations and their weights persist across restarts (the default
+        `file://` adapter store when `adapter_store` is unset).
+    adapter_store: `file:///PATH` or `s3://BUCKET/PREFIX` (AWS environment for endpoint and
+        credentials): the catalogue and weights every replica shares (lorafold.server.store).
+    store_refresh_seconds: how often the store is polled; a registration, re-registration or
+        deletion made through another replica is served here within this bound (plus one listing).
     api_keys: bearer keys accepted on inference routes (none: inference is open).
     admin_key: bearer key of the adapter registry routes.
     When neither kind of key is set the server binds to localhost only.
@@ -47,6 +52,8 @@ class ServerSettings:
     metrics_top_adapters: int = 20
     served_model_name: str | None = None
     prepack_weights: bool = True  # see EngineConfig.prepack_weights
+    adapter_store: str | None = None
+    store_refresh_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         self.adapter_root = Path(self.adapter_root).expanduser()
@@ -58,10 +65,16 @@ class ServerSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "port" else 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.05 <= float(self.store_refresh_seconds) <= 3600:
+            raise ValueError(f"store_refresh_seconds must be in [0.05, 3600], got {self.store_refresh_seconds!r}")
         if self.cpu_cache_bytes < 0:
             raise ValueError("cpu_cache_bytes must be >= 0")
         if not 1 <= self.default_max_tokens <= self.max_tokens_cap:
             raise ValueError("default_max_tokens must be between 1 and max_tokens_cap")
+
+    @property
+    def store_url(self) -> str:
+        return self.adapter_store or f"file://{self.state_dir.resolve()}"
 
     @property
     def open_access(self) -> bool:

@@ -1,0 +1,145 @@
+"""What an adapter store offers (`AdapterStore`), the manifest it keeps per name, its errors.
+
+A store holds two kinds of objects. Blobs are an adapter's two files under its content hash:
+written once, never changed, so any replica may cache them forever. Manifests bind a name to
+a hash; they change, and every change is a compare-and-swap on the manifest's ETag, so two
+replicas writing one name at once never lose an update silently: the loser gets
+`StoreConflictError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from urllib.parse import quote, unquote
+
+MANIFEST_VERSION = 1
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+class StoreError(RuntimeError):
+    """The adapter store could not do what was asked; the message says what and how to fix it."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store cannot be reached (down, network, wrong endpoint)."""
+
+
+class StoreAuthError(StoreError):
+    """The store refused the credentials or the bucket does not exist."""
+
+
+class StoreConflictError(StoreError):
+    """A conditional write lost: another replica changed the manifest first."""
+
+
+class StoreIntegrityError(StoreError):
+    """An object in the store does not match its recorded hash (tampered or corrupt)."""
+
+
+@dataclass(slots=True)
+class Manifest:
+    """One name's entry in the catalogue: which weights, and what they are."""
+
+    name: str
+    content_hash: str  # the adapter's content hash (peft_format.parse_adapter), the blob's key
+    config_sha256: str  # sha256 of the stored adapter_config.json bytes
+    weights_sha256: str  # sha256 of the stored adapter_model.safetensors bytes
+    config: dict
+    rank: int
+    ranks: list[int]
+    targets: list[str]
+    size_bytes: int
+    registered_at: float
+    source: str = ""
+    version: int = MANIFEST_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, key: str) -> "Manifest":
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            manifest = cls(**data)
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
+            raise StoreIntegrityError(f"manifest {key} is not a valid lorafold manifest ({exc}); "
+                                      "re-register the adapter or delete the object") from exc
+        for label in ("content_hash", "config_sha256", "weights_sha256"):
+            if not isinstance(getattr(manifest, label), str) or not _HASH.match(getattr(manifest, label)):
+                raise StoreIntegrityError(f"manifest {key}: {label} is not a sha256 hex digest")
+        return manifest
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def manifest_key(name: str) -> str:
+    """Names may hold '/': quoted, every manifest is one flat key under manifests/."""
+    return f"manifests/{quote(name, safe='')}.json"
+
+
+def name_from_key(key: str) -> str | None:
+    tail = key.rsplit("manifests/", 1)[-1]
+    return unquote(tail[: -len(".json")]) if tail.endswith(".json") and "/" not in tail else None
+
+
+def blob_key(content_hash: str, filename: str) -> str:
+    if not _HASH.match(content_hash):
+        raise ValueError(f"content hash {content_hash!r} is not a sha256 hex digest")
+    return f"blobs/{content_hash}/{filename}"
+
+
+def verify_blob(manifest: Manifest, config: bytes, weights: bytes) -> None:
+    """Refuse blob bytes that are not the ones the manifest recorded (before anything parses them)."""
+    for label, data, want in (("adapter_config.json", config, manifest.config_sha256),
+                              ("adapter_model.safetensors", weights, manifest.weights_sha256)):
+        got = sha256_hex(data)
+        if got != want:
+            raise StoreIntegrityError(
+                f"adapter {manifest.name!r}: {blob_key(manifest.content_hash, label)} in the store has sha256 "
+                f"{got[:16]}..., its manifest says {want[:16]}...; the object was altered: re-register the adapter"
+            )
+
+
+class AdapterStore(ABC):
+    """Blobs (immutable, content-addressed) and manifests (compare-and-swap on an ETag)."""
+
+    url: str
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise StoreError naming the fix if the store is unreachable or refuses us."""
+
+    @abstractmethod
+    def has_blob(self, content_hash: str) -> bool: ...
+
+    @abstractmethod
+    def put_blob(self, content_hash: str, config: bytes, weights: bytes) -> None:
+        """Store an adapter's files under its hash (idempotent: same hash, same bytes)."""
+
+    @abstractmethod
+    def get_blob(self, content_hash: str) -> tuple[bytes, bytes]:
+        """(config bytes, weights bytes); unverified: callers check them with `verify_blob`."""
+
+    @abstractmethod
+    def read_manifest(self, name: str) -> tuple[Manifest, str] | None:
+        """(manifest, etag), or None when the name is not registered."""
+
+    @abstractmethod
+    def write_manifest(self, manifest: Manifest, *, expect_etag: str | None) -> str:
+        """Write iff the current ETag is `expect_etag` (None: iff no manifest exists); new ETag.
+        Raises StoreConflictError when another writer got there first."""
+
+    @abstractmethod
+    def delete_manifest(self, name: str, *, expect_etag: str) -> None:
+        """Delete iff the current ETag is `expect_etag` (StoreConflictError otherwise)."""
+
+    @abstractmethod
+    def list_manifests(self) -> dict[str, str]:
+        """name -> ETag of every manifest: what a replica polls to see others' changes."""
