@@ -12,11 +12,12 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lorafold.server.api import routes_adapters, routes_openai
-from lorafold.server.api.errors import error_body, install_error_handlers
+from lorafold.server.api.body_limit import BodyLimitMiddleware
+from lorafold.server.api.errors import install_error_handlers
 from lorafold.server.api.metrics import Metrics
 from lorafold.server.api.registry import AdapterRegistry
 from lorafold.server.api.settings import ServerSettings
-from lorafold.server.engine.async_engine import AsyncEngine
+from lorafold.server.engine.async_engine import AsyncEngine, EngineUnavailableError
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.engine import LLMEngine
 from lorafold.server.models.loader import BaseModel, load_base_model
@@ -76,18 +77,18 @@ def create_app(settings: ServerSettings, *, base: BaseModel | None = None) -> Fa
     install_error_handlers(app)
     routes_adapters.install_store_error_handler(app)
 
-    @app.middleware("http")
-    async def cap_body(request: Request, call_next):  # noqa: ANN001, ANN202
-        limit = settings.max_upload_bytes + (1 << 20) if request.url.path == "/v1/adapters" else settings.max_request_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return JSONResponse(error_body(f"request body of {length} bytes exceeds the cap of {limit}",
-                                           "invalid_request_error", 413), status_code=413)
-        return await call_next(request)
+    def body_cap(path: str) -> int:
+        return settings.max_upload_bytes + (1 << 20) if path == "/v1/adapters" else settings.max_request_bytes
+
+    app.add_middleware(BodyLimitMiddleware, limit_for=body_cap)
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    async def health(request: Request) -> JSONResponse:
+        # The liveness probe: a dead engine thread fails it, so the orchestrator restarts the pod.
+        engine = getattr(request.app.state, "engine", None)
+        if engine is not None and not engine.running:
+            return JSONResponse({"status": "engine dead", "error": repr(engine.error)}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:
@@ -99,7 +100,11 @@ def create_app(settings: ServerSettings, *, base: BaseModel | None = None) -> Fa
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         state = request.app.state
-        state.metrics.update_engine(await state.engine.call(lambda e: e.snapshot()))
+        try:
+            state.metrics.update_engine(await state.engine.call(lambda e: e.snapshot()))
+        except EngineUnavailableError:
+            pass  # the gauges keep the last step's values; lorafold_engine_alive tells why
+        state.metrics.engine_alive.set(1 if state.engine.running else 0)
         state.metrics.update_registry(state.registry)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

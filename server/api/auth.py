@@ -17,8 +17,12 @@ def _bearer(request: Request) -> str | None:
 
 
 def _matches(token: str | None, keys: tuple[str, ...]) -> bool:
-    # constant-time comparison: no timing side channel on key prefixes
-    return token is not None and any(hmac.compare_digest(token, k) for k in keys)
+    # constant-time comparison: no timing side channel on key prefixes. On bytes: compare_digest
+    # refuses str with non-ASCII characters, which any client can put in a header.
+    if token is None:
+        return False
+    presented = token.encode("utf-8", "surrogateescape")
+    return any(hmac.compare_digest(presented, k.encode("utf-8", "surrogateescape")) for k in keys)
 
 
 def require_api_key(request: Request) -> None:

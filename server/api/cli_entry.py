@@ -11,6 +11,10 @@ from lorafold.server.api.settings import ServerSettings
 logger = logging.getLogger(__name__)
 
 
+# Below Kubernetes' default terminationGracePeriodSeconds (30), so the process ends by itself.
+GRACEFUL_SHUTDOWN_S = 20
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     kwargs = {}
     mapping = {
@@ -50,6 +54,8 @@ def serve_main(args: argparse.Namespace) -> int:
         else:
             logger.warning("no API key or admin key configured: serving on %s only", host)
     settings.adapter_root.mkdir(parents=True, exist_ok=True)
-    uvicorn.run(create_app(settings), host=host, port=settings.port,
+    # A bounded drain on SIGTERM: open requests get GRACEFUL_SHUTDOWN_S to finish, then the
+    # process exits whatever they do (a stuck client or engine must not keep a pod alive).
+    uvicorn.run(create_app(settings), host=host, port=settings.port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                 log_level=str(getattr(args, "log_level", None) or "info").lower())
     return 0

@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lorafold.server.engine.async_engine import EngineStepError, EngineUnavailableError
+
 logger = logging.getLogger(__name__)
 
 
@@ -54,6 +56,15 @@ def install_error_handlers(app: FastAPI) -> None:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), type_, exc.status_code), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(EngineUnavailableError)
+    async def _engine_unavailable(request: Request, exc: EngineUnavailableError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "service_unavailable", 503), status_code=503,
+                            headers={"Retry-After": "1"})
+
+    @app.exception_handler(EngineStepError)
+    async def _engine_step(request: Request, exc: EngineStepError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "server_error", 500), status_code=500)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

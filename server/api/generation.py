@@ -107,7 +107,8 @@ async def stream_outputs(state, gen: Generation) -> AsyncIterator[RequestOutput]
                 gen.finish_reason = "length" if out.finish_reason == "length" else "stop"
                 status = out.finish_reason or "stop"
                 if out.error:
-                    raise APIError(400, out.error)
+                    type_ = "server_error" if out.error_status >= 500 else "invalid_request_error"
+                    raise APIError(out.error_status, out.error, type_)
             yield out
     except (asyncio.CancelledError, GeneratorExit):
         status = "aborted"

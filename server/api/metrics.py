@@ -34,6 +34,8 @@ class Metrics:
         self.prompt_tokens = Counter("lorafold_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
         self.generation_tokens = Counter("lorafold_generation_tokens", "Tokens generated", ["adapter"], registry=r)
         self.running = Gauge("lorafold_num_requests_running", "Requests running", registry=r)
+        self.engine_alive = Gauge("lorafold_engine_alive", "1 while the engine thread runs; 0: restart the server",
+                                  registry=r)
         self.waiting = Gauge("lorafold_num_requests_waiting", "Requests waiting", registry=r)
         self.batch_tokens = Histogram("lorafold_batch_size_tokens", "Tokens per engine step", buckets=_TOKEN_BUCKETS, registry=r)
         self.batch_seqs = Histogram("lorafold_batch_size_sequences", "Sequences per engine step", buckets=_TOKEN_BUCKETS, registry=r)

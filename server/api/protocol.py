@@ -1,14 +1,44 @@
 """Request and response bodies of the OpenAI-compatible API (and the registry).
 
 Requests accept and ignore unknown fields, as OpenAI SDKs send fields a server may not
-know (`stream_options`, `user`, ...); fields we know are validated strictly.
+know (`stream_options`, `user`, ...); fields we know are validated strictly: numbers are
+finite and in the documented ranges (docs/api.md), ints are ints (`true` is not 1), text is
+valid Unicode (a lone surrogate cannot be tokenized).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+# The ranges of the numeric request fields, as docs/api.md documents them.
+MAX_TOP_K = 1 << 20
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
+# Adapter names: matched in full (a trailing newline is not part of a valid name).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$"
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text contains an invalid character at position {exc.start} (a lone surrogate "
+                         "such as \\ud800); send valid UTF-8 text") from exc
+    return text
+
+
+def _clean_path(path: str) -> str:
+    if any(ord(c) < 32 for c in path):
+        raise ValueError("path contains a control character (NUL, newline, ...); send a plain folder path")
+    return _valid_unicode(path)
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Int = StrictInt  # JSON true/false and 1.0 are refused, not taken as 1
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=NAME_PATTERN)]
+AdapterPath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_clean_path)]
 
 
 class _Request(BaseModel):
@@ -16,18 +46,18 @@ class _Request(BaseModel):
 
 
 class SamplingFields(_Request):
-    model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # newer OpenAI name for chat
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: int = -1
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    stream: bool = False
-    n: Annotated[int, Field(ge=1)] = 1
+    model: Text | None = None
+    max_tokens: Annotated[Int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None  # newer OpenAI name for chat
+    temperature: Annotated[Float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[Float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[Int, Field(ge=-1, le=MAX_TOP_K)] = -1
+    seed: Annotated[Int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None
+    ignore_eos: StrictBool = False
+    stream: StrictBool = False
+    n: Annotated[Int, Field(ge=1)] = 1
 
     @field_validator("n")
     @classmethod
@@ -46,9 +76,16 @@ class SamplingFields(_Request):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str]
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    echo: bool = False
+    prompt: Text | list[Annotated[Int, Field(ge=0)]] | list[Text]
+    logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
+    echo: StrictBool = False
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
+            raise ValueError("echo=true is not supported yet; prepend the prompt to the completion yourself")
+        return echo
 
     @field_validator("prompt")
     @classmethod
@@ -63,34 +100,56 @@ class CompletionRequest(SamplingFields):
         return prompt
 
 
+class TextPart(_Request):
+    """An OpenAI content part; only text parts can be served by a text-only base model."""
+
+    type: str
+    text: Text | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, type_: str) -> str:
+        if type_ != "text":
+            raise ValueError(f"content parts of type {type_!r} are not supported: this server serves a "
+                             "text-only model; send text parts")
+        return type_
+
+    @field_validator("text")
+    @classmethod
+    def _has_text(cls, text: str | None) -> str:
+        if text is None:
+            raise ValueError("a text content part needs a 'text' string")
+        return text
+
+
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # OpenAI content parts: keep the text ones
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content)
         return self.content or ""
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
 
 
 class RegisterAdapterRequest(_Request):
-    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")]
-    path: Annotated[str, Field(min_length=1)]
+    name: AdapterName
+    path: AdapterPath
 
 
 class VLLMLoadRequest(_Request):
-    lora_name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")]
-    lora_path: Annotated[str, Field(min_length=1)]
+    lora_name: AdapterName
+    lora_path: AdapterPath
 
 
 class VLLMUnloadRequest(_Request):
-    lora_name: Annotated[str, Field(min_length=1)]
+    lora_name: Annotated[Text, Field(min_length=1)]
 
 
 class Usage(BaseModel):

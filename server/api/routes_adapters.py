@@ -14,6 +14,7 @@ from lorafold.server.api.auth import require_admin
 from lorafold.server.api.errors import APIError, bad_request, error_body, not_found
 from lorafold.server.api.protocol import AdapterInfo, RegisterAdapterRequest, VLLMLoadRequest, VLLMUnloadRequest
 from lorafold.server.api.registry import PathNotAllowedError, Registration
+from lorafold.server.engine.async_engine import EngineUnavailableError
 from lorafold.server.engine.engine import adapter_key
 from lorafold.server.lora.peft_format import AdapterError
 from lorafold.server.store import StoreAuthError, StoreConflictError, StoreError, StoreIntegrityError
@@ -32,12 +33,15 @@ def install_store_error_handler(app: FastAPI) -> None:
         return JSONResponse(error_body(f"adapter store: {exc}", type_, status), status_code=status, headers=headers)
 
 router = APIRouter(dependencies=[Depends(require_admin)])
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/]*")  # fullmatch: no trailing newline slips through
 
 
 async def _info(request: Request, entry: Registration) -> AdapterInfo:
     state = request.app.state
-    resident = await state.engine.call(lambda e: e.snapshot()["device_resident_keys"])
+    try:
+        resident = await state.engine.call(lambda e: e.snapshot()["device_resident_keys"])
+    except EngineUnavailableError:  # answer from the registry alone rather than hang or fail
+        resident = []
     tier = "device" if adapter_key(entry.name, entry.content_hash) in resident else ("cpu" if state.registry.in_cpu_cache(entry.content_hash) else "disk")
     return AdapterInfo(name=entry.name, rank=entry.rank, ranks=entry.ranks, targets=entry.targets,
                        size_bytes=entry.size_bytes, content_hash=entry.content_hash, tier=tier,
@@ -46,7 +50,7 @@ async def _info(request: Request, entry: Registration) -> AdapterInfo:
 
 
 def _check_name(request: Request, name: str) -> None:
-    if not _NAME.match(name) or len(name) > 128:
+    if not _NAME.fullmatch(name) or len(name) > 128:
         raise bad_request(f"adapter name {name!r} is invalid: use letters, digits, '.', '_', '-', '/' (max 128)")
     if name == request.app.state.base_name:
         raise bad_request(f"{name!r} is the base model's name; choose another adapter name")

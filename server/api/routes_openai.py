@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lorafold.server.api.auth import require_api_key
-from lorafold.server.api.errors import bad_request
+from lorafold.server.api.errors import APIError, bad_request, error_body
 from lorafold.server.api.generation import Generation, start_generation, stream_outputs
 from lorafold.server.api.protocol import ChatCompletionRequest, CompletionRequest
+from lorafold.server.engine.async_engine import EngineStepError, EngineUnavailableError
 from lorafold.server.engine.engine import RequestOutput
 from lorafold.server.engine.sampler import TokenLogprobs
 from lorafold.server.models.chat import ChatTemplateError, chat_prompt_ids
@@ -45,7 +48,9 @@ def _completion_prompt(state, req: CompletionRequest) -> list[int]:  # noqa: ANN
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):  # noqa: ANN201
     state = request.app.state
-    gen = await start_generation(state, req, _completion_prompt(state, req), logprobs=req.logprobs, prefix="cmpl")
+    # tokenizing a long prompt takes a while: off the event loop, which keeps every stream going
+    prompt_ids = await asyncio.to_thread(_completion_prompt, state, req)
+    gen = await start_generation(state, req, prompt_ids, logprobs=req.logprobs, prefix="cmpl")
     tok = state.tokenizer
 
     def choice(text: str, outs: list[RequestOutput], finish: str | None) -> dict:
@@ -59,8 +64,8 @@ async def completions(req: CompletionRequest, request: Request):  # noqa: ANN201
 async def chat_completions(req: ChatCompletionRequest, request: Request):  # noqa: ANN201
     state = request.app.state
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    try:
-        prompt_ids = chat_prompt_ids(state.tokenizer, messages)
+    try:  # templating and tokenizing off the event loop, as for completions
+        prompt_ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, messages)
     except ChatTemplateError as exc:
         raise bad_request(str(exc)) from exc
     want_lp = req.top_logprobs if req.logprobs else None
@@ -85,7 +90,9 @@ async def _respond(request: Request, gen: Generation, stream: bool, object_name:
     state = request.app.state
     outputs = stream_outputs(state, gen)
     if not stream:
-        collected = [out async for out in outputs]
+        collected = await _collect_unless_disconnected(request, outputs)
+        if collected is None:  # the client hung up: its request was aborted, nobody to answer
+            return Response(status_code=499)
         text = "".join(o.text for o in collected)
         body = {"id": gen.request_id, "object": object_name, "created": gen.created, "model": gen.model.served_name,
                 "choices": [choice(text, collected, gen.finish_reason)], "usage": _usage(gen)}
@@ -107,12 +114,60 @@ async def _respond(request: Request, gen: Generation, stream: bool, object_name:
                 if out.finished:
                     payload["usage"] = _usage(gen)
                 yield f"data: {json.dumps(payload)}\n\n".encode()
-                out = await anext(outputs, None)
+                out = await _next_or_error(outputs)
+            yield b"data: [DONE]\n\n"
+        except _StreamFailed as failed:  # the status line is sent: the error is the stream's last event
+            yield f"data: {json.dumps(failed.body)}\n\n".encode()
             yield b"data: [DONE]\n\n"
         finally:
             await outputs.aclose()  # a client that disconnects aborts its generation here
 
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _StreamFailed(Exception):
+    def __init__(self, body: dict) -> None:
+        super().__init__(body["error"]["message"])
+        self.body = body
+
+
+async def _next_or_error(outputs: AsyncIterator[RequestOutput]) -> RequestOutput | None:
+    """The next output, None at the end; a failure mid-stream becomes an OpenAI error body."""
+    try:
+        return await anext(outputs, None)
+    except APIError as exc:
+        raise _StreamFailed(error_body(exc.message, exc.type, exc.code or exc.status)) from exc
+    except (EngineUnavailableError, EngineStepError) as exc:
+        raise _StreamFailed(error_body(str(exc), "server_error", 500)) from exc
+
+
+# How often a non-streaming request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.25
+
+
+async def _collect_unless_disconnected(
+    request: Request, outputs: AsyncIterator[RequestOutput]
+) -> list[RequestOutput] | None:
+    """All outputs of a non-streaming request, or None once its client has hung up (the
+    generation is then cancelled, which aborts it in the engine and frees its KV blocks)."""
+
+    async def drain() -> list[RequestOutput]:
+        return [out async for out in outputs]
+
+    task = asyncio.ensure_future(drain())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await outputs.aclose()
 
 
 def _usage(gen: Generation) -> dict:

@@ -22,8 +22,25 @@ from lorafold.server.lora.peft_format import LoRAAdapter
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
+class EngineUnavailableError(RuntimeError):
+    """The engine cannot answer now (HTTP 503)."""
+
+
+class EngineDeadError(EngineUnavailableError):
     """The engine loop stopped on an unexpected error; the server must be restarted."""
+
+
+class EngineStepError(RuntimeError):
+    """A step failed outside any one request; the requests it held were aborted (HTTP 500)."""
+
+
+class EngineTimeoutError(EngineUnavailableError):
+    """The engine thread did not answer a call in time (a long step, or a stuck engine)."""
+
+
+# A call into the engine thread waits at most this long: probes and admin routes answer
+# instead of hanging on an engine that is stuck or gone.
+CALL_TIMEOUT_S = 5.0
 
 
 @dataclass(slots=True)
@@ -110,8 +127,13 @@ class AsyncEngine:
 
         self._submit(run)
 
-    def call(self, fn: Callable[[LLMEngine], object]) -> asyncio.Future:
-        """Run `fn(engine)` on the engine thread (e.g. a consistent snapshot for metrics)."""
+    async def call(self, fn: Callable[[LLMEngine], object], timeout: float = CALL_TIMEOUT_S) -> object:
+        """Run `fn(engine)` on the engine thread (e.g. a consistent snapshot for metrics).
+
+        Raises EngineDeadError when the engine has stopped, EngineTimeoutError after `timeout`.
+        """
+        if not self.running:
+            raise EngineDeadError(f"the engine is not running ({self.error!r}); restart the server")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
@@ -124,7 +146,10 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_set_result, fut, result)
 
         self._submit(run)
-        return fut
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError as exc:
+            raise EngineTimeoutError(f"the engine did not answer within {timeout:g} s; try again") from exc
 
     def _submit(self, command: Callable[[], None]) -> None:
         self._commands.put(command)
@@ -135,21 +160,36 @@ class AsyncEngine:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
-                self._drain_commands()
-                if not self.engine.has_unfinished():
-                    self._wake.wait(0.05)
-                    self._wake.clear()
-                    continue
-                outputs = self.engine.step()
-                if self.on_step is not None:
-                    self.on_step(self.engine.last_step)
-                for out in outputs:
-                    self._deliver(out)
+                try:
+                    self._iterate()
+                except Exception:  # noqa: BLE001 - a failed step ends its requests, not the engine
+                    logger.exception("engine step failed; failing every request in flight")
+                    self._fail_in_flight()
         except Exception as exc:  # noqa: BLE001 - the loop must report, not vanish
             logger.exception("engine loop failed")
             self.error = exc
             for rid in list(self._streams):
                 self._deliver_error(rid, EngineDeadError(f"engine failed: {exc}"))
+
+    def _iterate(self) -> None:
+        self._drain_commands()
+        if not self.engine.has_unfinished():
+            self._wake.wait(0.05)
+            self._wake.clear()
+            return
+        outputs = self.engine.step()
+        if self.on_step is not None:
+            self.on_step(self.engine.last_step)
+        for out in outputs:
+            self._deliver(out)
+
+    def _fail_in_flight(self) -> None:
+        """After a step failed outside any one request: abort every request (freeing its
+        blocks and adapter pins) and tell its client. If even that fails, the loop ends."""
+        for rid in list(self._streams):
+            self.engine.abort(rid)
+            self._deliver_error(rid, EngineStepError("the engine failed while computing this request; "
+                                                     "it was aborted and the server goes on"))
 
     def _drain_commands(self) -> None:
         while True:
@@ -157,7 +197,10 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            command()
+            try:
+                command()
+            except Exception:  # noqa: BLE001 - one bad command must not stop the loop
+                logger.exception("engine command failed")
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)

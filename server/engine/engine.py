@@ -16,7 +16,7 @@ from lorafold.server.engine.block_manager import BlockManager
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.detokenizer import IncrementalDetokenizer
 from lorafold.server.engine.model_runner import ModelRunner
-from lorafold.server.engine.sampler import TokenLogprobs, sample
+from lorafold.server.engine.sampler import SamplerOutput, TokenLogprobs, sample
 from lorafold.server.engine.sampling_params import SamplingParams
 from lorafold.server.engine.scheduler import Scheduler, SchedulerOutput
 from lorafold.server.engine.sequence import Sequence, SequenceStatus
@@ -38,6 +38,10 @@ class RequestOutput:
     error: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    # HTTP-style class of the error: 400 the request cannot be served as asked (e.g. too long),
+    # 409 its adapter could not be loaded, 422 the model produced non-finite logits for it,
+    # 500 the engine failed while computing it (a bug: logged with its traceback)
+    error_status: int = 400
     queue_seconds: float | None = None  # set on the request's first output: arrival -> first scheduled
 
 
@@ -103,8 +107,8 @@ class LLMEngine:
             self._adapters[key] = adapter
             self._adapter_users[key] = self._adapter_users.get(key, 0) + 1
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, stop=params.stop)
-        if params.seed is not None:
-            self._generators[request_id] = torch.Generator().manual_seed(params.seed)
+        if params.seed is not None:  # on the logits' device: sampling draws from it there
+            self._generators[request_id] = torch.Generator(device=self.runner.device).manual_seed(params.seed)
 
     def abort(self, request_id: str) -> bool:
         seq = self.scheduler.abort(request_id)
@@ -125,16 +129,20 @@ class LLMEngine:
         for seq in out.finished:
             self._forget(seq)
         t_load = time.perf_counter()
-        for load in out.adapter_loads:
-            self.runner.load_adapter(load.slot, self._adapters[load.name])
+        outputs += self._load_adapters(out)
         stats.adapter_loads, stats.adapter_load_seconds = len(out.adapter_loads), time.perf_counter() - t_load
         now = time.monotonic()
         for chunk in out.chunks:
             seq = chunk.seq
             if chunk.start == 0 and seq.num_preemptions == 0:  # first time it is scheduled
                 self._queue_seconds[seq.request_id] = now - seq.arrival_time
-        if out.chunks:
-            outputs += self._run(out)
+        if any(not c.seq.is_finished for c in out.chunks):
+            try:
+                outputs += self._run(out)
+            except Exception as exc:  # noqa: BLE001 - contained: the step's requests fail, the engine lives
+                logger.exception("model step failed; failing the %d requests it held", len(out.chunks))
+                message = f"internal error while computing this request: {type(exc).__name__}: {exc}"
+                outputs += self._fail([c.seq for c in out.chunks], message, 500)
         stats.num_tokens = out.num_batched_tokens
         stats.num_seqs = len(out.chunks)
         stats.num_adapters = len({c.seq.adapter for c in out.chunks if c.seq.adapter is not None})
@@ -142,16 +150,49 @@ class LLMEngine:
         self.last_step = stats
         return outputs
 
+    def _load_adapters(self, out: SchedulerOutput) -> list[RequestOutput]:
+        """Copy the step's cold adapters into their slots; a load that fails ends only the
+        requests of that adapter (their chunks are then skipped by `_run`)."""
+        failed: dict[str, str] = {}
+        for load in out.adapter_loads:
+            try:
+                self.runner.load_adapter(load.slot, self._adapters[load.name])
+            except Exception as exc:  # noqa: BLE001 - contained to this adapter's requests
+                logger.exception("loading adapter %s into slot %d failed", load.name, load.slot)
+                failed[load.name] = f"adapter {adapter_name_of(load.name)!r} could not be loaded: {exc}"
+                self.adapter_table.invalidate(load.name)
+        outputs: list[RequestOutput] = []
+        for name, message in failed.items():
+            outputs += self._fail([c.seq for c in out.chunks if c.seq.adapter == name], message, 409)
+        return outputs
+
     def _run(self, out: SchedulerOutput) -> list[RequestOutput]:
-        logits = self.runner.execute(out.chunks)
-        sampling = [c.seq for c in out.chunks if c.sample]
+        chunks = [c for c in out.chunks if not c.seq.is_finished]
+        logits = self.runner.execute(chunks)
+        sampling = [c.seq for c in chunks if c.sample]
         params = [s.sampling_params for s in sampling]
         gens = [self._generators.get(s.request_id) for s in sampling]
-        tokens, logprobs = sample(logits, params, gens)
-        self.scheduler.postprocess(out, {s.request_id: t for s, t in zip(sampling, tokens)})
+        result: SamplerOutput = sample(logits, params, gens)
+        # rows with non-finite logits end their own request first, so postprocess skips them
         outputs = []
-        for seq, token, lp in zip(sampling, tokens, logprobs):
-            outputs.append(self._token_output(seq, token, lp))
+        for seq, error in zip(sampling, result.errors):
+            if error is not None:
+                outputs += self._fail([seq], error, 422)
+        good = [(s, t, lp) for s, t, lp, e in zip(sampling, result.token_ids, result.logprobs, result.errors) if e is None]
+        self.scheduler.postprocess(out, {s.request_id: t for s, t, _ in good})
+        outputs += [self._token_output(seq, token, lp) for seq, token, lp in good]
+        return outputs
+
+    def _fail(self, seqs: list[Sequence], message: str, status: int) -> list[RequestOutput]:
+        """End these requests with an error (resources freed at once); the others go on."""
+        outputs = []
+        for seq in seqs:
+            if seq.is_finished:
+                continue
+            self.scheduler.finish(seq.request_id, SequenceStatus.FINISHED_ABORTED)
+            seq.finish_reason, seq.error = "error", message
+            outputs.append(self._error_output(seq, status))
+            self._forget(seq)
         return outputs
 
     def _token_output(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> RequestOutput:
@@ -172,10 +213,10 @@ class LLMEngine:
             self._forget(seq)
         return result
 
-    def _error_output(self, seq: Sequence) -> RequestOutput:
+    def _error_output(self, seq: Sequence, status: int = 400) -> RequestOutput:
         return RequestOutput(
             request_id=seq.request_id, finished=True, finish_reason=seq.finish_reason or "error",
-            error=seq.error, num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+            error=seq.error, error_status=status, num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
         )
 
     def _forget(self, seq: Sequence) -> None:

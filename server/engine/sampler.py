@@ -1,4 +1,17 @@
-"""Token sampling for one step: greedy, temperature, top-k, top-p, per-request seeds, logprobs."""
+"""Token sampling for one step, batched on the logits' device: greedy, temperature, top-k,
+top-p, per-request seeds, logprobs; rows whose logits are not finite fail alone.
+
+Semantics, per row i of logits [n, vocab] (fp32 math):
+    error[i]  = logits[i] has a NaN or +inf, or is all -inf   (the request fails, not the batch)
+    greedy    : token[i] = argmax(logits[i])    when temperature < GREEDY_EPS (params.greedy)
+    sampled   : z = (logits[i] - max) / T; keep the top-k of z, then the smallest prefix of
+                the sorted softmax(z) whose mass reaches top_p (the first token always stays);
+                token[i] ~ softmax(z) over what was kept, drawn as argmax(p / q) with
+                q ~ Exp(1) from the request's own generator (or the engine's for unseeded
+                rows), so a seeded request gives the same tokens whatever it is batched with.
+Subtracting the row maximum before dividing by T keeps every value <= 0: a tiny temperature
+sends the rest to -inf (probability 0), never to NaN.
+"""
 
 from __future__ import annotations
 
@@ -16,49 +29,96 @@ class TokenLogprobs:
     top: tuple[tuple[int, float], ...]  # the most likely tokens and their logprobs
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) tokens outside the top-k and the top-p nucleus of a 1-D logits row."""
-    if top_k > 0 and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the mass before it already reaches top_p (the first token always stays)
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-        logits = logits.clone()
-        logits[order[drop]] = float("-inf")
-    return logits
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+    errors: list[str | None]  # a message where the row's logits were not finite; its token is meaningless
 
 
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """Pick one token per row of `logits` [n, vocab] (fp32 math).
-
-    Greedy rows are resolved together with one argmax; sampled rows each draw from their own
-    generator (per-request seed: the same request gives the same tokens whatever its batch).
-    """
+) -> SamplerOutput:
+    """Pick one token per row of `logits` [n, vocab]; `generators[i]` seeds row i (None: the
+    default generator of the logits' device)."""
     logits = logits.float()
-    tokens = logits.argmax(dim=-1).tolist()  # host sync: token ids go back to the scheduler
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(row, dim=-1)
-        tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
-    logprobs: list[TokenLogprobs | None] = [None] * len(params)
-    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-    if wanted:
-        lp = torch.log_softmax(logits[wanted], dim=-1)
-        for j, i in enumerate(wanted):
-            k = params[i].logprobs
-            top = torch.topk(lp[j], k) if k else None
-            logprobs[i] = TokenLogprobs(
-                token_id=tokens[i],
-                logprob=float(lp[j, tokens[i]]),
-                top=tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else (),
-            )
-    return tokens, logprobs
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+    safe = logits.masked_fill(bad[:, None], 0.0)  # keeps the batched math finite for the good rows
+    tokens = safe.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        probs = _filtered_probs(safe.index_select(0, index), [params[i] for i in rows])
+        noise = _exponential(probs.shape, [generators[i] for i in rows], logits.device)
+        tokens = tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))
+    # host sync: the token ids (and the error flags, in the same transfer) go back to the scheduler
+    packed = torch.cat([tokens, bad.to(tokens.dtype)]).tolist()
+    token_ids, flags = packed[: len(params)], packed[len(params):]
+    errors = [_NON_FINITE if flag else None for flag in flags]
+    return SamplerOutput(token_ids, _logprobs(safe, params, token_ids, errors), errors)
+
+
+_NON_FINITE = (
+    "the model produced non-finite logits (NaN or Inf) for this request; if it uses an adapter, its "
+    "weights or lora_alpha overflow: check them and re-register it"
+)
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """softmax((logits - max) / T) restricted to each row's top-k and top-p set, [m, vocab]."""
+    m, vocab = logits.shape
+    device = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=device)
+    z = (logits - logits.max(dim=-1, keepdim=True).values) / temps[:, None]
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if any(k < vocab for k in ks) or any(p.top_p < 1.0 for p in params):
+        top_k = torch.tensor(ks, device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=device).expand(m, vocab)
+        sorted_z = sorted_z.masked_fill(ranks >= top_k[:, None], float("-inf"))
+        sorted_p = torch.softmax(sorted_z, dim=-1)
+        # drop a token when the mass before it already reaches top_p (the first always stays)
+        drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p[:, None]
+        drop[:, 0] = False
+        sorted_z = sorted_z.masked_fill(drop, float("-inf"))
+        z = torch.empty_like(z).scatter_(1, order, sorted_z)
+    return torch.softmax(z, dim=-1)
+
+
+def _exponential(shape: torch.Size, generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
+    """Exp(1) noise, row i from generators[i]; unseeded rows share one draw of the default generator."""
+    noise = torch.empty(shape, device=device)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:
+        noise[unseeded] = torch.empty((len(unseeded), shape[1]), device=device).exponential_()
+    for i, g in enumerate(generators):
+        if g is not None:
+            noise[i].exponential_(generator=g)
+    # Exp(1) can round to exactly 0; p / 0 would be inf (or NaN for p = 0)
+    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+
+def _logprobs(
+    logits: torch.Tensor, params: list[SamplingParams], tokens: list[int], errors: list[str | None]
+) -> list[TokenLogprobs | None]:
+    out: list[TokenLogprobs | None] = [None] * len(params)
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None and errors[i] is None]
+    if not wanted:
+        return out
+    lp = torch.log_softmax(logits[wanted], dim=-1)
+    k = max(params[i].logprobs for i in wanted)
+    chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in wanted], device=lp.device)).squeeze(1)
+    top = torch.topk(lp, k, dim=-1) if k else None
+    # host sync: logprobs are returned to the client
+    chosen_values = chosen.tolist()
+    top_ids = top.indices.tolist() if top is not None else [[] for _ in wanted]
+    top_values = top.values.tolist() if top is not None else [[] for _ in wanted]
+    for j, i in enumerate(wanted):
+        n = params[i].logprobs
+        out[i] = TokenLogprobs(
+            token_id=tokens[i], logprob=chosen_values[j], top=tuple(zip(top_ids[j][:n], top_values[j][:n]))
+        )
+    return out

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+# As in vLLM: a temperature below this is greedy (1 / T overflows fp32 long before 1e-38).
+GREEDY_EPS = 1e-5
 
 
 def _is_int(value: object) -> bool:
@@ -12,14 +15,15 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(slots=True, kw_only=True)
 class SamplingParams:
     """How to pick each next token, and when to stop.
 
-    temperature: >= 0; 0 means greedy (argmax; top_k / top_p / seed are then irrelevant).
+    temperature: finite, >= 0; below GREEDY_EPS (0 included) means greedy (argmax; top_k /
+        top_p / seed are then irrelevant).
     top_k: keep the k most likely tokens; -1 or 0 = off (0 is normalised to -1).
     top_p: nucleus mass in (0, 1]; 1 = off.
     seed: per-request generator seed, so a request is reproducible whatever it is batched
@@ -46,7 +50,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not _is_number(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not _is_int(self.top_k) or self.top_k < -1:
             raise ValueError(f"top_k must be an int >= 1, or -1 / 0 to disable it, got {self.top_k!r}")
         if self.top_k == 0:
@@ -74,4 +78,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_EPS
