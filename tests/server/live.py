@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from lorafold.server.api.app import create_app
 from lorafold.server.api.settings import ServerSettings
@@ -23,9 +24,17 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def live_server(settings: ServerSettings, base) -> Iterator[str]:  # noqa: ANN001
+    with live_app(settings, base) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def live_app(settings: ServerSettings, base) -> Iterator[tuple[str, FastAPI]]:  # noqa: ANN001
+    """The server's URL and its app (whose `state` a test may inspect once it is ready)."""
     port = free_port()
     settings.port = port
-    config = uvicorn.Config(create_app(settings, base=base), host="127.0.0.1", port=port, log_level="warning")
+    app = create_app(settings, base=base)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -41,7 +50,7 @@ def live_server(settings: ServerSettings, base) -> Iterator[str]:  # noqa: ANN00
             raise RuntimeError("server did not become ready")
         time.sleep(0.05)
     try:
-        yield url
+        yield url, app
     finally:
         server.should_exit = True
         thread.join(30)
