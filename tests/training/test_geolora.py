@@ -104,7 +104,11 @@ def test_first_moment_is_transported_exactly_through_augment_and_truncate() -> N
     # the W-space first moment U m Vᵀ must follow m ← β1 m + (1−β1) Ĝ exactly.
     layer, target, *_ = _start(r=3)
     beta1 = 0.8
-    opt = GeoLoRA([layer], lr=1e-2, tau=0.0, coefficient_steps=1, betas=(beta1, 0.99), weight_decay=0.0)
+    # fresh_v="zero": the bare [V] transport. The default "scaled" seeds the new directions'
+    # first moment with their gradient on purpose (``_lowrank.seed_fresh``), so there the
+    # W-space m differs by design.
+    opt = GeoLoRA([layer], lr=1e-2, tau=0.0, coefficient_steps=1, betas=(beta1, 0.99), weight_decay=0.0,
+                  fresh_v="zero")
     usv_step(layer, opt, target)  # creates the state (rank 6 now)
     for _ in range(2):
         U, _, V = (t.detach().clone() for t in layer.factors())

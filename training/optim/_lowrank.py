@@ -129,6 +129,40 @@ def fill_fresh(v: torch.Tensor, r: int) -> torch.Tensor:
     return torch.where(fresh, fill.expand_as(v), v)
 
 
+def seed_fresh(
+    m: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    r: int,
+    step: torch.Tensor,
+    beta1: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam state of the new augmented directions so that their step follows their gradient.
+
+    ``m, v: [L, p, q]`` after :func:`transport_augment` (zero past the old ``[r, r]`` block),
+    ``g: [L, p, q]`` the augmented-core gradient, ``step: [L, 1, 1]`` the 1-based step about to
+    be taken. Returns the *pre-update* ``(m, v)`` with the fresh entries set to::
+
+        m_fresh = (1 − β1^{t−1}) · g      v_fresh = mean of the old [r, r] block of v
+
+    so that after Adam's update and bias correction a fresh entry has ``m̂ = g`` exactly and
+    ``v̂ ≈`` the layer's typical second moment: its step is ``λ g / √v̄`` — proportional to
+    its gradient, at the layer's own scale. [R] reconstruction, not from the papers. Why:
+    the [V] formula leaves zeros there, and with Adam's global step count a zero first moment
+    lets only ``(1 − β1) g`` (10 %) of the gradient through, seeding the second moment with the
+    mean (the earlier rule) keeps that 10 % — either way a new direction's first singular value
+    is an order of magnitude too small to survive the truncation that follows, and
+    rank-adaptive Adam cannot grow rank (issue #21: from r0 = 1 toward a rank-4 target it
+    stayed at rank 1–2). At ``t = 1`` (no history) this is Adam's first step: ``m̂ = g``,
+    ``v̂ = g²``.
+    """
+    fresh = torch.ones_like(v, dtype=torch.bool)
+    fresh[..., :r, :r] = False
+    fill = v[..., :r, :r].mean(dim=(-2, -1), keepdim=True).expand_as(v)
+    m_seed = g * (1 - torch.pow(beta1, step - 1))
+    return torch.where(fresh, m_seed, m), torch.where(fresh, fill, v)
+
+
 def transport_truncate(
     m: torch.Tensor, v: torch.Tensor, P: torch.Tensor, Q: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

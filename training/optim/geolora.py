@@ -32,6 +32,7 @@ from lorafold.training.optim._adam_core import adam_direction, stack_moments, st
 from lorafold.training.optim._lowrank import (
     augment_basis,
     fill_fresh,
+    seed_fresh,
     tangent_coordinates,
     transport_augment,
     transport_truncate,
@@ -50,9 +51,15 @@ class GeoLoRA(USVOptimizer):
         coefficient_steps: augment + truncate every this many steps (1 = every step, §7 exact).
         adam: Adam on the core (``False``: plain gradient, the §7 form). betas, eps: Adam's.
         weight_decay: decoupled, on ``S`` only.
-        fresh_v: second moments of new augmented directions, ``"mean"`` of the old block
-            ([R], see ``_lowrank.fill_fresh``) or ``"zero"`` (the bare [V] formula).
+        fresh_v: Adam state of new augmented directions: ``"scaled"`` (default; their step is
+            ``λ g / √v̄``, see ``_lowrank.seed_fresh`` — the only rule under which the Adam
+            form grows rank, issue #21), ``"mean"`` (second moment = the old block's mean,
+            first moment zero; ``_lowrank.fill_fresh``) or ``"zero"`` (the bare [V] formula).
         v_floor: ρ ≥ 0; Adam divides by ``√max(v, ρ·mean(v))`` ([R], see ``GeometricAdam``).
+            Default 1: the truncation SVD rotates the core's coordinates at every
+            augmentation, and the transported ``(P_rᵀ√vQ_r)²`` can nearly vanish for an entry
+            whose first moment does not — without the floor that entry's step explodes (seen
+            on the test bed as a 0.5 → 7 jump of σ₁ right after an augmentation).
     """
 
     def __init__(
@@ -66,11 +73,11 @@ class GeoLoRA(USVOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         absolute_tau: bool = False,
-        fresh_v: str = "mean",
-        v_floor: float = 0.0,
+        fresh_v: str = "scaled",
+        v_floor: float = 1.0,
     ) -> None:
-        if fresh_v not in ("mean", "zero"):
-            raise ValueError(f"fresh_v must be 'mean' or 'zero', got {fresh_v!r}")
+        if fresh_v not in ("scaled", "mean", "zero"):
+            raise ValueError(f"fresh_v must be 'scaled', 'mean' or 'zero', got {fresh_v!r}")
         if lr <= 0 or tau < 0 or coefficient_steps < 1 or weight_decay < 0:
             raise ValueError(
                 "need lr > 0, tau >= 0, coefficient_steps >= 1, weight_decay >= 0; "
@@ -111,9 +118,11 @@ class GeoLoRA(USVOptimizer):
         g = tangent_coordinates(batch.GS, batch.GK, batch.GL, Uh, Vh, M, N)
         m, v, steps = stack_moments(self.state, batch.modules, batch.S.dtype)
         m, v = transport_augment(m, v, M, N)
+        steps = steps + 1
         if hp["fresh_v"] == "mean":
             v = fill_fresh(v, batch.rank)
-        steps = steps + 1
+        elif hp["fresh_v"] == "scaled":
+            m, v = seed_fresh(m, v, g, batch.rank, steps, hp["betas"][0])
         d, m, v = self._direction(g, m, v, steps)
         S0 = M @ batch.S @ N
         S_new = S0 - hp["lr"] * (d + hp["weight_decay"] * S0)

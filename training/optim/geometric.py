@@ -23,8 +23,11 @@ GeoLoRA augmentation step with ``coefficient_steps = 1`` and the [V] state trans
 truncation), plus two [R] safeguards (not from the papers), both found necessary on the
 ill-conditioned test bed (κ = 100, rank 4, 200 steps, 4 seeds):
 
-- fresh second moments seeded with the layer's mean (``_lowrank.fill_fresh``): with zeros
-  there every new direction takes a ≈3·lr step whatever its gradient, and the loss diverged;
+- fresh directions' Adam state seeded so that their step is ``λ g / √v̄`` (``fresh_v =
+  "scaled"``, ``_lowrank.seed_fresh``): with zeros there every new direction takes a ≈3·lr
+  step whatever its gradient (the loss diverged without the floor below); with the layer's
+  mean second moment and a zero first moment (the earlier rule, ``"mean"``) a new direction
+  gets 10 % of its gradient and is truncated away again, so the method could not grow rank;
 - a floor ``v' = max(v, ρ·mean(v))`` (``v_floor = ρ``, default 1) in Adam's denominator. The
   coefficient coordinates rotate every step (re-diagonalization by the truncation SVD), and
   entries with a tiny second moment — typically off-diagonal ones — otherwise get ±lr steps
@@ -60,7 +63,7 @@ class GeometricAdam(GeoLoRA):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         absolute_tau: bool = False,
-        fresh_v: str = "mean",
+        fresh_v: str = "scaled",
         v_floor: float = 1.0,
     ) -> None:
         super().__init__(
