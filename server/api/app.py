@@ -46,7 +46,7 @@ def create_app(settings: ServerSettings, *, base: BaseModel | None = None) -> Fa
         state.base_name = settings.served_model_name or model.name
         state.tokenizer = model.tokenizer
         state.vocab_size = model.model.config.vocab_size
-        state.metrics = Metrics(top_n=settings.metrics_top_adapters)
+        state.metrics = Metrics(top_n=settings.metrics_top_adapters, model_name=state.base_name)
         state.metrics.kv_total.set(settings.kv_blocks)
         state.registry = AdapterRegistry(
             open_store(settings.store_url), settings.adapter_root, engine.runner.base_modules(),

@@ -13,6 +13,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from lorafold.server.api.vllm_metrics import VLLMAliases
 from lorafold.server.engine.engine import StepStats
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -20,7 +21,7 @@ _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class Metrics:
-    def __init__(self, top_n: int = 20) -> None:
+    def __init__(self, top_n: int = 20, model_name: str = "") -> None:
         self.registry = CollectorRegistry()
         self.top_n = top_n
         self._labels: set[str] = set()
@@ -54,6 +55,10 @@ class Metrics:
                                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
         self.vllm_lora_info = Gauge("vllm:lora_requests_info", "Running and waiting adapters (vLLM's metric name)",
                                     ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
+        self.kv_usage = Gauge("lorafold_kv_cache_usage_ratio", "KV cache blocks in use, as a fraction of the budget (0-1)", registry=r)
+        # vllm:* names for the GIE endpoint picker and vLLM dashboards (see vllm_metrics.py)
+        r.register(VLLMAliases([self.running, self.waiting, self.kv_usage, self.ttft, self.itl, self.e2e, self.queue,
+                                self.prompt_tokens, self.generation_tokens, self.preemptions], model_name))
         self._last_counts: dict[str, int] = {}
 
     def adapter_label(self, name: str | None) -> str:
@@ -85,6 +90,7 @@ class Metrics:
         self.waiting.set(snap["waiting"])
         self.kv_used.set(snap["kv_used"])
         self.kv_total.set(snap["kv_total"])
+        self.kv_usage.set(snap["kv_used"] / snap["kv_total"] if snap["kv_total"] else 0.0)
         self.resident.labels("device").set(snap["device_resident"])
         self._delta(self.tier_hits.labels("device"), "device_hits", snap)
         self._delta(self.tier_evictions.labels("device"), "device_evictions", snap)
