@@ -237,7 +237,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--admin-key", default=argparse.SUPPRESS, help="key for the adapter registry routes")
     engine = p.add_argument_group("engine limits")
     for flag, text in (
-        ("--max-loras", "adapters resident on the device at once"),
+        ("--max-loras", "optional cap on adapters resident on the device at once (default: as many as "
+                        "the adapter memory budget holds)"),
+        ("--adapter-budget-mb", "device memory for resident adapters' weights (default: "
+                                "--adapter-memory-fraction of free memory)"),
         ("--max-num-seqs", "sequences decoded together in one step"),
         ("--max-model-len", "context limit: prompt + generated tokens"),
         ("--kv-blocks", "KV cache size in blocks (default: measured from free memory)"),
@@ -246,6 +249,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         ("--max-queue", "waiting requests beyond which the server answers 429"),
     ):
         engine.add_argument(flag, type=int, metavar="N", help=text)
+    engine.add_argument("--adapter-memory-fraction", type=float, metavar="F",
+                        help="share of free device memory (CPU: available RAM) for resident adapters' weights, "
+                        "when --adapter-budget-mb is unset (default 0.1)")
     engine.add_argument("--no-prepack-weights", dest="prepack_weights", action="store_false", default=None,
                         help="do not keep oneDNN-packed copies of the base weights (CPU: saves one copy of "
                         "the weights in memory, decode steps ~20%% slower)")

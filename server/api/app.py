@@ -31,6 +31,7 @@ def engine_config(s: ServerSettings) -> EngineConfig:
         block_size=s.block_size, num_kv_blocks=s.kv_blocks, max_num_seqs=s.max_num_seqs,
         max_num_batched_tokens=s.max_num_batched_tokens, max_prefill_chunk=s.max_prefill_chunk,
         max_model_len=s.max_model_len, max_loras=s.max_loras, max_queue=s.max_queue,
+        adapter_budget_bytes=s.adapter_budget_bytes, adapter_memory_fraction=s.adapter_memory_fraction,
         prepack_weights=s.prepack_weights,
     )
 

@@ -22,6 +22,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "admin_key": "admin_key", "max_loras": "max_loras", "max_num_seqs": "max_num_seqs",
         "max_model_len": "max_model_len", "kv_blocks": "kv_blocks", "max_tokens_cap": "max_tokens_cap",
         "max_queue": "max_queue", "prepack_weights": "prepack_weights",
+        "adapter_memory_fraction": "adapter_memory_fraction",
         "adapter_store": "adapter_store", "store_refresh_seconds": "store_refresh_seconds",
     }
     for arg, field in mapping.items():
@@ -34,6 +35,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     kwargs["api_keys"] = tuple(keys)
     if kwargs.get("admin_key") is None and os.environ.get("LORAFOLD_ADMIN_KEY"):
         kwargs["admin_key"] = os.environ["LORAFOLD_ADMIN_KEY"]
+    budget_mb = getattr(args, "adapter_budget_mb", None)
+    if budget_mb is not None:
+        kwargs["adapter_budget_bytes"] = int(budget_mb) << 20
     cpu_mb = getattr(args, "cpu_cache_mb", None)
     if cpu_mb is not None:
         kwargs["cpu_cache_bytes"] = int(cpu_mb) << 20

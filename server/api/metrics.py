@@ -51,6 +51,13 @@ class Metrics:
         self.tier_evictions = Counter("lorafold_adapter_cache_evictions", "Adapters evicted from a tier", ["tier"], registry=r)
         self.resident = Gauge("lorafold_adapters_resident", "Adapters resident per tier", ["tier"], registry=r)
         self.registered = Gauge("lorafold_adapters_registered", "Registered adapters", registry=r)
+        self.adapter_budget = Gauge("lorafold_adapter_memory_budget_bytes",
+                                    "Device memory budget for resident adapters' weights", registry=r)
+        self.adapter_resident_bytes = Gauge("lorafold_adapter_memory_resident_bytes",
+                                            "Device memory the resident adapters' weights hold", registry=r)
+        self.adapter_pool_bytes = Gauge("lorafold_adapter_memory_pool_bytes",
+                                        "Device memory the adapter pools take (grown on demand up to the budget)",
+                                        registry=r)
         self.lora_info = Gauge("lorafold_lora_requests_info", "Running and waiting adapters (vLLM-compatible labels)",
                                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
         self.vllm_lora_info = Gauge("vllm:lora_requests_info", "Running and waiting adapters (vLLM's metric name)",
@@ -92,6 +99,9 @@ class Metrics:
         self.kv_total.set(snap["kv_total"])
         self.kv_usage.set(snap["kv_used"] / snap["kv_total"] if snap["kv_total"] else 0.0)
         self.resident.labels("device").set(snap["device_resident"])
+        self.adapter_budget.set(snap["adapter_budget_bytes"])
+        self.adapter_resident_bytes.set(snap["adapter_resident_bytes"])
+        self.adapter_pool_bytes.set(snap["adapter_pool_bytes"])
         self._delta(self.tier_hits.labels("device"), "device_hits", snap)
         self._delta(self.tier_evictions.labels("device"), "device_evictions", snap)
         info = snap["lora_info"]

@@ -35,7 +35,9 @@ class ServerSettings:
     state_dir: Path = field(default_factory=lambda: cache_root() / "state")
     api_keys: tuple[str, ...] = ()
     admin_key: str | None = None
-    max_loras: int = 8
+    max_loras: int | None = None  # optional cap on resident adapters; see EngineConfig
+    adapter_budget_bytes: int | None = None  # None: adapter_memory_fraction of free memory
+    adapter_memory_fraction: float = 0.1
     max_num_seqs: int = 32
     max_model_len: int = 2048
     kv_blocks: int = 1024
@@ -59,7 +61,14 @@ class ServerSettings:
         self.adapter_root = Path(self.adapter_root).expanduser()
         self.state_dir = Path(self.state_dir).expanduser()
         self.api_keys = tuple(k for k in self.api_keys if k)
-        for name in ("port", "max_loras", "max_num_seqs", "max_model_len", "kv_blocks", "block_size",
+        if self.max_loras is not None and (not isinstance(self.max_loras, int) or self.max_loras < 1):
+            raise ValueError(f"max_loras must be a positive integer or unset, got {self.max_loras!r}")
+        if self.adapter_budget_bytes is not None and (not isinstance(self.adapter_budget_bytes, int)
+                                                      or self.adapter_budget_bytes < 1):
+            raise ValueError(f"adapter_budget_bytes must be a positive integer or unset, got {self.adapter_budget_bytes!r}")
+        if not 0 < self.adapter_memory_fraction <= 1:
+            raise ValueError(f"adapter_memory_fraction must be in (0, 1], got {self.adapter_memory_fraction!r}")
+        for name in ("port", "max_num_seqs", "max_model_len", "kv_blocks", "block_size",
                      "max_num_batched_tokens", "max_prefill_chunk", "max_tokens_cap", "max_queue",
                      "max_request_bytes", "max_upload_bytes", "max_adapter_rank", "metrics_top_adapters"):
             value = getattr(self, name)

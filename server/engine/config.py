@@ -27,7 +27,13 @@ class EngineConfig:
     max_prefill_chunk: a prompt is prefilled at most this many tokens per step, so one long
         prompt never starves the running decodes.
     max_model_len: context limit (prompt + generated tokens).
-    max_loras: device adapter slots = most distinct adapters in flight (and per step).
+    adapter_budget_bytes: device memory for adapter weights (the rank-row pools of every LoRA
+        layer). Adapters are resident while their rows fit; the least recently used idle one
+        is evicted to make room. None: `adapter_memory_fraction` of the device's free memory
+        (CUDA) or of the available RAM (CPU), measured by the model runner at start.
+    adapter_memory_fraction: see adapter_budget_bytes; in (0, 1].
+    max_loras: optional cap on adapters resident at once (device slots; also the most
+        distinct adapters in flight and per step). None: only the memory budget limits them.
     max_queue: most requests WAITING; `Scheduler.add` raises QueueFullError beyond it.
     max_overtakes: a waiting request held back by the adapter cap may be overtaken by
         requests behind it at most this many times; then it becomes a barrier (nothing
@@ -43,7 +49,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_prefill_chunk: int = 256
     max_model_len: int = 2048
-    max_loras: int = 8
+    adapter_budget_bytes: int | None = None
+    adapter_memory_fraction: float = 0.1
+    max_loras: int | None = None
     max_queue: int = 1024
     max_overtakes: int = 16
     prepack_weights: bool = True
@@ -55,7 +63,13 @@ class EngineConfig:
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _check_int("max_prefill_chunk", self.max_prefill_chunk, 1)
         _check_int("max_model_len", self.max_model_len, 2)
-        _check_int("max_loras", self.max_loras, 1)
+        if self.max_loras is not None:
+            _check_int("max_loras", self.max_loras, 1)
+        if self.adapter_budget_bytes is not None:
+            _check_int("adapter_budget_bytes", self.adapter_budget_bytes, 1)
+        fraction = self.adapter_memory_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError(f"adapter_memory_fraction must be a number in (0, 1], got {fraction!r}")
         _check_int("max_queue", self.max_queue, 1)
         _check_int("max_overtakes", self.max_overtakes, 0)
         if not isinstance(self.prepack_weights, bool):

@@ -5,6 +5,7 @@ Not thread-safe: `AsyncEngine` drives it from one background thread.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorafold.server.engine.adapter_cache import AdapterSlotTable
+from lorafold.server.engine.adapter_prefetch import AdapterPrefetcher
 from lorafold.server.engine.block_manager import BlockManager
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.detokenizer import IncrementalDetokenizer
@@ -74,10 +76,13 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.runner = ModelRunner(hf_model, config)
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
-        self.adapter_table = AdapterSlotTable(config.max_loras)
+        # adapters stay resident while their rows fit the memory budget (see adapter_cache)
+        self.adapter_table = AdapterSlotTable(self.runner.num_adapter_slots, capacity_rows=self.runner.adapter_budget_rows)
+        self.prefetcher = AdapterPrefetcher(self.runner.stage_adapter)
         eos = getattr(tokenizer, "eos_token_id", None)
         self.scheduler = Scheduler(
-            config, self.block_manager, eos_token_ids=[eos] if eos is not None else [], adapter_slots=self.adapter_table
+            config, self.block_manager, eos_token_ids=[eos] if eos is not None else [], adapter_slots=self.adapter_table,
+            adapter_rows=lambda key: self._adapters[key].max_rank,
         )
         self._adapters: dict[str, LoRAAdapter] = {}  # key -> weights, while requests need them
         self._adapter_users: dict[str, int] = {}
@@ -154,9 +159,11 @@ class LLMEngine:
         """Copy the step's cold adapters into their slots; a load that fails ends only the
         requests of that adapter (their chunks are then skipped by `_run`)."""
         failed: dict[str, str] = {}
+        for slot in out.adapter_frees:  # evicted first: their rows make room for the loads
+            self.runner.free_adapter(slot)
         for load in out.adapter_loads:
             try:
-                self.runner.load_adapter(load.slot, self._adapters[load.name])
+                self.runner.load_adapter(load.slot, self.prefetcher.take(load.name, self._adapters[load.name]))
             except Exception as exc:  # noqa: BLE001 - contained to this adapter's requests
                 logger.exception("loading adapter %s into slot %d failed", load.name, load.slot)
                 failed[load.name] = f"adapter {adapter_name_of(load.name)!r} could not be loaded: {exc}"
@@ -164,7 +171,18 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         for name, message in failed.items():
             outputs += self._fail([c.seq for c in out.chunks if c.seq.adapter == name], message, 409)
+        self._prefetch_waiting()
         return outputs
+
+    def _prefetch_waiting(self, scan: int = 64) -> None:
+        """Stage the adapters the first `scan` waiting requests need and the device lacks, on
+        the prefetcher's worker, while this step's forward runs."""
+        wanted: dict[str, LoRAAdapter] = {}
+        for seq in itertools.islice(self.scheduler.waiting, scan):
+            key = seq.adapter
+            if key is not None and key not in wanted and self.adapter_table.slot_of(key) is None:
+                wanted[key] = self._adapters[key]
+        self.prefetcher.prefetch(wanted.items())
 
     def _run(self, out: SchedulerOutput) -> list[RequestOutput]:
         chunks = [c for c in out.chunks if not c.seq.is_finished]
@@ -230,6 +248,7 @@ class LLMEngine:
             if self._adapter_users[key] == 0:
                 del self._adapter_users[key]
                 del self._adapters[key]
+                self.prefetcher.discard(key)
 
     def snapshot(self) -> dict:
         """Counts for metrics and health; call on the engine thread."""
@@ -247,5 +266,8 @@ class LLMEngine:
             "device_resident_keys": sorted(table.resident()),
             "device_hits": table.stats.hits,
             "device_evictions": table.stats.evictions,
+            "adapter_budget_bytes": self.runner.adapter_budget_bytes,
+            "adapter_resident_bytes": table.used_rows * self.runner.model.slots.row_bytes,
+            "adapter_pool_bytes": self.runner.adapter_pool_bytes,
             "lora_info": info,
         }

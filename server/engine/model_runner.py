@@ -8,6 +8,7 @@ logits of the rows that sample. The scheduler and its bookkeeping never see a te
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -20,8 +21,45 @@ from lorafold.server.engine.llama import LeanLlama
 from lorafold.server.engine.scheduler import ScheduledChunk
 from lorafold.server.lora.context import lora_batch
 from lorafold.server.lora.peft_format import LoRAAdapter, ModuleSpec
+from lorafold.server.lora.slots import StagedAdapter
+from lorafold.server.models.loader import LLAMA_TARGETS
 
 logger = logging.getLogger(__name__)
+
+# Slot ids when only the memory budget limits the adapters (no max_loras): per-slot state is a
+# few ints per layer, so this only bounds bookkeeping; the budget binds long before for any
+# adapter of rank >= budget_rows / MAX_SLOTS.
+MAX_SLOTS = 4096
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new allocations: the device's free memory (CUDA), else the host's
+    available RAM (/proc/meminfo MemAvailable, which counts reclaimable page cache)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def adapter_row_bytes(hf_model: nn.Module) -> int:
+    """Bytes of one rank row in every LoRA pool: sum of (in + out) over the target linears."""
+    linears = [m for name, m in hf_model.named_modules()
+               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in LLAMA_TARGETS]
+    itemsize = next(hf_model.parameters()).element_size()
+    return sum(m.in_features + m.out_features for m in linears) * itemsize
+
+
+def adapter_budget_bytes(config: EngineConfig, device: torch.device) -> int:
+    """The adapter memory budget: the configured bytes, else a fraction of free memory."""
+    if config.adapter_budget_bytes is not None:
+        return config.adapter_budget_bytes
+    return int(available_memory(device) * config.adapter_memory_fraction)
 
 
 class ModelRunner:
@@ -34,10 +72,28 @@ class ModelRunner:
             # build (first run on this machine, ~15 s) or load the compiled CPU kernels now,
             # not inside the first request's step
             cpu_ext.available()
+        # Adapter memory: a byte budget in rank rows, filled by as many adapters as fit
+        # (AdapterSlotTable keeps the resident rows within it, the pools never grow past it).
+        self.adapter_budget_bytes = adapter_budget_bytes(config, self.device)
+        row_bytes = adapter_row_bytes(hf_model)
+        self.adapter_budget_rows = self.adapter_budget_bytes // row_bytes
+        if self.adapter_budget_rows < 1:
+            raise ValueError(
+                f"the adapter memory budget ({self.adapter_budget_bytes} bytes) holds no rank row of this model "
+                f"({row_bytes} bytes each, {row_bytes * 16} for a rank-16 adapter); raise "
+                "adapter_budget_bytes / adapter_memory_fraction"
+            )
+        self.num_adapter_slots = min(config.max_loras or MAX_SLOTS, self.adapter_budget_rows)
         self.model = LeanLlama(
-            hf_model, num_slots=config.max_loras, rows=config.max_loras * lora_rows_per_slot,
-            prepack=config.prepack_weights,
+            hf_model, num_slots=self.num_adapter_slots,
+            rows=min(self.adapter_budget_rows, (config.max_loras or 8) * lora_rows_per_slot), prepack=config.prepack_weights,
         )
+        self.model.slots.limit_rows(self.adapter_budget_rows)
+        if self.model.slots.row_bytes != row_bytes:
+            raise RuntimeError(f"LoRA pools hold {self.model.slots.row_bytes} bytes per row, expected {row_bytes}")
+        logger.info("adapter memory budget: %.0f MiB = %d rank rows (%d rank-16 adapters of all targets), %d slots",
+                    self.adapter_budget_bytes / 2**20, self.adapter_budget_rows, self.adapter_budget_rows // 16,
+                    self.num_adapter_slots)
         shape = (config.num_kv_blocks * config.block_size, self.model.num_kv_heads, self.model.head_dim)
         # The KV budget is reserved once, at start: [slots, kv_heads, head_dim] per layer for K and V.
         self.kv_caches = [
@@ -53,8 +109,22 @@ class ModelRunner:
     def base_modules(self) -> dict[str, ModuleSpec]:
         return self.model.slots.base_modules()
 
-    def load_adapter(self, slot: int, adapter: LoRAAdapter) -> None:
+    @property
+    def adapter_pool_bytes(self) -> int:
+        """Bytes the adapter pools take now (grown on demand up to the budget)."""
+        return self.model.slots.pool_bytes
+
+    def stage_adapter(self, adapter: LoRAAdapter) -> StagedAdapter:
+        """The host-side copy `load_adapter` needs (thread-safe: reads only the model's shapes)."""
+        return self.model.slots.stage(adapter)
+
+    def load_adapter(self, slot: int, adapter: LoRAAdapter | StagedAdapter) -> None:
+        """Copy an adapter into `slot`: one copy per pool when it is staged already."""
         self.model.slots.fill(slot, adapter)
+
+    def free_adapter(self, slot: int) -> None:
+        """Give back the rows of an adapter the slot table evicted or released."""
+        self.model.slots.clear(slot)
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:

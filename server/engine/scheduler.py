@@ -21,13 +21,20 @@ Rules of `schedule()` (one step):
    budget left, and KV blocks for ALL its known tokens (allocated at once, so a chunked
    prefill never stalls half-way for lack of blocks). If the head lacks seats, budget or
    blocks, admission stops: no overtaking for capacity.
-4. Adapter cap: a running sequence pins its adapter's slot, and there are max_loras slots,
-   so distinct adapters in flight (and per step) never exceed max_loras. A waiting request
-   whose adapter is neither resident nor placeable (every slot pinned) is skipped and the
-   requests behind it may go first; each time one does, its `num_overtaken` grows. Once it
-   reaches config.max_overtakes it becomes a barrier: nothing behind it is admitted until it
-   is. Running sequences finish (max_tokens / max_model_len bound them), their slots unpin,
-   so it is admitted after a bounded wait: no starvation.
+4. Adapters (see `adapter_cache`): a running sequence pins its adapter, and the adapters
+   resident at once are bounded by the adapter memory budget (rows) and the slot count
+   (max_loras). Admission goes in two passes over the queue, in FCFS order:
+   a. requests on the base model or on a resident adapter (no load), and aged requests;
+   b. then the requests that need a load, each only if its adapter fits in free room or by
+      evicting idle adapters that no waiting request needs (least recently used first):
+      an adapter the waiting queue still uses is never evicted to make room for another.
+   A request skipped for its adapter is overtaken by every request behind it that is
+   admitted first; its `num_overtaken` counts them. Once it reaches config.max_overtakes it
+   is aged: it goes in pass (a), it may evict any idle adapter, and it is a barrier (nothing
+   behind it is admitted until it is). Bound: a request is overtaken at most max_overtakes
+   times, then waits only for sequences already running to free seats, KV blocks or adapter
+   pins, and each of them finishes within max_model_len tokens: no starvation.
+   A request whose adapter alone exceeds the whole budget is finished with an error.
 5. A sequence whose known tokens need more blocks than the whole cache is finished with
    finish_reason "error" (listed in `SchedulerOutput.finished`) instead of looping.
 """
@@ -37,7 +44,8 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from lorafold.server.engine.adapter_cache import AdapterSlotTable
@@ -107,11 +115,13 @@ class SchedulerOutput:
     """One step's plan. chunks: what the model computes (each sequence at most once).
     preempted: sent back to the waiting queue this step (KV freed; for metrics).
     finished: ended by the scheduler itself (finish_reason "error": can never fit the cache).
+    adapter_frees: slots whose adapter left (evicted, released): drop their weights first.
     adapter_loads: adapters to load into their slots before running the chunks."""
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)  # ended by the scheduler (errors)
+    adapter_frees: list[int] = field(default_factory=list)
     adapter_loads: list[AdapterLoad] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -136,14 +146,21 @@ class Scheduler:
         *,
         eos_token_ids: Iterable[int] = (),
         adapter_slots: AdapterSlotTable | None = None,
+        adapter_rows: Callable[[str], int] | None = None,
     ) -> None:
+        """adapter_slots: the device slot table (default: max_loras slots, 8 when unset, no row
+        budget). adapter_rows: rank rows an adapter holds on the device (its largest rank);
+        default 1 each, which makes the table's row budget a count of adapters."""
         if block_manager.block_size != config.block_size:
             raise ValueError(f"block manager block_size {block_manager.block_size} != config {config.block_size}")
         self.config = config
         self.block_manager = block_manager
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.adapter_slots = adapter_slots if adapter_slots is not None else AdapterSlotTable(config.max_loras)
-        if self.adapter_slots.num_slots > config.max_loras:
+        if adapter_slots is None:
+            adapter_slots = AdapterSlotTable(config.max_loras or 8)
+        self.adapter_slots = adapter_slots
+        self.adapter_rows = adapter_rows or (lambda name: 1)
+        if config.max_loras is not None and self.adapter_slots.num_slots > config.max_loras:
             raise ValueError(f"adapter table has {self.adapter_slots.num_slots} slots > max_loras {config.max_loras}")
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # sorted by (arrival_time, submission order)
@@ -177,7 +194,7 @@ class Scheduler:
     def lora_requests_info(self) -> dict[str, str]:
         """Labels of vLLM's `vllm:lora_requests_info` gauge (comma-joined, as gateways expect)."""
         return {
-            "max_lora": str(self.config.max_loras),
+            "max_lora": str(self.adapter_slots.num_slots),
             "running_lora_adapters": ",".join(sorted(self.running_adapters())),
             "waiting_lora_adapters": ",".join(sorted(self.waiting_adapters())),
         }
@@ -235,6 +252,7 @@ class Scheduler:
         # keeps a victim from being readmitted at once if those rules ever change.
         if not out.preempted:
             self._admit_waiting(out, budget)
+        out.adapter_frees = self.adapter_slots.take_released()
         return out
 
     def _schedule_running(self, out: SchedulerOutput) -> int:
@@ -267,36 +285,80 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        cfg, bm, slots = self.config, self.block_manager, self.adapter_slots
-        held: list[Sequence] = []  # skipped for the adapter cap this step
-        kept: deque[Sequence] = deque()
-        while self.waiting:
-            seq = self.waiting[0]
-            if len(self.running) >= cfg.max_num_seqs or budget < 1:
+        """Rule 4's two passes. Stops at the first request that lacks a seat, token budget or
+        KV blocks (strict FCFS for capacity), and at an aged request that cannot be placed."""
+        queue = list(self.waiting)
+        needed = Counter(s.adapter for s in queue if s.adapter is not None)  # adapters the queue uses
+        admitted: set[int] = set()  # positions in `queue`
+        deferred: list[int] = []
+        stopped = False
+        for pos, seq in enumerate(queue):  # pass (a)
+            if seq.adapter is not None and self.adapter_slots.slot_of(seq.adapter) is None:
+                if seq.num_overtaken < self.config.max_overtakes:
+                    deferred.append(pos)
+                    continue
+            verdict = self._try_admit(seq, out, budget, needed, aged=True)
+            if verdict is None:
+                stopped = True
                 break
-            if self._never_fits(seq, out):
-                continue  # _finish removed it from the queue
-            if seq.adapter is not None and not slots.can_acquire(seq.adapter):
-                if seq.num_overtaken >= cfg.max_overtakes:
-                    break  # barrier: it goes next, nothing behind it first
-                held.append(seq)
-                kept.append(self.waiting.popleft())
-                continue
-            if bm.num_new_blocks(seq, seq.num_uncomputed) > bm.num_free_blocks:
-                break  # strict FCFS for KV space
-            self.waiting.popleft()
-            self._start(seq, out)
-            num = min(seq.num_uncomputed, cfg.max_prefill_chunk, budget)
-            out.chunks.append(ScheduledChunk.next_of(seq, num))
-            budget -= num
-            for h in held:
-                h.num_overtaken += 1
-        self.waiting.extendleft(reversed(kept))
+            if verdict:
+                admitted.add(pos)
+                budget -= verdict
+        for pos in deferred if not stopped else ():  # pass (b)
+            verdict = self._try_admit(queue[pos], out, budget, needed, aged=False)
+            if verdict is None:
+                break
+            if verdict:
+                admitted.add(pos)
+                budget -= verdict
+        behind = 0  # admitted requests behind each position: who overtook whom
+        for pos in range(len(queue) - 1, -1, -1):
+            if pos in admitted:
+                behind += 1
+            else:
+                queue[pos].num_overtaken += behind
+        if admitted:
+            self.waiting = deque(s for s in queue if s.status is SequenceStatus.WAITING or s.status is SequenceStatus.PREEMPTED)
 
-    def _start(self, seq: Sequence, out: SchedulerOutput) -> None:
+    def _try_admit(self, seq: Sequence, out: SchedulerOutput, budget: int, needed: Counter, *, aged: bool) -> int | None:
+        """Admit `seq` if it can start now. Returns the tokens scheduled (> 0), 0 when it was
+        skipped (or finished with an error) and the pass goes on, None when the pass stops."""
+        cfg, bm, slots = self.config, self.block_manager, self.adapter_slots
+        if len(self.running) >= cfg.max_num_seqs or budget < 1:
+            return None
+        if self._never_fits(seq, out) or self._adapter_never_fits(seq, out):
+            return 0  # _finish removed it from the queue
+        if seq.adapter is not None:
+            rows = self.adapter_rows(seq.adapter)
+            # aged: may evict any idle adapter; else none that another waiting request needs
+            protected = () if aged else {a for a, n in needed.items() if n > 0 and a != seq.adapter}
+            if not slots.can_acquire(seq.adapter, rows, protected):
+                return None if aged else 0  # aged: a barrier; else overtaken
+        if bm.num_new_blocks(seq, seq.num_uncomputed) > bm.num_free_blocks:
+            return None  # strict FCFS for KV space
+        self._start(seq, out, protected if seq.adapter is not None else ())
+        if seq.adapter is not None:
+            needed[seq.adapter] -= 1
+        num = min(seq.num_uncomputed, cfg.max_prefill_chunk, budget)
+        out.chunks.append(ScheduledChunk.next_of(seq, num))
+        return num
+
+    def _adapter_never_fits(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        if seq.adapter is None or self.adapter_slots.fits(rows := self.adapter_rows(seq.adapter)):
+            return False
+        seq.error = (
+            f"request {seq.request_id}: its adapter needs {rows} rank rows of adapter memory but the whole budget "
+            f"holds {self.adapter_slots.capacity_rows}; raise --adapter-memory-fraction / --adapter-budget-mb"
+        )
+        logger.warning(seq.error)
+        self._finish(seq, SequenceStatus.FINISHED_ABORTED, reason="error")
+        out.finished.append(seq)
+        return True
+
+    def _start(self, seq: Sequence, out: SchedulerOutput, protected: Collection[str] = ()) -> None:
         self.block_manager.allocate(seq, seq.num_uncomputed)
         if seq.adapter is not None:
-            slot, needs_load = self.adapter_slots.acquire(seq.adapter)
+            slot, needs_load = self.adapter_slots.acquire(seq.adapter, self.adapter_rows(seq.adapter), protected)
             seq.lora_slot = slot
             if needs_load:
                 out.adapter_loads.append(AdapterLoad(seq.adapter, slot))

@@ -16,7 +16,10 @@ A new zone is sized to the ranges its class already has (at least `MIN_ZONE_SLOT
 class's zones double like a vector's storage and at most half of a class's reserved rows
 are empty. When a range finds no place, `relayout` packs the zones to the front, one merged
 zone per class in increasing size with room for the new range's class, and grows the pool
-when they do not fit.
+when they do not fit. With `max_capacity` (the adapter memory budget in rows) the pool never
+grows past it: when the zones with their free positions would not fit, the relayout packs
+them tight (owned ranges only, one free range for the new one), so any set of ranges whose
+rows add up to at most `max_capacity` can be placed.
 """
 
 from __future__ import annotations
@@ -54,12 +57,16 @@ class _Zone:
 class RowAllocator:
     """Zoned allocation of contiguous row ranges in a pool of `capacity` rows."""
 
-    def __init__(self, capacity: int, *, max_owners: int | None = None) -> None:
-        """max_owners: most ranges held at once (the adapter slots); caps new zones."""
+    def __init__(self, capacity: int, *, max_owners: int | None = None, max_capacity: int | None = None) -> None:
+        """max_owners: most ranges held at once (the adapter slots); caps new zones.
+        max_capacity: the pool never grows past this many rows (None: no limit)."""
         if capacity < 0:
             raise ValueError("capacity must be >= 0")
+        if max_capacity is not None and max_capacity < capacity:
+            raise ValueError(f"max_capacity {max_capacity} < capacity {capacity}")
         self.capacity = capacity
         self.max_owners = max_owners
+        self.max_capacity = max_capacity
         self._zones: list[_Zone] = []  # sorted by start
         self._where: dict[int, tuple[_Zone, int]] = {}  # owner -> (zone, position)
 
@@ -113,12 +120,18 @@ class RowAllocator:
             if zone.size == rows and None in zone.members:
                 return self._place(owner, zone, zone.members.index(None))
         slots = self.zone_slots(rows)
-        for start, size in self._gaps():
-            if size >= rows * slots:
-                zone = _Zone(start, rows, [None] * slots)
-                self._zones.append(zone)
-                self._zones.sort(key=lambda z: z.start)
-                return self._place(owner, zone, 0)
+        gaps = self._gaps()
+        if self.max_capacity is not None and self.capacity >= self.max_capacity:
+            # at the limit: a smaller zone in a gap beats re-laying every pool out for each range
+            fit = [(start, min(slots, size // rows)) for start, size in gaps if size >= rows]
+        else:
+            fit = [(start, slots) for start, size in gaps if size >= rows * slots]
+        if fit:
+            start, n = fit[0]
+            zone = _Zone(start, rows, [None] * n)
+            self._zones.append(zone)
+            self._zones.sort(key=lambda z: z.start)
+            return self._place(owner, zone, 0)
         return None
 
     def _place(self, owner: int, zone: _Zone, pos: int) -> int:
@@ -164,27 +177,39 @@ class RowAllocator:
     def relayout(self, size: int | None = None, extra_slots: int = 0) -> list[Move]:
         """Pack the zones to the front, one zone per size class in increasing size (owners in
         their current order, then the class's free positions, plus `extra_slots` free ones
-        for class `size`), growing `capacity` (at least doubling it) when they do not fit.
+        for class `size`), growing `capacity` (at least doubling it, never past
+        `max_capacity`) when they do not fit. Past `max_capacity` the zones keep no free
+        positions but one for class `size`; ValueError when even that does not fit.
 
         Returns every owned range with its old and new place (src == dst when it stays); the
         moves may overlap, so the pools must read every moved range before writing any
         (`MultiLoRALinear.relayout_rows`)."""
         sizes = {z.size for z in self._zones} | ({size} if size is not None and extra_slots else set())
-        moves: list[Move] = []
-        zones, cursor = [], 0
-        for cls in sorted(sizes):
-            members = [m for z in self._zones if z.size == cls for m in z.members]
-            owners = [m for m in members if m is not None]
-            free = len(members) - len(owners) + (extra_slots if cls == size else 0)
-            zone = _Zone(cursor, cls, owners + [None] * free)
-            moves += [Move(owner=o, src=self.start_of(o), dst=cursor + p * cls, rows=cls) for p, o in enumerate(owners)]
-            zones.append(zone)
-            cursor = zone.end
+        zones, cursor = self._packed_zones(sorted(sizes), size, extra_slots, keep_free=True)
+        if self.max_capacity is not None and cursor > self.max_capacity:
+            zones, cursor = self._packed_zones(sorted(sizes), size, min(extra_slots, 1), keep_free=False)
+            if cursor > self.max_capacity:
+                raise ValueError(f"{cursor} rows do not fit the pool's limit of {self.max_capacity} rows")
+        moves = [Move(owner=o, src=self.start_of(o), dst=zone.start + p * zone.size, rows=zone.size)
+                 for zone in zones for p, o in enumerate(zone.members) if o is not None]
         self._zones = zones
         for zone in zones:
             for pos, owner in enumerate(zone.members):
                 if owner is not None:
                     self._where[owner] = (zone, pos)
         if cursor > self.capacity:
-            self.capacity = max(2 * self.capacity, cursor)
+            grown = max(2 * self.capacity, cursor)
+            self.capacity = grown if self.max_capacity is None else min(grown, self.max_capacity)
         return moves
+
+    def _packed_zones(self, sizes: list[int], size: int | None, extra: int, *, keep_free: bool) -> tuple[list[_Zone], int]:
+        zones, cursor = [], 0
+        for cls in sizes:
+            members = [m for z in self._zones if z.size == cls for m in z.members]
+            owners = [m for m in members if m is not None]
+            free = (len(members) - len(owners) if keep_free else 0) + (extra if cls == size else 0)
+            zone = _Zone(cursor, cls, owners + [None] * free)
+            if zone.members:
+                zones.append(zone)
+            cursor = zone.end
+        return zones, cursor

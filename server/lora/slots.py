@@ -1,8 +1,11 @@
 """Adapter slots: fill and clear adapters in the LoRA layers at run time.
 
-A slot is an index into every LoRA layer's pools. Filling a slot writes an adapter's factors
-(scale folded into B) into the slot's row range of each targeted layer; clearing zeroes
-them. Base weights are never touched and the model is never rebuilt.
+A slot is an index into every LoRA layer's pools. Loading an adapter takes two steps:
+`stage` lays its factors out on the host exactly as the pools hold them (scale folded into
+B, zeros past each module's rank, one block per layer: a CPU-side copy, built off the
+critical path by the engine's prefetcher), and `fill` copies each block into the slot's row
+range: one copy per pool, not a loop over modules. Clearing only gives the rows back (rows
+no slot owns are never read). Base weights are never touched and the model is never rebuilt.
 """
 
 from __future__ import annotations
@@ -19,6 +22,24 @@ from lorafold.server.lora.peft_format import AdapterError, LoRAAdapter, ModuleSp
 from lorafold.server.lora.rows import Move, RowAllocator
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StagedAdapter:
+    """An adapter laid out as the pools hold it, on the host.
+
+    rows: rows it owns in every pool (its largest rank).
+    blocks[i]: for layer i, (a [n_slices, rows, in], b [rows, out], ranks [n_slices] int32),
+        or None where the adapter adapts none of the layer's slices.
+    """
+
+    adapter: LoRAAdapter
+    rows: int
+    blocks: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b, _ in filter(None, self.blocks))
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +64,20 @@ class AdapterSlots:
         for layer in self.layers:
             layer.row_start = self.row_start  # one shared tensor: moves update every layer at once
         self.occupant: list[LoRAAdapter | None] = [None] * num_slots
+
+    @property
+    def row_bytes(self) -> int:
+        """Device bytes of one rank row across every pool (an adapter of largest rank r
+        holds r of them)."""
+        return sum((l.a_pool.shape[0] * l.a_pool.shape[2] + l.b_pool.shape[1]) * l.a_pool.element_size()
+                   for l in self.layers)
+
+    def limit_rows(self, max_rows: int) -> None:
+        """Never grow the pools past `max_rows` rows (the adapter memory budget); the caller
+        keeps the rows of resident adapters within it (`AdapterSlotTable`)."""
+        if max_rows < self.allocator.capacity:
+            raise ValueError(f"the pools already hold {self.allocator.capacity} rows > the limit {max_rows}")
+        self.allocator.max_capacity = max_rows
 
     def base_modules(self) -> dict[str, ModuleSpec]:
         specs = {}
@@ -90,36 +125,64 @@ class AdapterSlots:
         return len(moves)
 
     @torch.no_grad()
-    def fill(self, slot: int, adapter: LoRAAdapter) -> None:
-        """Load `adapter` into `slot` (replacing any occupant)."""
-        if not 0 <= slot < self.num_slots:
-            raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
+    def stage(self, adapter: LoRAAdapter) -> StagedAdapter:
+        """Lay `adapter` out as the pools hold it, on the host (page-locked when the pools are
+        on a GPU, so `fill` copies asynchronously). Safe to call from a worker thread."""
         unknown = set(adapter.modules) - set(self.targets)
         if unknown:
             raise AdapterError(f"adapter targets modules this model does not expose: {sorted(unknown)[:3]}")
-        self.clear(slot)
-        alloc = adapter.max_rank
-        start = self._reserve(slot, alloc)
-        self.row_start[slot] = start
-        self.slot_alloc[slot] = alloc
-        for path, target in self.targets.items():
-            module = adapter.modules.get(path)
-            dtype = target.layer.a_pool.dtype
-            if module is None:
-                target.layer.write_slot(target.slice_idx, start, alloc, slot, None, None)
-            else:
-                a = module.lora_a.to(dtype)
-                b = (module.lora_b * module.scale).to(dtype)
-                target.layer.write_slot(target.slice_idx, start, alloc, slot, a, b)
-        self.occupant[slot] = adapter
+        rows = adapter.max_rank
+        by_layer: dict[int, list[tuple[Target, object]]] = {}
+        for path, module in adapter.modules.items():
+            target = self.targets[path]
+            by_layer.setdefault(id(target.layer), []).append((target, module))
+        pin = self.layers[0].a_pool.device.type == "cuda"
+        blocks = []
+        for layer in self.layers:
+            found = by_layer.get(id(layer))
+            if not found:
+                blocks.append(None)
+                continue
+            dtype = layer.a_pool.dtype
+            a = torch.zeros((layer.a_pool.shape[0], rows, layer.in_features), dtype=dtype, pin_memory=pin)
+            b = torch.zeros((rows, layer.out_features), dtype=dtype, pin_memory=pin)
+            ranks = torch.zeros(layer.a_pool.shape[0], dtype=torch.int32, pin_memory=pin)
+            for target, module in found:
+                r, lo, hi = module.rank, layer.slice_offsets[target.slice_idx], layer.slice_offsets[target.slice_idx + 1]
+                a[target.slice_idx, :r] = module.lora_a
+                b[:r, lo:hi] = (module.lora_b * module.scale).t()
+                ranks[target.slice_idx] = r
+            blocks.append((a, b, ranks))
+        return StagedAdapter(adapter=adapter, rows=rows, blocks=tuple(blocks))
 
     @torch.no_grad()
+    def fill(self, slot: int, adapter: LoRAAdapter | StagedAdapter) -> None:
+        """Load `adapter` (staged here first when it is not) into `slot`, replacing any occupant."""
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
+        staged = adapter if isinstance(adapter, StagedAdapter) else self.stage(adapter)
+        self.clear(slot)
+        start, rows = self._reserve(slot, staged.rows), staged.rows
+        self.row_start[slot] = start
+        self.slot_alloc[slot] = rows
+        for layer, block in zip(self.layers, staged.blocks):
+            # the kernels read all `rows` rows of the range: rows past a module's rank are zero
+            if block is None:
+                layer.a_pool[:, start : start + rows].zero_()
+                layer.b_pool[start : start + rows].zero_()
+                layer.ranks[:, slot] = 0
+                continue
+            a, b, ranks = block
+            layer.a_pool[:, start : start + rows].copy_(a, non_blocking=True)
+            layer.b_pool[start : start + rows].copy_(b, non_blocking=True)
+            layer.ranks[:, slot].copy_(ranks, non_blocking=True)
+        self.occupant[slot] = staged.adapter
+
     def clear(self, slot: int) -> None:
+        """Give the slot's rows back. Nothing is zeroed: rows no slot owns are never read, and
+        `fill` writes every row of a range before the slot is used again."""
         if slot not in self.allocator:
             return
-        start, alloc = self.allocator.start_of(slot), self.allocator.rows_of(slot)
-        for target in self.targets.values():
-            target.layer.write_slot(target.slice_idx, start, alloc, slot, None, None)
         self.allocator.free(slot)
         self.slot_alloc[slot] = 0
         self.occupant[slot] = None
