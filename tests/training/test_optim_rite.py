@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import logging
+
+import pytest
 import torch
 
 from lorafold.training.optim.rite import LoRARite
@@ -48,12 +52,45 @@ def test_adam_on_factors_is_not_gauge_invariant() -> None:
     assert (products[0] - products[1]).norm() > 1e-3
 
 
-def test_large_unmagnified_gradients_are_skipped() -> None:
-    target = 100 * make_target()
+def test_gradient_spike_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    target = make_target()
     model = FactorModel(*random_factors())
-    before = model.product().detach().clone()
-    one_step(model, LoRARite(model.pairs(), lr=1e-2, skip_threshold=1.0), target)
-    assert torch.equal(model.product().detach(), before)
+    opt = LoRARite(model.pairs(), lr=1e-2)
+    for _ in range(3):
+        one_step(model, opt, target)
+    # A skipped step is a step with a zero gradient (momentum still moves): the twin gets G = 0
+    # (its target is its own product), the original a 10⁴× spike.
+    twin, twin_opt = copy.deepcopy((model, opt))
+    one_step(twin, twin_opt, twin.product().detach().clone())
+    with caplog.at_level(logging.WARNING, logger="lorafold.training.optim.rite"):
+        one_step(model, opt, 1e4 * target)
+    assert (model.product() - twin.product()).abs().max() < 1e-12
+    assert sum("skipping" in r.getMessage() for r in caplog.records) == 2
+    # and the spike was large enough to matter: taken unskipped it lands elsewhere
+    free, free_opt = copy.deepcopy((twin, twin_opt))
+    free_opt.param_groups[0]["skip_threshold"] = 0.0
+    one_step(free, free_opt, 1e4 * target)
+    assert (free.product() - twin.product()).abs().max() > 1e-3
+
+
+def test_default_skip_rule_never_skips_a_whole_run(caplog: pytest.LogCaptureFixture) -> None:
+    # Issue #21: the authors' absolute rule (rms(ḡ) > 1) skipped every step here (f stayed at
+    # its start for 50 steps). The relative rule trains at the defaults.
+    target = make_target()
+    model = FactorModel(*random_factors())
+    opt = LoRARite(model.pairs(), lr=1e-2)
+    with caplog.at_level(logging.WARNING, logger="lorafold.training.optim.rite"):
+        first = float(one_step(model, opt, target))
+        for _ in range(50):
+            last = float(one_step(model, opt, target))
+    assert not [r for r in caplog.records if "skipping" in r.getMessage()]
+    assert last < 0.9 * first, (first, last)
+    # a lasting change of scale is accepted after a few skipped steps, not skipped forever
+    for _ in range(8):
+        one_step(model, opt, 1e3 * target)
+    moved = model.product().detach().clone()
+    one_step(model, opt, 1e3 * target)
+    assert not torch.equal(model.product().detach(), moved)
 
 
 def test_zero_b_no_nan_and_trains() -> None:

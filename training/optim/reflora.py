@@ -12,7 +12,10 @@ mapped back. With an adaptive base (the authors' practice) the gradients are rew
 ``g_A ← S g_A``, ``g_B ← g_B S⁻¹`` and the unchanged AdamW runs.
 
 ``B = 0`` (the usual init) makes ``S⁻¹ = 0``: the first ``warmup_steps`` are plain base
-steps. Afterwards a pair whose Grams are numerically singular falls back to ``S = I``.
+steps, and at any step a pair whose Grams are numerically singular falls back to ``S = I``.
+The class default is no warm-up (the fallback covers ``B = 0``); the trainer sizes it to the
+run, a tenth of its steps (``trainer.adapters.RUN_SIZED``) — the authors' fixed 100 made
+every run of ≤ 100 steps plain AdamW (issue #21).
 
 RefLoRA-S (``scalar=True``): plain base steps, then after each step (past warm-up)
 ``c = ‖B‖_F / ‖A‖_F``, ``A ← √c A``, ``B ← B / √c`` (equal norms), and the Adam state
@@ -99,7 +102,8 @@ def balance_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
 class RefLoRA(PairOptimizer):
     """RefLoRA over an AdamW (``base="adamw"``) or SGD (``base="sgd"``) base; ``scalar`` = RefLoRA-S.
 
-    Reference: DeBERTaV3-base GLUE r = 8, α = 8, lr 1e-3, warm-up 100;
+    Reference: DeBERTaV3-base GLUE r = 8, α = 8, lr 1e-3, warm-up 100 (here 0, or a tenth of
+    the run under the trainer);
     LLaMA-7B commonsense r = 32, α = 64, lr 2e-4 (the default here: this project tunes LLMs).
     """
 
@@ -111,10 +115,12 @@ class RefLoRA(PairOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        warmup_steps: int = 100,
+        warmup_steps: int = 0,
         scalar: bool = False,
         extra_params: Iterable[nn.Parameter] = (),
     ) -> None:
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if base not in ("adamw", "sgd"):
             raise ValueError(f"base must be 'adamw' or 'sgd', got {base!r}")
         defaults: dict[str, Any] = {

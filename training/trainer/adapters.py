@@ -141,10 +141,27 @@ def export_adapter(model: nn.Module, state: AdapterState, folder: Path, base_nam
     return export_lora_model(model, folder, base_model_name_or_path=base_name)
 
 
-def build_optimizer_for(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+# Optimizer keywords the trainer sizes to the run unless --optimizer-arg sets them: a fraction
+# of its total steps (at least 1). Why: RefLoRA's published warm-up (100 steps) made every
+# run of <= 100 steps plain AdamW; a tenth of the run keeps its purpose (let B leave 0 before
+# the refactoring divides by B's Gram) at any length.
+RUN_SIZED: dict[str, dict[str, float]] = {
+    "reflora": {"warmup_steps": 0.1},
+    "reflora_s": {"warmup_steps": 0.1},
+}
+
+
+def run_sized_args(name: str, total_steps: int) -> dict[str, int]:
+    """The run-sized keywords of optimizer ``name`` for a run of ``total_steps``."""
+    return {key: max(1, int(frac * total_steps)) for key, frac in RUN_SIZED.get(name, {}).items()}
+
+
+def build_optimizer_for(model: nn.Module, cfg: TrainConfig, total_steps: int | None = None) -> torch.optim.Optimizer:
     from lorafold.training.optim.registry import build_optimizer
 
     overrides: dict[str, Any] = {}
+    if total_steps is not None:
+        overrides.update(run_sized_args(cfg.optimizer, total_steps))
     if cfg.lr is not None:
         overrides["lr"] = cfg.lr
     if cfg.weight_decay is not None:

@@ -193,8 +193,8 @@ def _train(cfg: TrainConfig, base: Any, ctx: DistContext) -> TrainResult:
     base, model, tok, pad, train_ex, val_ex, state, ckpt = _setup(cfg, base, device)
     # identical start on every rank whatever each rank's init did (seeded, so normally a no-op)
     broadcast_params([p for p in model.parameters() if p.requires_grad], ctx)
-    opt = adapters.build_optimizer_for(model, cfg)
     steps = total_steps(cfg, len(train_ex))
+    opt = adapters.build_optimizer_for(model, cfg, steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, adapters.lr_lambda(cfg, steps))
     hist, start = History(), 0
     with_acc = cfg.accuracy == "on" or (cfg.accuracy == "auto" and evaluate.accuracy_applies(val_ex, tok))
