@@ -5,8 +5,9 @@ steps run on the host.
 Validators (test extras in pyproject.toml):
 - compose: check-jsonschema's vendored compose-spec schema (`--builtin-schema vendor.compose-spec`).
 - Kubernetes: kubernetes-validate's bundled JSON schemas, strict mode (unknown fields fail).
-- ServiceMonitor (a CRD) and Kustomization have no schema in either package: checked
-  structurally below, against the Service and the file list they refer to.
+- ServiceMonitor, InferencePool and HTTPRoute (CRDs) and Kustomization have no schema in
+  either package: they are skipped by the schema check and checked structurally below,
+  against the Deployment, Service and file lists they refer to.
 - prometheus.yml: `promtool check config` (Debian package `prometheus`) where installed.
 """
 
@@ -26,16 +27,18 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "deploy" / "compose"
 K8S = ROOT / "deploy" / "k8s"
+GIE = K8S / "gie"
 DASHBOARD = COMPOSE / "grafana" / "dashboards" / "lorafold.json"
 BUILD_STEPS = ROOT / "deploy" / "docker" / "build-steps.sh"
 K8S_VERSION = "1.30"
 
-YAML_FILES = sorted([*COMPOSE.rglob("*.yml"), *COMPOSE.rglob("*.yaml"), *K8S.glob("*.yaml")])
+YAML_FILES = sorted([*COMPOSE.rglob("*.yml"), *COMPOSE.rglob("*.yaml"), *K8S.rglob("*.yaml")])
+CRDS = ("ServiceMonitor", "Kustomization", "InferencePool", "HTTPRoute")
 JSON_FILES = sorted(COMPOSE.rglob("*.json"))
 
 
-def k8s_docs() -> list[tuple[str, dict]]:
-    return [(p.name, d) for p in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+def k8s_docs(folder: Path = K8S) -> list[tuple[str, dict]]:
+    return [(p.name, d) for p in sorted(folder.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
 
 
 def by_kind(kind: str) -> list[dict]:
@@ -74,9 +77,26 @@ def _check_compose(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
-def test_compose_matches_compose_spec_schema() -> None:
-    result = _check_compose(COMPOSE / "docker-compose.yml")
+@pytest.mark.parametrize("name", ["docker-compose.yml", "multi-replica.yml"])
+def test_compose_matches_compose_spec_schema(name: str) -> None:
+    result = _check_compose(COMPOSE / name)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_multi_replica_compose_shares_one_store() -> None:
+    doc = yaml.safe_load((COMPOSE / "multi-replica.yml").read_text())
+    replicas = [s for n, s in doc["services"].items() if n.startswith("lorafold-")]
+    assert len(replicas) == 2 and "seaweedfs" in doc["services"]
+    weed = doc["services"]["seaweedfs"]
+    bucket = next(a.split("=", 1)[1] for a in weed["command"] if a.startswith("-bucket="))
+    s3_port = next(a.split("=", 1)[1] for a in weed["command"] if a.startswith("-s3.port="))
+    for svc in replicas:
+        store = next(a.split("=", 1)[1] for a in svc["command"] if a.startswith("--adapter-store="))
+        assert store.startswith(f"s3://{bucket}/")
+        assert svc["environment"]["AWS_ENDPOINT_URL"] == f"http://seaweedfs:{s3_port}"
+        assert svc["environment"]["AWS_ACCESS_KEY_ID"] == weed["environment"]["AWS_ACCESS_KEY_ID"]
+        assert not any(v.split(":")[1].startswith("/data/state") for v in svc.get("volumes", []))  # stateless
+    assert len({s["ports"][0].split(":")[0] for s in replicas}) == 2
 
 
 def test_compose_schema_check_catches_mistakes(tmp_path: Path) -> None:
@@ -158,7 +178,7 @@ def test_k8s_manifests_match_kubernetes_schemas() -> None:
 
     checked = set()
     for name, doc in k8s_docs():
-        if doc["kind"] in ("ServiceMonitor", "Kustomization"):
+        if doc["kind"] in CRDS:
             continue  # CRD / kustomize: no bundled schema; checked structurally below
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on any violation
         checked.add(doc["kind"])
@@ -190,22 +210,54 @@ def test_deployment_probes_resources_keys_and_volumes() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert "--host=0.0.0.0" in c["args"]
     env = {e["name"]: e for e in c["env"]}
-    (secret,) = by_kind("Secret")
+    (secret,) = [s for s in by_kind("Secret") if s["metadata"]["name"] == "lorafold-keys"]
     for var in ("LORAFOLD_API_KEYS", "LORAFOLD_ADMIN_KEY"):
         ref = env[var]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
     pvcs = {p["metadata"]["name"]: p for p in by_kind("PersistentVolumeClaim")}
-    assert claims == set(pvcs)
+    assert claims == set(pvcs) == {"lorafold-adapters"}  # shared and read-only; no per-pod state volume
     assert pvcs["lorafold-adapters"]["spec"]["accessModes"] == ["ReadWriteMany"]
-    mounts = {m["mountPath"] for m in c["volumeMounts"]}
-    assert {"/data/adapters", "/data/state"} <= mounts
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/data/adapters"]["readOnly"] is True
     assert any(a.startswith("--adapter-root=/data/adapters") for a in c["args"])
-    assert any(a.startswith("--state-dir=/data/state/") for a in c["args"])
-    # The postStart hook runs the registration script the ConfigMap ships.
-    (cm,) = by_kind("ConfigMap")
-    assert c["lifecycle"]["postStart"]["exec"]["command"][-1] == "/etc/lorafold/register.py"
-    compile(cm["data"]["register.py"], "register.py", "exec")
+    assert not any(a.startswith("--state-dir") for a in c["args"]) and "lifecycle" not in c
+    assert not by_kind("ConfigMap")  # the catalogue lives in the store, not in a ConfigMap + hook
+    assert deploy["spec"]["replicas"] >= 2
+
+
+def test_deployment_reads_the_store_from_a_secret() -> None:
+    (deploy,) = by_kind("Deployment")
+    (c,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert any(a.startswith("--adapter-store=s3://") for a in c["args"])
+    refresh = next(float(a.split("=")[1]) for a in c["args"] if a.startswith("--store-refresh-seconds="))
+    assert 0 < refresh <= 15
+    secrets = {s["metadata"]["name"]: s for s in by_kind("Secret")}
+    (ref,) = [e["secretRef"]["name"] for e in c["envFrom"]]
+    assert {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"} <= set(secrets[ref]["stringData"])
+    # the flags the manifests pass exist on `lorafold serve`
+    from lorafold.clients.cli import build_parser
+
+    serve_flags = {a.split("=")[0] for a in c["args"]}
+    args = build_parser().parse_args(["serve", *[a for a in c["args"] if a.split("=")[0] in serve_flags]])
+    assert args.adapter_store.startswith("s3://") and args.store_refresh_seconds == refresh
+
+
+def test_gie_pool_selects_the_server_pods() -> None:
+    (deploy,) = by_kind("Deployment")
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    port = deploy["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+    docs = dict((d["kind"], d) for _, d in k8s_docs(GIE))
+    pool, route, kust = docs["InferencePool"], docs["HTTPRoute"], docs["Kustomization"]
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    assert pool["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert [p["number"] for p in pool["spec"]["targetPorts"]] == [port]
+    assert pool["spec"]["endpointPickerRef"]["name"] and pool["spec"]["endpointPickerRef"]["port"]["number"]
+    assert set(kust["resources"]) == {p.name for p in GIE.glob("*.yaml")} - {"kustomization.yaml"}
+    (rule,) = route["spec"]["rules"]
+    (backend,) = rule["backendRefs"]
+    assert (backend["group"], backend["kind"], backend["name"]) == ("inference.networking.k8s.io", "InferencePool",
+                                                                   pool["metadata"]["name"])
 
 
 def test_services_hpa_and_servicemonitor_agree() -> None:
