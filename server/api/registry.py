@@ -14,6 +14,7 @@ event loop), except `get`'s one manifest GET for a name this replica has not see
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -33,8 +34,10 @@ from lorafold.server.lora.peft_format import (
 from lorafold.server.store import AdapterStore, Manifest, StoreIntegrityError
 from lorafold.server.store.base import sha256_hex, verify_blob
 from lorafold.server.store.catalogue import Catalogue
+from lorafold.server.store.file import FileStore
 
 logger = logging.getLogger(__name__)
+LEGACY_STATE = "registry.json"  # the per-server registry of earlier versions (see _migrate_legacy)
 
 
 class PathNotAllowedError(AdapterError):
@@ -100,7 +103,31 @@ class AdapterRegistry:
     def restore(self) -> list[str]:
         """Read the store's whole catalogue (a fresh replica serves it all); the names."""
         self.store.check()
+        if isinstance(self.store, FileStore):
+            self._migrate_legacy(self.store.root / LEGACY_STATE)
         return self.catalogue.sync()
+
+    def _migrate_legacy(self, path: Path) -> None:
+        """Import the registrations an earlier version kept in `registry.json` (+ adapters/<hash>/)
+        into the store, once: each adapter is re-validated from its stored copy; a name the
+        store already has keeps the store's binding. The old file is renamed, not deleted."""
+        if not path.is_file():
+            return
+        try:
+            entries = json.loads(path.read_text()).get("adapters", [])
+        except (OSError, ValueError, AttributeError) as exc:
+            logger.error("legacy registry %s is unreadable (%s); not migrated", path, exc)
+            return
+        for e in entries:
+            try:
+                folder = Path(e["folder"])
+                config_raw, weights_raw = (folder / "adapter_config.json").read_bytes(), (folder / "adapter_model.safetensors").read_bytes()
+                if self.store.read_manifest(e["name"]) is None:
+                    self._register(e["name"], config_raw, weights_raw, e.get("source", "migrated"))
+            except (KeyError, TypeError, OSError, AdapterError) as exc:
+                logger.error("legacy registration %r not migrated: %s", e.get("name") if isinstance(e, dict) else e, exc)
+        path.replace(path.with_name(LEGACY_STATE + ".migrated"))
+        logger.info("migrated %d registrations from %s into %s", len(entries), path, self.store.url)
 
     def start(self) -> None:
         """Poll the store for changes made through other replicas."""
