@@ -138,6 +138,32 @@ class SchedulerOutput:
         return not self.chunks
 
 
+class _Skipped:
+    """Requests one admission pass skipped, and how often later ones overtook them: each
+    admission after a skip overtakes it. `at_limit`: one more would overtake one of them past
+    max_overtakes (it is aged and must go first)."""
+
+    def __init__(self, max_overtakes: int) -> None:
+        self.max_overtakes = max_overtakes
+        self.admitted = 0
+        self.seqs: list[Sequence] = []
+        self._marks: list[int] = []
+        self._worst = -1  # max over skips of num_overtaken - admitted at the skip
+
+    def skip(self, seq: Sequence) -> None:
+        self.seqs.append(seq)
+        self._marks.append(self.admitted)
+        self._worst = max(self._worst, seq.num_overtaken - self.admitted)
+
+    @property
+    def at_limit(self) -> bool:
+        return bool(self.seqs) and self._worst + self.admitted >= self.max_overtakes
+
+    def settle(self) -> None:
+        for seq, mark in zip(self.seqs, self._marks):
+            seq.num_overtaken += self.admitted - mark
+
+
 class Scheduler:
     def __init__(
         self,
@@ -286,39 +312,35 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         """Rule 4's two passes. Stops at the first request that lacks a seat, token budget or
-        KV blocks (strict FCFS for capacity), and at an aged request that cannot be placed."""
+        KV blocks (strict FCFS for capacity), at an aged request that cannot be placed, and
+        before an admission would overtake a skipped request past max_overtakes."""
         queue = list(self.waiting)
         needed = Counter(s.adapter for s in queue if s.adapter is not None)  # adapters the queue uses
-        admitted: set[int] = set()  # positions in `queue`
-        deferred: list[int] = []
+        deferred = _Skipped(self.config.max_overtakes)  # skipped in pass (a) for their adapter
         stopped = False
-        for pos, seq in enumerate(queue):  # pass (a)
+        for seq in queue:  # pass (a)
             if seq.adapter is not None and self.adapter_slots.slot_of(seq.adapter) is None:
                 if seq.num_overtaken < self.config.max_overtakes:
-                    deferred.append(pos)
+                    deferred.skip(seq)
                     continue
-            verdict = self._try_admit(seq, out, budget, needed, aged=True)
-            if verdict is None:
+            num = None if deferred.at_limit else self._try_admit(seq, out, budget, needed, aged=True)
+            if num is None:
                 stopped = True
                 break
-            if verdict:
-                admitted.add(pos)
-                budget -= verdict
-        for pos in deferred if not stopped else ():  # pass (b)
-            verdict = self._try_admit(queue[pos], out, budget, needed, aged=False)
-            if verdict is None:
+            deferred.admitted += num > 0
+            budget -= num
+        deferred.settle()
+        held = _Skipped(self.config.max_overtakes)  # skipped in pass (b)
+        for seq in deferred.seqs if not stopped else ():  # pass (b)
+            num = None if held.at_limit else self._try_admit(seq, out, budget, needed, aged=False)
+            if num is None:
                 break
-            if verdict:
-                admitted.add(pos)
-                budget -= verdict
-        behind = 0  # admitted requests behind each position: who overtook whom
-        for pos in range(len(queue) - 1, -1, -1):
-            if pos in admitted:
-                behind += 1
-            else:
-                queue[pos].num_overtaken += behind
-        if admitted:
-            self.waiting = deque(s for s in queue if s.status is SequenceStatus.WAITING or s.status is SequenceStatus.PREEMPTED)
+            if num == 0 and not seq.is_finished:
+                held.skip(seq)
+            held.admitted += num > 0
+            budget -= num
+        held.settle()
+        self.waiting = deque(s for s in queue if s.status in (SequenceStatus.WAITING, SequenceStatus.PREEMPTED))
 
     def _try_admit(self, seq: Sequence, out: SchedulerOutput, budget: int, needed: Counter, *, aged: bool) -> int | None:
         """Admit `seq` if it can start now. Returns the tokens scheduled (> 0), 0 when it was

@@ -146,3 +146,78 @@ def test_scheduler_gives_new_weights_a_new_slot_after_invalidate() -> None:
     sched.abort("r1")
     assert first.lora_slot == second.lora_slot == -1  # released
     assert sched.adapter_slots.num_free == 1 and sched.adapter_slots.slot_of("a") == new_slot
+
+
+def test_row_budget_evicts_idle_lru_until_the_new_adapter_fits() -> None:
+    t = AdapterSlotTable(16, capacity_rows=32)
+    for name, rows in (("a", 8), ("b", 8), ("c", 16)):
+        t.acquire(name, rows)
+    assert t.used_rows == 32 and t.num_free == 13  # slots are plentiful, rows are not
+    assert not t.can_acquire("d", 4)  # everything pinned
+    t.unpin(t.slot_of("b"))
+    t.unpin(t.slot_of("a"))  # idle LRU order: b, a; c stays pinned
+    assert t.can_acquire("d", 16) and not t.can_acquire("e", 17)
+    slot, load = t.acquire("d", 12)  # needs 12 rows: b (8) then a (8) go
+    assert load and t.slot_of("a") is None and t.slot_of("b") is None and t.stats.evictions == 2
+    assert t.used_rows == 28
+    assert t.take_released() == [1 - slot] and t.take_released() == []  # d reuses the other one
+    t.check_invariants()
+
+
+def test_protected_adapters_are_skipped_and_rows_beyond_the_budget_never_fit() -> None:
+    t = AdapterSlotTable(8, capacity_rows=16)
+    for name in "abcd":
+        t.unpin(t.acquire(name, 4)[0])  # all idle, LRU a, b, c, d
+    assert not t.can_acquire("e", 4, protected={"a", "b", "c", "d"})
+    with pytest.raises(NoFreeSlotError, match="waiting requests"):
+        t.acquire("e", 4, protected={"a", "b", "c", "d"})
+    slot, load = t.acquire("e", 8, protected={"a", "c"})  # skips a and c: b and d go
+    assert load and set(t.resident()) == {"a", "c", "e"}
+    assert not t.fits(17) and not t.can_acquire("huge", 17) and t.fits(16)
+    t.check_invariants()
+
+
+def test_a_released_slot_reused_at_once_is_not_reported_empty() -> None:
+    t = AdapterSlotTable(1, capacity_rows=8)
+    t.unpin(t.acquire("a", 8)[0])
+    assert t.acquire("b", 8) == (0, True)  # a evicted, slot 0 reused for b in the same step
+    assert t.take_released() == []  # the runner's fill replaces a's weights; nothing to drop
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_ops_with_a_row_budget(seed: int) -> None:
+    """Rows held never exceed the budget, pinned and protected adapters are never evicted,
+    and every slot emptied is reported by take_released (so the pools drop its rows)."""
+    rng = random.Random(seed)
+    t = AdapterSlotTable(6, capacity_rows=24)
+    sizes = {f"ad{i}": rng.choice([1, 2, 4, 8, 16]) for i in range(10)}
+    held: list[tuple[str, int]] = []
+    holder: dict[int, str] = {}  # slot -> name whose weights the "pools" hold
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.5:
+            name = f"ad{rng.randrange(10)}"
+            protected = {n for n in sizes if rng.random() < 0.3} - {name}
+            before = t.resident()
+            if t.can_acquire(name, sizes[name], protected):
+                slot, load = t.acquire(name, sizes[name], protected)
+                gone = set(before) - set(t.resident())
+                assert not gone & protected, "a protected adapter was evicted"
+                assert all(t._name[s] == n for n, s in held), "an adapter in flight was evicted"
+                held.append((name, slot))
+                if load:
+                    holder[slot] = name
+            else:
+                with pytest.raises(NoFreeSlotError):
+                    t.acquire(name, sizes[name], protected)
+        elif op < 0.9 and held:
+            t.unpin(held.pop(rng.randrange(len(held)))[1])
+        else:
+            t.invalidate(f"ad{rng.randrange(10)}")
+        for slot in t.take_released():
+            holder.pop(slot, None)
+        t.check_invariants()
+        # the pools hold at most the budget: the weights not yet dropped are all current occupants
+        assert all(t._name[s] is not None for s in holder)
+        assert sum(t._rows[s] for s in holder) <= 24
+    assert t.stats.evictions > 0 and t.stats.hits > 0
