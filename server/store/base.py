@@ -80,13 +80,19 @@ def sha256_hex(data: bytes) -> str:
 
 
 def manifest_key(name: str) -> str:
-    """Names may hold '/': quoted, every manifest is one flat key under manifests/."""
-    return f"manifests/{quote(name, safe='')}.json"
+    """Names may hold '/': quoted, every manifest is one flat key under manifests/. Where the
+    quoted name would pass 200 bytes (a 128-character name of '/' quotes to 384; file systems
+    and some S3 servers cap one path component at 255) the key is the name's sha256 instead,
+    and the name is read from the manifest itself (`name_from_key` returns None for it)."""
+    quoted = quote(name, safe="")
+    return f"manifests/{quoted}.json" if len(quoted) <= 200 else f"manifests/h-{sha256_hex(name.encode())}.json"
 
 
 def name_from_key(key: str) -> str | None:
     tail = key.rsplit("manifests/", 1)[-1]
-    return unquote(tail[: -len(".json")]) if tail.endswith(".json") and "/" not in tail else None
+    if not tail.endswith(".json") or "/" in tail or tail.startswith("h-"):
+        return None
+    return unquote(tail[: -len(".json")])
 
 
 def blob_key(content_hash: str, filename: str) -> str:

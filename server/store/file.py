@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -129,7 +130,12 @@ class FileStore(AdapterStore):
         out: dict[str, str] = {}
         for path in (self.root / "manifests").glob("*.json"):
             name = name_from_key(f"manifests/{path.name}")
-            raw = self._read_raw(name) if name is not None else None
+            if name is None:  # a hashed file name (manifest_key): the name is inside
+                try:
+                    name = json.loads(path.read_bytes())["name"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue  # deleted meanwhile, or not a manifest (read_manifest names it if asked)
+            raw = self._read_raw(name)
             if raw is not None:  # None: deleted between the listing and the read
                 out[name] = _etag(raw)
         return out

@@ -24,6 +24,7 @@ from lorafold.server.store.base import (
     StoreAuthError,
     StoreConflictError,
     StoreError,
+    StoreIntegrityError,
     StoreUnavailableError,
     blob_key,
     manifest_key,
@@ -141,6 +142,13 @@ class S3Store(AdapterStore):
         except _NotFound as exc:
             raise StoreConflictError(f"adapter {name!r} was deleted by another replica meanwhile") from exc
 
+    def _name_inside(self, key: str) -> str | None:
+        try:
+            raw, _ = self._get(key, f"manifest {key}")
+            return Manifest.from_bytes(raw, key).name
+        except (_NotFound, StoreIntegrityError):  # deleted meanwhile, or not a manifest; an outage propagates
+            return None
+
     def list_manifests(self) -> dict[str, str]:
         out: dict[str, str] = {}
         token = None
@@ -148,7 +156,10 @@ class S3Store(AdapterStore):
             kwargs = {"Prefix": self._key("manifests/")} | ({"ContinuationToken": token} if token else {})
             page = self._call("listing the manifests", self.client.list_objects_v2, **kwargs)
             for obj in page.get("Contents", []):
-                name = name_from_key(obj["Key"][len(self.prefix):])
+                key = obj["Key"][len(self.prefix):]
+                name = name_from_key(key)
+                if name is None and key.endswith(".json"):  # a hashed key (manifest_key): the name is inside
+                    name = self._name_inside(key)
                 if name is not None:
                     out[name] = obj["ETag"]
             if not page.get("IsTruncated"):

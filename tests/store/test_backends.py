@@ -137,3 +137,13 @@ def test_store_urls():
         open_store("gs://bucket")
     with pytest.raises(ValueError, match="names no bucket"):
         open_store("s3:///prefix")
+
+
+def test_longest_names_fit_every_backend(store):
+    """A 128-character name of '/' quotes to 384 bytes: the file store hashes such file names."""
+    names = ["/".join(["a"] * 64) + "b" * 1, "x" * 128, "org/model-v1.2_final"]
+    for name in names:
+        store.write_manifest(manifest(name), expect_etag=None)
+    assert set(store.list_manifests()) == set(names)
+    for name in names:
+        assert store.read_manifest(name)[0].name == name
