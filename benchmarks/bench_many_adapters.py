@@ -1,0 +1,213 @@
+"""Many distinct adapters at once: throughput, TTFT, loads and evictions against the base.
+
+    nice -n 10 python -m benchmarks.bench_many_adapters [--adapters 1,8,32,128,512]
+        [--popularity uniform,zipf] [--streams 32,64] [--requests-per-stream 2]
+        [--prompt-tokens 32] [--max-tokens 64] [--adapter-budget-mb 2600]
+        [--out benchmarks/results/many_adapters.json]
+
+The engine is driven in-process (no HTTP). Each scenario is a closed loop: `streams` clients,
+each sending its next request (fixed-length random prompt, greedy, exactly `max-tokens`
+tokens) when its last one finished, `streams x requests-per-stream` requests in all. A
+request's adapter is drawn from N distinct rank-16 adapters on all seven projections,
+uniformly or zipf (weight 1/k); N = 0 is the base model. Each scenario starts with no
+adapter resident (the previous scenario's are invalidated). TTFT is measured from the
+client's send to its first token.
+
+Adapters' weights come from a bank of 16 random weight sets (adapter i uses set i mod 16)
+under distinct names and content hashes: the engine treats each as its own adapter (its
+own rows, loads and evictions; the serving work does not depend on the values), and 512
+adapters do not need 10 GB of host memory to set up. On a memory budget smaller than all N
+adapters (512 rank-16 adapters of SmolLM2 need 10 GB of pools), adapters are evicted.
+
+Also measured: the cost of one adapter load per rank, before (a copy per module, the path
+this engine had: `MultiLoRALinear.write_slot`) and now (staging host-side, done ahead by the
+prefetcher, then one copy per pool).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+from benchmarks._common import percentile, write_json
+from lorafold.server.engine.config import EngineConfig
+from lorafold.server.engine.engine import LLMEngine
+from lorafold.server.engine.sampling_params import SamplingParams
+from lorafold.server.lora.peft_format import LoRAAdapter, ModuleLoRA
+from lorafold.server.lora.slots import AdapterSlots
+from lorafold.server.models.loader import load_base_model
+
+BANK = 16
+
+
+def weight_bank(specs, rank: int) -> list[dict[str, ModuleLoRA]]:  # noqa: ANN001
+    bank = []
+    for seed in range(BANK):
+        g = torch.Generator().manual_seed(1000 + seed)
+        bank.append({p: ModuleLoRA(torch.randn(rank, s.in_features, generator=g) * 0.01,
+                                   torch.randn(s.out_features, rank, generator=g) * 0.01, 2.0) for p, s in specs.items()})
+    return bank
+
+
+def make_adapters(bank: list[dict[str, ModuleLoRA]], n: int, tag: str) -> list[LoRAAdapter]:
+    return [LoRAAdapter(modules=bank[i % BANK], config={"r": 16}, content_hash=f"{tag}{i}".ljust(64, "0"), nbytes=0)
+            for i in range(n)]
+
+
+def run_scenario(engine: LLMEngine, adapters: list[LoRAAdapter], popularity: str, streams: int, per_stream: int,
+                 prompt_tokens: int, max_tokens: int, seed: int) -> dict:
+    """Closed loop of `streams` clients; returns throughput, TTFT and adapter-cache counts."""
+    for name in list(engine.adapter_table.resident()):  # start cold
+        engine.adapter_table.invalidate(name)
+    rng = random.Random(seed)
+    vocab = engine.runner.model.config.vocab_size
+    weights = [1 / k for k in range(1, len(adapters) + 1)] if popularity == "zipf" else None
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    table, pre = engine.adapter_table.stats, engine.prefetcher.stats
+    before = (table.misses, table.evictions, pre.staged_ahead)
+    total = streams * per_stream
+    sent, generated, busy = 0, 0, set()
+    sent_at: dict[str, float] = {}
+    ttft: list[float] = []
+    load_seconds = 0.0
+    start = time.perf_counter()
+    while sent < total or engine.has_unfinished():
+        while len(busy) < streams and sent < total:
+            rid = f"q{sent}"
+            prompt = [rng.randrange(100, vocab) for _ in range(prompt_tokens)]
+            i = rng.choices(range(len(adapters)), weights=weights)[0] if adapters else None
+            engine.add_request(rid, prompt, params, adapters[i] if i is not None else None, f"a{i}")
+            sent_at[rid] = time.perf_counter()
+            busy.add(rid)
+            sent += 1
+        outs = engine.step()
+        load_seconds += engine.last_step.adapter_load_seconds
+        now = time.perf_counter()
+        for o in outs:
+            if o.token_ids and o.num_output_tokens == len(o.token_ids):  # its first token
+                ttft.append(now - sent_at[o.request_id])
+            generated += len(o.token_ids)
+            if o.finished:
+                busy.discard(o.request_id)
+    wall = time.perf_counter() - start
+    loads, evictions, ahead = (table.misses - before[0], table.evictions - before[1], pre.staged_ahead - before[2])
+    return {"requests": total, "generated_tokens": generated, "seconds": wall, "tokens_per_s": generated / wall,
+            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+            "loads_per_request": loads / total, "evictions_per_request": evictions / total,
+            "loads_staged_ahead": ahead, "load_seconds": load_seconds,
+            "resident_at_end": len(engine.adapter_table.resident())}
+
+
+def fill_per_module(slots: AdapterSlots, slot: int, adapter: LoRAAdapter) -> None:
+    """The previous load path (before staging): every module written on its own."""
+    slots.clear(slot)
+    alloc = adapter.max_rank
+    start = slots._reserve(slot, alloc)
+    slots.row_start[slot], slots.slot_alloc[slot] = start, alloc
+    for path, target in slots.targets.items():
+        module = adapter.modules.get(path)
+        dtype = target.layer.a_pool.dtype
+        a = None if module is None else module.lora_a.to(dtype)
+        b = None if module is None else (module.lora_b * module.scale).to(dtype)
+        target.layer.write_slot(target.slice_idx, start, alloc, slot, a, b)
+    slots.occupant[slot] = adapter
+
+
+@torch.no_grad()
+def load_costs(engine: LLMEngine, ranks: list[int], reps: int) -> list[dict]:
+    """Median seconds of one load per rank: per-module copies vs staging + one copy per pool."""
+    slots, specs, rows = engine.runner.model.slots, engine.runner.base_modules(), []
+    for rank in ranks:
+        ad = make_adapters(weight_bank(specs, rank)[:1], 1, f"load{rank}")[0]
+        staged = slots.stage(ad)
+        t_module, t_stage, t_copy = [], [], []
+        for _ in range(reps):
+            for times, fn in ((t_module, lambda: fill_per_module(slots, 0, ad)), (t_stage, lambda: slots.stage(ad)),
+                              (t_copy, lambda: slots.fill(0, staged))):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        slots.clear(0)
+        rows.append({"rank": rank, "adapter_mb": staged.nbytes / 2**20, "per_module_s": statistics.median(t_module),
+                     "stage_s": statistics.median(t_stage), "copy_per_pool_s": statistics.median(t_copy)})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--adapters", default="1,8,32,128,512", help="N values (the base always runs)")
+    parser.add_argument("--popularity", default="uniform,zipf")
+    parser.add_argument("--streams", default="32,64")
+    parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--adapter-budget-mb", type=int, default=2600, help="adapter memory budget (2600: 133 rank-16)")
+    parser.add_argument("--max-loras-baseline", type=int, default=8,
+                        help="also run N=32 uniform capped at this many resident adapters (0: skip)")
+    parser.add_argument("--load-ranks", default="8,16,64,128")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", default="benchmarks/results/many_adapters.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bm = load_base_model()
+    streams = [int(s) for s in args.streams.split(",")]
+    cfg = dict(block_size=16, max_num_seqs=max(streams), max_num_batched_tokens=512, max_prefill_chunk=256,
+               max_model_len=args.prompt_tokens + args.max_tokens + 16, max_queue=4096,
+               adapter_budget_bytes=args.adapter_budget_mb << 20)
+    cfg["num_kv_blocks"] = max(streams) * (cfg["max_model_len"] // 16 + 1)
+    engine = LLMEngine(copy.deepcopy(bm.model), bm.tokenizer, EngineConfig(**cfg))
+    loads = load_costs(engine, [int(r) for r in args.load_ranks.split(",") if r], reps=5)
+    bank = weight_bank(engine.runner.base_modules(), 16)
+    plan = [(0, "-")] + [(int(n), p) for n in args.adapters.split(",") for p in args.popularity.split(",")
+                         if int(n) > 1 or p == args.popularity.split(",")[0]]
+    rows = []
+    for s in streams:
+        for n, pop in plan:
+            adapters = make_adapters(bank, n, f"s{s}n{n}{pop}")
+            res = run_scenario(engine, adapters, pop if n else "uniform", s, args.requests_per_stream,
+                               args.prompt_tokens, args.max_tokens, seed=s)
+            rows.append({"streams": s, "adapters": n, "popularity": pop, "max_loras": None, **res})
+            print(f"  ran {s} streams, N={n} {pop}: {res['tokens_per_s']:.1f} tok/s", flush=True)
+        if args.max_loras_baseline and "32" in args.adapters.split(","):
+            capped = LLMEngine(copy.deepcopy(bm.model), bm.tokenizer, EngineConfig(**{**cfg, "max_loras": args.max_loras_baseline}))
+            res = run_scenario(capped, make_adapters(bank, 32, f"cap{s}"), "uniform", s, args.requests_per_stream,
+                               args.prompt_tokens, args.max_tokens, seed=s)
+            rows.append({"streams": s, "adapters": 32, "popularity": "uniform", "max_loras": args.max_loras_baseline, **res})
+            del capped
+    for r in rows:  # ratios against the base and the 8-adapter run of the same streams and popularity
+        base = next(b for b in rows if b["streams"] == r["streams"] and b["adapters"] == 0)
+        eight = next((b for b in rows if b["streams"] == r["streams"] and b["adapters"] == 8 and b["max_loras"] is None
+                      and b["popularity"] == r["popularity"]), None)
+        r["vs_base"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["vs_8_adapters"] = r["tokens_per_s"] / eight["tokens_per_s"] if eight else None
+        r["ttft_p99_vs_8_adapters"] = r["ttft_p99"] / eight["ttft_p99"] if eight else None
+    print(f"adapter budget {engine.runner.adapter_budget_bytes / 2**20:.0f} MiB = {engine.runner.adapter_budget_rows} rank rows "
+          f"({engine.runner.adapter_budget_rows // 16} rank-16 adapters); {args.requests_per_stream} requests per stream, "
+          f"{args.prompt_tokens}-token prompts, {args.max_tokens} tokens each; torch threads {torch.get_num_threads()}")
+    print(f"{'streams':>7} {'N':>4} {'pop':<8} {'cap':>4} {'tok/s':>7} {'vs base':>7} {'vs N=8':>6} {'TTFT p50':>8} "
+          f"{'p99':>6} {'p99/N=8':>7} {'loads/req':>9} {'evict/req':>9} {'resident':>8}")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for r in rows:
+        print(f"{r['streams']:>7} {r['adapters']:>4} {r['popularity']:<8} {fmt(r['max_loras'], 'd'):>4} "
+              f"{r['tokens_per_s']:>7.1f} {r['vs_base']:>7.2f} {fmt(r['vs_8_adapters'], '.2f'):>6} {r['ttft_p50']:>8.2f} "
+              f"{r['ttft_p99']:>6.2f} {fmt(r['ttft_p99_vs_8_adapters'], '.2f'):>7} {r['loads_per_request']:>9.2f} "
+              f"{r['evictions_per_request']:>9.2f} {r['resident_at_end']:>8}")
+    print(f"{'rank':>5} {'MiB':>6} {'per-module load':>15} {'stage (prefetch)':>16} {'copy per pool':>13} {'speed-up':>8}")
+    for r in loads:
+        print(f"{r['rank']:>5} {r['adapter_mb']:>6.1f} {r['per_module_s'] * 1e3:>12.1f} ms {r['stage_s'] * 1e3:>13.1f} ms "
+              f"{r['copy_per_pool_s'] * 1e3:>10.1f} ms {r['per_module_s'] / r['copy_per_pool_s']:>7.1f}x")
+    out = write_json(args.out, {"benchmark": "many_adapters", "args": vars(args), "rows": rows, "load_costs": loads,
+                                "adapter_budget_bytes": engine.runner.adapter_budget_bytes})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
