@@ -235,6 +235,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
                    help="accepted inference key; repeat for several (none: inference is open)")
     p.add_argument("--admin-key", default=argparse.SUPPRESS, help="key for the adapter registry routes")
+    device = p.add_argument_group("device")
+    device.add_argument("--device", choices=["auto", "cpu", "cuda"], metavar="{auto,cpu,cuda}",
+                        help="where the model runs (default auto: the GPU where one is visible, else the CPU)")
+    device.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="weights and KV cache dtype (default auto: bfloat16 on a GPU, float32 on the CPU); "
+                        "the model is loaded straight into it")
     engine = p.add_argument_group("engine limits")
     for flag, text in (
         ("--max-loras", "optional cap on adapters resident on the device at once (default: as many as "
@@ -243,12 +249,17 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                 "--adapter-memory-fraction of free memory)"),
         ("--max-num-seqs", "sequences decoded together in one step"),
         ("--max-model-len", "context limit: prompt + generated tokens"),
-        ("--kv-blocks", "KV cache size in blocks (default: measured from free memory)"),
+        ("--kv-blocks", "KV cache size in blocks (default: measured from free memory, see "
+                        "--gpu-memory-utilization)"),
         ("--cpu-cache-mb", "host-memory budget for adapters evicted from the device"),
         ("--max-tokens-cap", "largest max_tokens a request may ask for"),
         ("--max-queue", "waiting requests beyond which the server answers 429"),
     ):
         engine.add_argument(flag, type=int, metavar="N", help=text)
+    engine.add_argument("--gpu-memory-utilization", type=float, metavar="F",
+                        help="share of the GPU's memory the server may hold (weights, adapters, activations, "
+                        "KV cache); the KV cache gets what is left unless --kv-blocks is given (default 0.9; "
+                        "CPU: the cache takes at most 1 GiB and a quarter of the available RAM)")
     engine.add_argument("--adapter-memory-fraction", type=float, metavar="F",
                         help="share of free device memory (CPU: available RAM) for resident adapters' weights, "
                         "when --adapter-budget-mb is unset (default 0.1)")

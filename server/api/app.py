@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,20 +21,27 @@ from lorafold.server.api.settings import ServerSettings
 from lorafold.server.engine.async_engine import AsyncEngine, EngineUnavailableError
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.engine import LLMEngine
+from lorafold.server.engine.kv_sizing import with_measured_kv_blocks
 from lorafold.server.models.loader import BaseModel, load_base_model
 from lorafold.server.store import open_store
 
 logger = logging.getLogger(__name__)
 
 
-def engine_config(s: ServerSettings) -> EngineConfig:
-    return EngineConfig(
-        block_size=s.block_size, num_kv_blocks=s.kv_blocks, max_num_seqs=s.max_num_seqs,
+def engine_config(s: ServerSettings, model: torch.nn.Module | None = None) -> EngineConfig:
+    """The engine's configuration; the KV cache is measured on `model`'s device unless
+    `kv_blocks` is set (without a model: the EngineConfig default)."""
+    kv = {} if s.kv_blocks is None else {"num_kv_blocks": s.kv_blocks}
+    config = EngineConfig(
+        **kv, block_size=s.block_size, max_num_seqs=s.max_num_seqs,
         max_num_batched_tokens=s.max_num_batched_tokens, max_prefill_chunk=s.max_prefill_chunk,
         max_model_len=s.max_model_len, max_loras=s.max_loras, max_queue=s.max_queue,
         adapter_budget_bytes=s.adapter_budget_bytes, adapter_memory_fraction=s.adapter_memory_fraction,
-        prepack_weights=s.prepack_weights,
+        prepack_weights=s.prepack_weights, gpu_memory_utilization=s.gpu_memory_utilization,
     )
+    if s.kv_blocks is None and model is not None:
+        config = with_measured_kv_blocks(model, config)
+    return config
 
 
 def create_app(settings: ServerSettings, *, base: BaseModel | None = None) -> FastAPI:
@@ -42,13 +50,14 @@ def create_app(settings: ServerSettings, *, base: BaseModel | None = None) -> Fa
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = app.state
-        model = base or load_base_model(settings.model)
-        engine = LLMEngine(model.model, model.tokenizer, engine_config(settings))
+        model = base or load_base_model(settings.model, dtype=settings.dtype, device=settings.device)
+        config = engine_config(settings, model.model)
+        engine = LLMEngine(model.model, model.tokenizer, config)
         state.base_name = settings.served_model_name or model.name
         state.tokenizer = model.tokenizer
         state.vocab_size = model.model.config.vocab_size
         state.metrics = Metrics(top_n=settings.metrics_top_adapters, model_name=state.base_name)
-        state.metrics.kv_total.set(settings.kv_blocks)
+        state.metrics.kv_total.set(config.num_kv_blocks)
         state.registry = AdapterRegistry(
             open_store(settings.store_url), settings.adapter_root, engine.runner.base_modules(),
             max_rank=settings.max_adapter_rank, cpu_cache_bytes=settings.cpu_cache_bytes,

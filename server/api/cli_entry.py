@@ -24,6 +24,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "max_queue": "max_queue", "prepack_weights": "prepack_weights",
         "adapter_memory_fraction": "adapter_memory_fraction",
         "adapter_store": "adapter_store", "store_refresh_seconds": "store_refresh_seconds",
+        "device": "device", "dtype": "dtype", "gpu_memory_utilization": "gpu_memory_utilization",
     }
     for arg, field in mapping.items():
         value = getattr(args, arg, None)

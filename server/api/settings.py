@@ -40,7 +40,10 @@ class ServerSettings:
     adapter_memory_fraction: float = 0.1
     max_num_seqs: int = 32
     max_model_len: int = 2048
-    kv_blocks: int = 1024
+    kv_blocks: int | None = None  # None: measured from free memory (gpu_memory_utilization)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (server.models.loader.resolve_device)
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (auto: bf16 on a GPU, fp32 on the CPU)
+    gpu_memory_utilization: float = 0.9  # see EngineConfig
     block_size: int = 16
     max_num_batched_tokens: int = 512
     max_prefill_chunk: int = 256
@@ -68,7 +71,15 @@ class ServerSettings:
             raise ValueError(f"adapter_budget_bytes must be a positive integer or unset, got {self.adapter_budget_bytes!r}")
         if not 0 < self.adapter_memory_fraction <= 1:
             raise ValueError(f"adapter_memory_fraction must be in (0, 1], got {self.adapter_memory_fraction!r}")
-        for name in ("port", "max_num_seqs", "max_model_len", "kv_blocks", "block_size",
+        if self.kv_blocks is not None and (not isinstance(self.kv_blocks, int) or self.kv_blocks < 1):
+            raise ValueError(f"kv_blocks must be a positive integer or unset (measured), got {self.kv_blocks!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        for name in ("port", "max_num_seqs", "max_model_len", "block_size",
                      "max_num_batched_tokens", "max_prefill_chunk", "max_tokens_cap", "max_queue",
                      "max_request_bytes", "max_upload_bytes", "max_adapter_rank", "metrics_top_adapters"):
             value = getattr(self, name)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flex")
+LORA_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cpp")  # as kernels.ops.force_backend
+
 
 def _check_int(name: str, value: object, minimum: int) -> None:
     # bool is an int subclass; `max_loras=True` is a bug, not a 1.
@@ -18,9 +21,18 @@ class EngineConfig:
     """Sizes and limits of the serving engine.
 
     block_size: tokens per paged KV block.
-    num_kv_blocks: KV memory budget in blocks. The model runner measures free memory at start
-        and sets it (``dataclasses.replace(config, num_kv_blocks=n)``); the default is only
-        for tests and CPU runs.
+    num_kv_blocks: KV memory budget in blocks. The server measures it from free memory at
+        start (`server.engine.kv_sizing.with_measured_kv_blocks`, `gpu_memory_utilization`)
+        unless `--kv-blocks` is given; the default is only for tests and hand-built engines.
+    gpu_memory_utilization: share of the GPU's whole memory this engine may hold (weights,
+        adapter budget, activations and KV cache together), as vLLM's flag; in (0, 1].
+    attention_backend: "sdpa" reads each context back from its blocks and runs SDPA (the
+        compiled paged-decode kernel where built: float32 CPU); "flex" runs FlexAttention
+        with a block mask over the paged cache (the GPU path; eager, and so testable, on the
+        CPU); "auto": flex on CUDA, sdpa elsewhere. Chosen once, at start.
+    lora_backend: the multi-LoRA ops' backend for every forward (`kernels.ops.force_backend`):
+        "auto" (Triton on CUDA, the compiled kernel or torch on the CPU), "torch", "triton"
+        (on the CPU only under TRITON_INTERPRET=1: how CI runs the GPU path), "cpp".
     max_num_seqs: most sequences RUNNING at once (= most sequences in one step).
     max_num_batched_tokens: token budget of one step (decodes + prefill chunks). Must be
         >= max_num_seqs so every running decode always gets its token.
@@ -55,6 +67,9 @@ class EngineConfig:
     max_queue: int = 1024
     max_overtakes: int = 16
     prepack_weights: bool = True
+    gpu_memory_utilization: float = 0.9
+    attention_backend: str = "auto"
+    lora_backend: str = "auto"
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, 1)
@@ -72,6 +87,14 @@ class EngineConfig:
             raise ValueError(f"adapter_memory_fraction must be a number in (0, 1], got {fraction!r}")
         _check_int("max_queue", self.max_queue, 1)
         _check_int("max_overtakes", self.max_overtakes, 0)
+        util = self.gpu_memory_utilization
+        if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {util!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
+        if self.lora_backend not in LORA_BACKENDS:
+            raise ValueError(f"lora_backend must be one of {', '.join(LORA_BACKENDS)}, got {self.lora_backend!r}")
         if not isinstance(self.prepack_weights, bool):
             raise ValueError(f"prepack_weights must be true or false, got {self.prepack_weights!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -27,6 +27,41 @@ class UnsupportedModelError(ValueError):
     """The base model's architecture is not one we can serve."""
 
 
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """`auto`: the first CUDA device where one is present, else the CPU. `cuda` (or `cuda:N`)
+    without a visible GPU is an error naming the fix, not a silent CPU run."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"device {name!r} is not supported; use one of {', '.join(DEVICES)} (or cuda:N)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
+                         "use --device cpu, or a CUDA build of torch with the NVIDIA driver visible")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """`auto`: bfloat16 on a GPU that has it (float16 on older ones), float32 on the CPU
+    (the compiled CPU kernels and oneDNN packing are float32; CPU half matmuls are slow)."""
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise ValueError(f"dtype {name} is not supported; use one of auto, {', '.join(DTYPES)}")
+        return name
+    if name == "auto":
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 @dataclass(slots=True)
 class BaseModel:
     model: torch.nn.Module  # a transformers *ForCausalLM
@@ -74,17 +109,27 @@ def check_architecture(config: object) -> str:
 def load_base_model(
     source: str | Path | None = None,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     name: str | None = None,
 ) -> BaseModel:
-    """Load the base model and its tokenizer, frozen and in eval mode."""
+    """Load the base model and its tokenizer, frozen and in eval mode, in `dtype` on `device`
+    ("auto" for either: see `resolve_device` / `resolve_dtype`).
+
+    The weights are read straight into `dtype` on `device` (transformers' `device_map`): no
+    float32 copy on the way, no host copy of a GPU model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     folder = resolve_model_folder(source)
     check_architecture(AutoConfig.from_pretrained(folder))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    model.to(device).eval().requires_grad_(False)
+    if device.type == "cpu":
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": device})
+    model.eval().requires_grad_(False)
+    logger.info("base model %s loaded: %s on %s", folder.name, str(dtype).removeprefix("torch."), device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return BaseModel(model=model, tokenizer=tokenizer, name=name or _default_name(source, folder), folder=folder)
 
