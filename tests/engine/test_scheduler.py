@@ -457,7 +457,7 @@ def test_bookkeeping_modules_do_not_import_torch() -> None:
     import subprocess
     import sys
 
-    mods = "config sampling_params sequence block_manager scheduler stop detokenizer adapter_cache".split()
+    mods = "config sampling_params sequence block_manager scheduler schedule_output stop detokenizer adapter_cache".split()
     code = "".join(f"import lorafold.server.engine.{m}\n" for m in mods)
     code += "import sys; assert 'torch' not in sys.modules, 'bookkeeping must stay torch-free'\n"
     subprocess.run([sys.executable, "-c", code], check=True)
