@@ -16,6 +16,7 @@ from lorafold.server.api import routes_adapters, routes_openai
 from lorafold.server.api.body_limit import BodyLimitMiddleware
 from lorafold.server.api.errors import install_error_handlers
 from lorafold.server.api.metrics import Metrics
+from lorafold.server.api.openapi import install_openapi
 from lorafold.server.api.registry import AdapterRegistry
 from lorafold.server.api.settings import ServerSettings
 from lorafold.server.engine.async_engine import AsyncEngine, EngineUnavailableError
@@ -120,4 +121,5 @@ def create_app(settings: ServerSettings, *, base: BaseModel | None = None) -> Fa
 
     app.include_router(routes_openai.router)
     app.include_router(routes_adapters.router)
+    install_openapi(app)
     return app

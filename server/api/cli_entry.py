@@ -42,6 +42,10 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     cpu_mb = getattr(args, "cpu_cache_mb", None)
     if cpu_mb is not None:
         kwargs["cpu_cache_bytes"] = int(cpu_mb) << 20
+    cap = kwargs.get("max_tokens_cap")
+    default = ServerSettings.__dataclass_fields__["default_max_tokens"].default
+    if isinstance(cap, int) and 1 <= cap < default:
+        kwargs["default_max_tokens"] = cap  # a cap below the default lowers the default with it
     return ServerSettings(**kwargs)
 
 
@@ -50,7 +54,11 @@ def serve_main(args: argparse.Namespace) -> int:
 
     from lorafold.server.api.app import create_app
 
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:  # a bad flag value: say which, not a traceback
+        logger.error("invalid server settings: %s", exc)
+        return 2
     host = settings.bind_host()
     if settings.open_access:
         if settings.host != host:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from lorafold.server.api.errors import APIError, bad_request, not_found
-from lorafold.server.api.protocol import SamplingFields
+from lorafold.server.api.protocol import SamplingFields, is_adapter_name
 from lorafold.server.engine.engine import RequestOutput
 from lorafold.server.engine.sampling_params import SamplingParams
 from lorafold.server.engine.scheduler import QueueFullError
@@ -29,7 +29,7 @@ async def resolve_model(state, model: str | None) -> ResolvedModel:  # noqa: ANN
     if model in (None, "", base_name):
         return ResolvedModel(base_name, None, None)
     registry = state.registry
-    if registry.get(model) is None:
+    if not is_adapter_name(model) or await asyncio.to_thread(registry.get, model) is None:
         known = ", ".join([base_name, *registry.names()][:20])
         raise not_found(f"model {model!r} not found; available: {known}. Register adapters with POST /v1/adapters")
     try:

@@ -8,6 +8,7 @@ valid Unicode (a lone surrogate cannot be tokenized).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
@@ -17,6 +18,16 @@ MAX_TOP_K = 1 << 20
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
 # Adapter names: matched in full (a trailing newline is not part of a valid name).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$"
+
+
+_NAME_RE = re.compile(NAME_PATTERN[1:-1])
+MAX_NAME_LENGTH = 128
+
+
+def is_adapter_name(name: str) -> bool:
+    """A name an adapter can be registered under (checked before any registry or store lookup,
+    so an arbitrary `model` string never becomes a file or object key)."""
+    return len(name) <= MAX_NAME_LENGTH and _NAME_RE.fullmatch(name) is not None
 
 
 def _valid_unicode(text: str) -> str:
@@ -37,7 +48,7 @@ def _clean_path(path: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 Int = StrictInt  # JSON true/false and 1.0 are refused, not taken as 1
 Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=NAME_PATTERN)]
+AdapterName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)]
 AdapterPath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_clean_path)]
 
 
@@ -76,7 +87,8 @@ class SamplingFields(_Request):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Text | list[Annotated[Int, Field(ge=0)]] | list[Text]
+    prompt: (Annotated[Text, Field(min_length=1)] | Annotated[list[Annotated[Int, Field(ge=0)]], Field(min_length=1)]
+             | Annotated[list[Text], Field(min_length=1, max_length=1)])
     logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
     echo: StrictBool = False
 
@@ -139,6 +151,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class RegisterAdapterRequest(_Request):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"name": "sentiment", "path": "sentiment"}]})
+
     name: AdapterName
     path: AdapterPath
 

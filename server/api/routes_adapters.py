@@ -12,7 +12,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from lorafold.server.api.auth import require_admin
 from lorafold.server.api.errors import APIError, bad_request, error_body, not_found
-from lorafold.server.api.protocol import AdapterInfo, RegisterAdapterRequest, VLLMLoadRequest, VLLMUnloadRequest
+from lorafold.server.api.protocol import (
+    AdapterInfo,
+    RegisterAdapterRequest,
+    VLLMLoadRequest,
+    VLLMUnloadRequest,
+    is_adapter_name,
+)
 from lorafold.server.api.registry import PathNotAllowedError, Registration
 from lorafold.server.engine.async_engine import EngineUnavailableError
 from lorafold.server.engine.engine import adapter_key
@@ -66,6 +72,8 @@ async def _register_path(request: Request, name: str, path: str) -> Registration
         raise APIError(403, str(exc), "permission_error") from exc
     except AdapterError as exc:
         raise bad_request(f"adapter refused: {exc}") from exc
+    except OSError as exc:  # a name too long for the file system, a folder we may not read, ...
+        raise bad_request(f"adapter path {path!r} cannot be read: {exc.strerror or exc}") from exc
     request.app.state.metrics.update_registry(registry)
     return entry
 
@@ -113,7 +121,7 @@ async def list_adapters(request: Request) -> dict:
 
 @router.get("/v1/adapters/{name:path}")
 async def get_adapter(name: str, request: Request) -> AdapterInfo:
-    entry = await asyncio.to_thread(request.app.state.registry.get, name)
+    entry = await asyncio.to_thread(request.app.state.registry.get, name) if is_adapter_name(name) else None
     if entry is None:
         raise not_found(f"adapter {name!r} is not registered")
     return await _info(request, entry)
@@ -123,7 +131,7 @@ async def get_adapter(name: str, request: Request) -> AdapterInfo:
 async def delete_adapter(name: str, request: Request) -> dict:
     state = request.app.state
     # Requests in flight keep their own reference to the weights and finish normally.
-    if await asyncio.to_thread(state.registry.delete, name) is None:
+    if not is_adapter_name(name) or await asyncio.to_thread(state.registry.delete, name) is None:
         raise not_found(f"adapter {name!r} is not registered")
     state.metrics.update_registry(state.registry)
     return {"deleted": name}
@@ -138,7 +146,7 @@ async def vllm_load(body: VLLMLoadRequest, request: Request) -> PlainTextRespons
 @router.post("/v1/unload_lora_adapter")
 async def vllm_unload(body: VLLMUnloadRequest, request: Request) -> PlainTextResponse:
     state = request.app.state
-    if await asyncio.to_thread(state.registry.delete, body.lora_name) is None:
+    if not is_adapter_name(body.lora_name) or await asyncio.to_thread(state.registry.delete, body.lora_name) is None:
         raise not_found(f"adapter {body.lora_name!r} is not registered")
     state.metrics.update_registry(state.registry)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -244,3 +244,39 @@ def test_malformed_inputs_get_400_not_500(smollm2, root, tmp_path):
         assert nan_alpha.status_code == 400 and "NaN" in nan_alpha.json()["error"]["message"]
         assert httpx.get(f"{url}/v1/adapters", headers=ADMIN).json()["data"] == []  # nothing half-registered
         assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_sigterm_ends_the_process_despite_a_stalled_request(tmp_path):
+    """A client that never finishes its body holds a request open forever; SIGTERM must still
+    end `lorafold serve` within the bounded drain (20 s), so an orchestrator can replace it."""
+    import socket
+    from urllib.parse import urlparse
+
+    from lorafold.server.api.cli_entry import GRACEFUL_SHUTDOWN_S
+    from tests.store.replicas import save_tiny_model, start_replica, wait_ready
+
+    model = save_tiny_model(tmp_path / "model")
+    (tmp_path / "root").mkdir()
+    replica = wait_ready(start_replica(model, tmp_path / "root", tmp_path / "replica", f"file://{tmp_path}/store", {}))
+    target = urlparse(replica.url)
+    with socket.create_connection((target.hostname, target.port), timeout=10) as stalled:
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer user-key\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\": ")
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        replica.proc.terminate()
+        try:
+            replica.proc.wait(GRACEFUL_SHUTDOWN_S + 15)
+        finally:
+            replica.stop()
+        assert time.monotonic() - t0 < GRACEFUL_SHUTDOWN_S + 10
+
+
+def test_bad_serve_flags_are_a_message_not_a_traceback(caplog):
+    import argparse
+
+    from lorafold.server.api.cli_entry import serve_main, settings_from_args
+
+    assert settings_from_args(argparse.Namespace(max_tokens_cap=4)).default_max_tokens == 4
+    assert serve_main(argparse.Namespace(max_num_seqs=0)) == 2
+    assert "max_num_seqs must be a positive integer" in caplog.text
