@@ -137,7 +137,7 @@ def test_reregistration_while_streaming(cluster):
     want1, want2 = reference(cluster, "beta1"), reference(cluster, "beta2")
     assert want1 != want2
     assert [text(r, "beta") for r in replicas] == [want1] * 3
-    long_n = 200
+    long_n = 240  # with the 8-token prompt, the 256-token context
     before = [text(r, "beta", long_n, ignore_eos=True) for r in replicas]  # the old weights' long answer, per replica
 
     async def scenario() -> tuple[list[str], list[bool], float]:
@@ -150,10 +150,13 @@ def test_reregistration_while_streaming(cluster):
         new_hash = resp.json()["content_hash"]
         seen = await asyncio.to_thread(lambda: max(until(lambda r=r: content_hash(r, "beta") == new_hash, "re-registration")
                                                    for r in (r1, r3)))
+        in_flight = [a and not t.done() for a, t in zip(in_flight, tasks)]  # ...and once the others had swapped
         return await asyncio.gather(*tasks), in_flight, seen
 
     streamed, in_flight, seen = asyncio.run(scenario())
-    assert in_flight[1], "the stream on the re-registering replica finished before the swap; lengthen it"
+    # Every replica swapped while its stream was running: 240 tokens outlast the 0.5 s poll
+    # (here the streams ended ~3 s after the last replica had swapped).
+    assert all(in_flight), f"a stream finished before its replica swapped ({in_flight}); lengthen them"
     assert streamed == before  # every in-flight request finished on the old weights
     assert seen < BOUND
     assert [text(r, "beta") for r in replicas] == [want2] * 3  # new requests: the new weights
