@@ -162,6 +162,32 @@ def test_reregistration_while_streaming(cluster):
     assert [text(r, "beta") for r in replicas] == [want2] * 3  # new requests: the new weights
 
 
+def test_concurrent_registrations_of_one_name(cluster):
+    """Registrations of one name racing through two replicas: each answers 201 (its write went
+    in) or 409 (it lost the compare-and-swap, and says so); never a silent overwrite or a 5xx.
+    Every replica then converges on the one binding the store holds."""
+    r1, r2, r3 = cluster["replicas"]
+    folders = cluster["folders"]
+
+    async def race() -> list[httpx.Response]:
+        jobs = [asyncio.to_thread(upload, r, "race", folders[f]) for _ in range(4)
+                for r, f in ((r1, "gamma"), (r2, "delta"))]
+        return await asyncio.gather(*jobs)
+
+    responses = asyncio.run(race())
+    assert {r.status_code for r in responses} <= {201, 409}, [r.text for r in responses if r.status_code not in (201, 409)]
+    assert any(r.status_code == 201 for r in responses)
+    for r in responses:
+        if r.status_code == 409:
+            assert "another replica" in r.json()["error"]["message"]
+    final = cluster["s3"].client().get_object(Bucket="adapters", Key="cluster/manifests/race.json")["Body"].read()
+    final_hash = json.loads(final)["content_hash"]
+    assert final_hash in {r.json()["content_hash"] for r in responses if r.status_code == 201}
+    for r in (r1, r2, r3):
+        until(lambda r=r: content_hash(r, "race") == final_hash, "the final binding")
+    assert httpx.delete(f"{r1.url}/v1/adapters/race", headers=ADMIN, timeout=30).status_code == 200
+
+
 def test_deletion_seen_within_bound(cluster):
     r1, r2, r3 = cluster["replicas"]
     assert httpx.delete(f"{r3.url}/v1/adapters/alpha", headers=ADMIN, timeout=30).status_code == 200
