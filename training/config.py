@@ -11,6 +11,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 INITS = ("default", "pissa", "nystrom", "lora_ga", "etf")
 # Optimizers that train U S Vᵀ adapters (training.adapters.usv) instead of B A pairs.
 USV_OPTIMIZERS = frozenset({"dlrt", "geolora", "geo_heavy_ball", "geo_adam"})
+# Fields that hold credentials: never written to report.json, checkpoints or logs.
+SECRET_FIELDS = ("admin_key",)
+REDACTED = "<redacted>"
 
 
 @dataclass(slots=True)
@@ -40,7 +43,9 @@ class TrainConfig:
     bf16: bool = False
     seed: int = 0
     eval_every: int = 0  # 0: evaluate only before and after training
-    eval_samples: int = 200  # cap on validation examples used for accuracy (generation is slow)
+    # validation rows each evaluation uses (loss and accuracy); 0: all. Bounded by default so a
+    # first run shows progress and ends in minutes on a CPU; raise it for a final number.
+    eval_samples: int = 100
     accuracy: str = "auto"  # auto | on | off
     save_every: int = 0  # 0: checkpoint only at the end
     resume: str | None = None
@@ -66,6 +71,8 @@ class TrainConfig:
         for key in ("lr", "weight_decay"):
             if key in self.optimizer_args:
                 raise ValueError(f"set {key} with --{key.replace('_', '-')} (the `{key}` key), not in optimizer_args")
+        if self.eval_every < 0 or self.eval_samples < 0:
+            raise ValueError(f"eval_every and eval_samples must be >= 0, got {self.eval_every}, {self.eval_samples}")
         if self.accuracy not in ("auto", "on", "off"):
             raise ValueError(f"accuracy must be auto, on or off, got {self.accuracy!r}")
         for name in ("rank", "batch_size", "grad_accum", "max_length"):
@@ -85,7 +92,19 @@ class TrainConfig:
         return self.optimizer in USV_OPTIMIZERS
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, secrets included (in memory only; see :meth:`public_dict`)."""
         return asdict(self)
+
+    def public_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with secrets replaced by ``"<redacted>"`` (when set) and credentials
+        stripped from the ``register`` URL — what report.json and checkpoints store."""
+        values = asdict(self)
+        for key in SECRET_FIELDS:
+            if values[key] is not None:
+                values[key] = REDACTED
+        if values["register"]:
+            values["register"] = strip_userinfo(values["register"])
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -94,6 +113,16 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known: {sorted(known)}")
         return cls(**values)
+
+
+def strip_userinfo(url: str) -> str:
+    """``http://user:pass@host/x`` -> ``http://host/x`` (a URL may carry a token)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -50,7 +50,7 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 
 @torch.no_grad()
 def validation_loss_sums(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int,
-                         device: torch.device) -> tuple[float, int]:
+                         device: torch.device, on_batch: Callable[[int], None] | None = None) -> tuple[float, int]:
     """``(sum of CE over labeled tokens, number of labeled tokens)`` over ``examples``.
 
     Sums, not a mean, so that data-parallel ranks can add up their shards.
@@ -63,6 +63,8 @@ def validation_loss_sums(model: nn.Module, examples: Sequence[Example], pad_id: 
         loss, n = token_loss_sum(model, batch)
         total += float(loss)  # host sync, once per eval batch
         count += n
+        if on_batch is not None:
+            on_batch(len(batch["input_ids"]))
     model.train(was_training)
     return total, count
 
@@ -102,7 +104,7 @@ def accuracy_applies(examples: Sequence[Example], tokenizer: Any, max_target_tok
 
 @torch.no_grad()
 def greedy_correct(model: nn.Module, tokenizer: Any, examples: Sequence[Example], device: torch.device,
-                   batch_size: int = 16) -> tuple[int, int]:
+                   batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> tuple[int, int]:
     """``(correct, scored)``: greedy continuations of the prompts that match their completion.
 
     Counts, not a share, so that data-parallel ranks can add up their shards.
@@ -126,6 +128,8 @@ def greedy_correct(model: nn.Module, tokenizer: Any, examples: Sequence[Example]
                              pad_token_id=pad)
         for e, row in zip(chunk, out[:, width:].tolist()):
             correct += is_correct(tokenizer.decode(row, skip_special_tokens=True), e.target)
+        if on_batch is not None:
+            on_batch(len(chunk))
     model.train(was_training)
     return correct, len(usable)
 

@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 def build_report(cfg: Any, hist: Any, n_train: int, n_val: int, steps: int, device: str) -> dict[str, Any]:
     evals = hist.evals
     return {
-        "config": cfg.to_dict(),
+        "config": cfg.public_dict(),  # secrets redacted: the run folder is shared
         "device": device,
         "steps": steps,
         "examples": {"train": n_train, "val": n_val},

@@ -28,7 +28,7 @@ from lorafold.training.data.jsonl import Example, collate, load_splits
 from lorafold.training.distributed import (DistContext, all_reduce_grads, all_reduce_sum, broadcast_params,
                                            init_from_env, shard, shutdown)
 from lorafold.training.trainer import adapters, checkpoint
-from lorafold.training.trainer.progress import Progress
+from lorafold.training.trainer.progress import EvalProgress, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +89,26 @@ def total_steps(cfg: TrainConfig, n_train: int) -> int:
 
 def run_eval(model: nn.Module, tok: Any, val: list[Example], cfg: TrainConfig, device: torch.device,
              step: int, with_accuracy: bool, ctx: DistContext | None = None) -> dict[str, Any]:
+    """Validation loss (and greedy accuracy) on the first ``cfg.eval_samples`` rows (0: all)."""
     ctx = ctx or DistContext()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows = val[: cfg.eval_samples] if cfg.eval_samples else val
+    mine = shard(rows, ctx)
+    what = "loss and accuracy" if with_accuracy else "loss"
+    # each example is counted once for the loss and once more for the accuracy pass
+    bar = EvalProgress(step, len(rows), len(mine) * (2 if with_accuracy else 1), what, cfg.progress,
+                       silent=not ctx.is_main)
     t0 = time.perf_counter()
-    total, count = evaluate.validation_loss_sums(model, shard(val, ctx), pad, cfg.batch_size, device)
-    sums = [total, count]
-    if with_accuracy:
-        sums += evaluate.greedy_correct(model, tok, shard(val[: cfg.eval_samples], ctx), device)
+    try:
+        total, count = evaluate.validation_loss_sums(model, mine, pad, cfg.batch_size, device, bar.update)
+        sums = [total, count]
+        if with_accuracy:
+            sums += evaluate.greedy_correct(model, tok, mine, device, on_batch=bar.update)
+    finally:
+        bar.close()
     sums = all_reduce_sum(torch.tensor(sums, dtype=torch.float64, device=device), ctx).tolist()
-    result: dict[str, Any] = {"step": step, "val_loss": sums[0] / max(sums[1], 1) if val else None}
+    result: dict[str, Any] = {"step": step, "val_loss": sums[0] / max(sums[1], 1) if rows else None,
+                              "val_rows": len(rows)}
     if with_accuracy:
         result["accuracy"] = sums[2] / sums[3] if sums[3] else None
     result["seconds"] = round(time.perf_counter() - t0, 3)
@@ -111,7 +122,8 @@ def _payload(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, state: ad
     initial = {n: {"A0": f.A0.cpu(), "B0": f.B0.cpu()} for n, f in state.initial.items()}
     return {"adapter": adapters.adapter_state_dict(model), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "initial": initial, "losses": list(hist.losses),
-            "evals": list(hist.evals), "tokens": hist.tokens, "seconds": hist.seconds, "config": cfg.to_dict()}
+            "evals": list(hist.evals), "tokens": hist.tokens, "seconds": hist.seconds,
+            "config": cfg.public_dict()}  # secrets redacted: checkpoints are shared with the run folder
 
 
 def train_step(model: nn.Module, micro: list[dict[str, torch.Tensor] | None], cfg: TrainConfig,
@@ -151,6 +163,7 @@ def _setup(cfg: TrainConfig, base: Any, device: torch.device):
     if base is None:
         from lorafold.server.models.loader import load_base_model
 
+        logger.info("loading the base model (%s)", cfg.model or "the packaged SmolLM2-135M-Instruct")
         base = load_base_model(cfg.model)
     model, tok = base.model, base.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
