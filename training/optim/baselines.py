@@ -1,4 +1,4 @@
-"""Baselines: plain AdamW over the trainable parameters, and LoRA+ (``η_B = λ η_A``).
+"""Baselines: plain AdamW and plain SGD over the trainable parameters, and LoRA+ (``η_B = λ η_A``).
 
 Both return a stock ``torch.optim.AdamW``; LoRA+ only splits the parameters into groups:
 every pair's ``A`` at ``lr``, every pair's ``B`` at ``ratio · lr`` (λ = 16 by default; the
@@ -34,6 +34,18 @@ def build_adamw(
     return torch.optim.AdamW(
         params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused
     )
+
+
+def build_sgd(
+    params: Iterable[nn.Parameter], lr: float = 1e-2, momentum: float = 0.0, weight_decay: float = 0.0
+) -> torch.optim.SGD:
+    """Stock SGD on the LoRA factors: the plain-gradient control for the geometric SGD forms
+    (ScaledGD, LoRA-Pro SGD, RefLoRA-SGD). Default lr 1e-2: the best of the test bed's
+    grid; a real task sweeps it."""
+    params = list(params)
+    if not params:
+        raise ValueError("no trainable parameters; did you call inject_lora(model, ...)?")
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def build_loraplus(

@@ -6,7 +6,7 @@ find the LoRA pairs by module (``lora_pairs(model)``), or take explicit pairs th
 ``pairs=[LoRAPair, ...]`` override (the factorization test bed); trainable parameters
 outside any pair get the method's plain (unpreconditioned) update.
 
-Names: adamw, loraplus, scaled_gd, scaled_adamw, reflora, reflora_s, lora_pro,
+Names: adamw, sgd, loraplus, scaled_gd, scaled_adamw, reflora, reflora_s, lora_pro,
 lora_pro_sgd, adaprelora, lora_rite. Defaults are each paper's reference hyper-parameters
 (see the optimizer modules); pass overrides (``lr=...``) to tune.
 """
@@ -25,7 +25,7 @@ from lorafold.training.optim.adaprelora import AdaPreLoRA
 from lorafold.training.optim.dlrt import DLRT
 from lorafold.training.optim.geolora import GeoLoRA
 from lorafold.training.optim.geometric import GeometricAdam, GeometricHeavyBall
-from lorafold.training.optim.baselines import build_adamw, build_loraplus
+from lorafold.training.optim.baselines import build_adamw, build_loraplus, build_sgd
 from lorafold.training.optim.lora_pro import LoRAPro
 from lorafold.training.optim.reflora import RefLoRA
 from lorafold.training.optim.rite import LoRARite
@@ -61,6 +61,11 @@ def _adamw(model: nn.Module | None, pairs: Sequence[LoRAPair] | None = None, **o
     return build_adamw([t for p in found for t in (p.A, p.B)] + extra, **overrides)
 
 
+def _sgd(model: nn.Module | None, pairs: Sequence[LoRAPair] | None = None, **overrides: Any):
+    found, extra = resolve_pairs(model, pairs)
+    return build_sgd([t for p in found for t in (p.A, p.B)] + extra, **overrides)
+
+
 def _loraplus(model: nn.Module | None, pairs: Sequence[LoRAPair] | None = None, **overrides: Any):
     found, extra = resolve_pairs(model, pairs)
     return build_loraplus(found, extra, **overrides)
@@ -69,6 +74,7 @@ def _loraplus(model: nn.Module | None, pairs: Sequence[LoRAPair] | None = None, 
 OPTIMIZERS: dict[str, Builder] = {
     "adamw": _adamw,
     "loraplus": _loraplus,
+    "sgd": _sgd,
     "scaled_gd": _pair_builder(ScaledGD),
     "scaled_adamw": _pair_builder(ScaledAdamW),
     "reflora": _pair_builder(RefLoRA),
