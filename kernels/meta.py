@@ -22,6 +22,7 @@ group: the CPU path then reads both through strided views instead of copying the
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -142,7 +143,10 @@ def build_lora_meta(
         with_cpu_plan = device.type == "cpu"
     groups: tuple[RankGroup, ...] = ()
     if with_cpu_plan and seg_slots.numel():
-        groups = _cpu_plan(sorted_tokens, seg_slots, counts, alloc, row_start.to(device), num_tokens)
+        # The plan is cut on the host (it reads segment sizes anyway) and its index tensors
+        # moved to the tokens' device: one plan for the CPU path and for autograd on a GPU.
+        host = [t.cpu() for t in (sorted_tokens, seg_slots, counts, alloc, row_start)]
+        groups = tuple(_to_device(g, device) for g in _cpu_plan(*host, num_tokens))
     return LoRABatchMeta(
         sorted_tokens=sorted_tokens.to(torch.int32),
         seg_slots=seg_slots.to(torch.int32),
@@ -151,6 +155,15 @@ def build_lora_meta(
         max_rank=max_rank,
         num_tokens=num_tokens,
         groups=groups,
+    )
+
+
+def _to_device(group: RankGroup, device: torch.device) -> RankGroup:
+    if device.type == "cpu":
+        return group
+    return dataclasses.replace(
+        group, chunk_tokens=group.chunk_tokens.to(device), chunk_rows=group.chunk_rows.to(device),
+        compact=None if group.compact is None else group.compact.to(device),
     )
 
 

@@ -82,7 +82,18 @@ def _lora_shrink_op(
             x, a_pool, row_start, ranks, sorted_tokens, seg_slots, seg_starts, max_seg_len, max_rank,
             check_values=False,
         )
+    _require_flat_plan(group_ranks, seg_slots)
     return lora_shrink_torch(x, a_pool, _groups(group_ranks, group_tokens, group_rows, x.shape[0]), max_rank)
+
+
+def _require_flat_plan(group_ranks: list[int], seg_slots: torch.Tensor) -> None:
+    """The torch path computes only what the chunk plan lists: without one (metadata built
+    for the Triton kernels, as on CUDA) it would return zeros for every adapter. Say so."""
+    if not group_ranks and seg_slots.numel():  # numel is a shape: no host sync
+        raise ValueError(
+            "the torch LoRA path needs the chunk plan, and this batch metadata has none (built for the Triton "
+            "kernels); build it with build_lora_meta(..., with_cpu_plan=True) or use the 'triton' backend"
+        )
 
 
 @_lora_shrink_op.register_fake
@@ -116,6 +127,7 @@ def _lora_expand_op(
             max_seg_len, max_rank, out, check_values=False,
         )
         return
+    _require_flat_plan(group_ranks, seg_slots)
     lora_expand_torch(y, b_pool, _groups(group_ranks, group_tokens, group_rows, y.shape[1]), slice_offsets, out)
 
 
