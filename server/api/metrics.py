@@ -51,6 +51,9 @@ class Metrics:
         self.tier_evictions = Counter("lorafold_adapter_cache_evictions", "Adapters evicted from a tier", ["tier"], registry=r)
         self.resident = Gauge("lorafold_adapters_resident", "Adapters resident per tier", ["tier"], registry=r)
         self.registered = Gauge("lorafold_adapters_registered", "Registered adapters", registry=r)
+        self.store_up = Gauge("lorafold_adapter_store_up", "1 while the adapter store answers this replica's polls", registry=r)
+        self.store_last_sync = Gauge("lorafold_adapter_store_last_sync_timestamp_seconds",
+                                     "Wall time of this replica's last successful catalogue sync with the store", registry=r)
         self.adapter_budget = Gauge("lorafold_adapter_memory_budget_bytes",
                                     "Device memory budget for resident adapters' weights", registry=r)
         self.adapter_resident_bytes = Gauge("lorafold_adapter_memory_resident_bytes",
@@ -121,6 +124,10 @@ class Metrics:
         self.resident.labels("cpu").set(registry.cpu_resident)
         self.resident.labels("disk").set(registered)
         self.registered.set(registered)
+        catalogue = registry.catalogue
+        self.store_up.set(0 if catalogue.last_error else 1)
+        if catalogue.last_sync is not None:
+            self.store_last_sync.set(catalogue.last_sync)
 
     def _delta(self, counter, key: str, snap: dict) -> None:  # noqa: ANN001
         """Advance a Counter to an absolute count kept elsewhere."""

@@ -240,10 +240,13 @@ def test_store_down_keeps_the_catalogue(cluster):
     fresh, r2, _ = cluster["replicas"]
     want_beta = reference(cluster, "beta2")
     assert text(r2, "beta") == want_beta  # cached in r2's CPU tier
+    assert "lorafold_adapter_store_up 1.0" in httpx.get(f"{r2.url}/metrics", timeout=10).text
     cluster["s3"].stop()
     time.sleep(3 * REFRESH)  # a few failed polls
     assert text(r2, "beta") == want_beta
     assert models(r2) == {"beta", "gamma", "delta"}
+    scrape = httpx.get(f"{r2.url}/metrics", timeout=10).text
+    assert "lorafold_adapter_store_up 0.0" in scrape  # the outage is visible to monitoring
     resp = complete(fresh, "delta")  # fresh has the manifest, not the weights
     assert resp.status_code == 503 and "unreachable" in resp.json()["error"]["message"], resp.text
     resp = upload(r2, "epsilon", cluster["folders"]["alpha"])
