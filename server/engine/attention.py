@@ -9,7 +9,8 @@ blocks, once. Elsewhere, and for prefill chunks, contexts are read back a whole 
 time (one `index_select` row = block_size tokens x all KV heads, measured ~2x cheaper than
 gathering token by token); decode sequences are then batched into one SDPA call (padded to
 the longest context in blocks and masked), and prefill chunks run one SDPA call each (a
-handful per step).
+handful per step). That is the "sdpa" backend; the "flex" backend (the GPU path,
+`flex_paged.py`) attends straight into the blocks through FlexAttention.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafold.kernels import cpu_ops
+from lorafold.server.engine.flex_paged import FlexMetadata, build_flex_metadata, flex_paged_attention
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,7 @@ class AttentionMetadata:
     prefills: tuple[PrefillSeq, ...]
     block_size: int
     decode_only: bool = False  # every token is a decode token, rows in order: no row gather/scatter
+    flex: FlexMetadata | None = None  # set: the FlexAttention backend (the fields above are then empty)
 
 
 def build_attention_metadata(
@@ -50,8 +53,26 @@ def build_attention_metadata(
     seqs: list[tuple[int, int, int, list[int]]],
     block_size: int,
     device: torch.device,
+    *,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "sdpa",
+    num_blocks: int | None = None,
 ) -> AttentionMetadata:
-    """seqs: (q_start, q_len, ctx_len, block_table) per sequence of the step."""
+    """seqs: (q_start, q_len, ctx_len, block_table) per sequence of the step.
+
+    dtype: the queries' dtype (SDPA's CUDA kernels refuse an additive mask of another dtype).
+    backend: "sdpa" or "flex" (then `num_blocks`, the cache's size in blocks, is needed)."""
+    if backend == "flex":
+        if num_blocks is None:
+            raise ValueError("the flex attention backend needs num_blocks (the KV cache's size in blocks)")
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device), decode_rows=empty,
+            decode_blocks=empty, decode_mask=empty.to(dtype), decode_lens=empty, prefills=(), block_size=block_size,
+            flex=build_flex_metadata(seqs, block_size, num_blocks, len(slot_mapping), device),
+        )
+    if backend != "sdpa":
+        raise ValueError(f"unknown attention backend {backend!r}; use 'sdpa' or 'flex'")
     decodes = [s for s in seqs if s[1] == 1]
     prefills = []
     for q_start, q_len, ctx_len, table in seqs:
@@ -69,11 +90,11 @@ def build_attention_metadata(
         # padded positions read block 0 (zero-initialised or real K/V, always finite) and are
         # masked; an additive float mask spares SDPA a bool -> float conversion in every layer
         pad = (torch.arange(width * block_size)[None, :] >= lens[:, None])[:, None, None, :]
-        mask = torch.zeros(pad.shape).masked_fill_(pad, float("-inf"))
+        mask = torch.zeros(pad.shape, dtype=dtype).masked_fill_(pad, float("-inf"))
         rows = torch.tensor([s[0] for s in decodes], dtype=torch.int64)
     else:
         blocks = torch.zeros(0, 0, dtype=torch.int64)
-        mask = torch.zeros(0, 1, 1, 0)
+        mask = torch.zeros(0, 1, 1, 0, dtype=dtype)
         rows = torch.zeros(0, dtype=torch.int64)
         lens = torch.zeros(0, dtype=torch.int64)
     return AttentionMetadata(
@@ -143,6 +164,8 @@ def paged_attention(
     """
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+    if meta.flex is not None:
+        return flex_paged_attention(q, k_cache, v_cache, meta.flex, scale)
     bs = meta.block_size
     if meta.decode_only:  # a pure decode step (the common case): q rows are the decode rows
         return _decode_attention(q, k_cache, v_cache, meta, scale)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lorafold.kernels import cpu_ext
+from lorafold.kernels.ops import force_backend
 from lorafold.server.engine.attention import build_attention_metadata
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.host_memory import keep_freed_memory
@@ -62,11 +63,34 @@ def adapter_budget_bytes(config: EngineConfig, device: torch.device) -> int:
     return int(available_memory(device) * config.adapter_memory_fraction)
 
 
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """"auto": "flex" on CUDA (paged FlexAttention), "sdpa" elsewhere (see EngineConfig)."""
+    if name == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    return name
+
+
+def check_lora_backend(name: str, device: torch.device) -> None:
+    """Refuse at start a LoRA backend that cannot run on `device`, rather than on a request."""
+    if name == "triton" and device.type != "cuda":
+        from lorafold.kernels.triton_lora import INTERPRET
+
+        if not INTERPRET:
+            raise ValueError("lora_backend='triton' on the CPU runs only under Triton's interpreter: set "
+                             "TRITON_INTERPRET=1 before lorafold is imported (tests), or use 'auto'")
+    if name == "cpp" and device.type != "cpu":
+        raise ValueError(f"lora_backend='cpp' is the compiled CPU kernel; the model is on {device}: use 'auto'")
+
+
 class ModelRunner:
     def __init__(self, hf_model: nn.Module, config: EngineConfig, *, lora_rows_per_slot: int = 16) -> None:
         self.config = config
         self.device = next(hf_model.parameters()).device
         self.dtype = next(hf_model.parameters()).dtype
+        # chosen once: FlexAttention into the paged blocks on CUDA, the SDPA / compiled-kernel
+        # path on the CPU (either may be forced, e.g. the GPU path on the CPU in tests)
+        self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
+        check_lora_backend(config.lora_backend, self.device)
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults on every step's temporaries (see host_memory)
             # build (first run on this machine, ~15 s) or load the compiled CPU kernels now,
@@ -158,9 +182,11 @@ class ModelRunner:
             if chunk.sample:
                 rows.append(len(ids) - 1)
                 sampled_in_order.append(idx)
-        attn_meta = build_attention_metadata(slot_mapping, seqs, bs, self.device)
-        lora_meta = self.model.slots.meta(token_slots) if any(s >= 0 for s in token_slots) else None
-        with lora_batch(lora_meta):
+        attn_meta = build_attention_metadata(slot_mapping, seqs, bs, self.device, dtype=self.dtype,
+                                             backend=self.attention_backend, num_blocks=self.config.num_kv_blocks)
+        with force_backend(self.config.lora_backend):
+            lora_meta = self.model.slots.meta(token_slots) if any(s >= 0 for s in token_slots) else None
+        with lora_batch(lora_meta), force_backend(self.config.lora_backend):
             logits = self.model(
                 torch.tensor(ids, device=self.device),
                 torch.tensor(positions, device=self.device),

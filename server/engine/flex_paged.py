@@ -1,0 +1,136 @@
+"""Paged attention through FlexAttention (the GPU path): queries attend straight into the
+paged KV cache through a block mask built from the block tables; nothing is gathered.
+
+The whole cache of a layer, [slots, Hkv, D], is viewed as one key/value sequence
+[1, Hkv, slots, D] that every query batch broadcasts over. A sequence of the step is one
+batch row of the queries; its block mask lists its physical cache blocks (its block table)
+as the KV blocks to visit, so the fused kernel reads only those (KV tile = one cache block).
+The mask function, complete on its own (eager FlexAttention evaluates it everywhere), keeps a
+key slot when its block belongs to the query's sequence and its logical position is at most
+the query's position:
+
+    keep(b, q, kv) = owner[kv // bs] == seq(b)  and  logical[kv // bs] * bs + kv % bs <= pos[b, q]
+
+Decode tokens (one query each) run as one batch [B, H, 1, D]; prefill chunks as a second,
+padded to the longest chunk [P, H, Qmax, D] (a handful per step). On CUDA FlexAttention is
+compiled once per process (eager would materialise [B, H, Q, slots] scores); on the CPU it
+runs eagerly, which is how CI tests this path (`EngineConfig.attention_backend="flex"`).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+# Rows of queries per block-mask row: one tile covers a whole decode batch row (Q = 1) and
+# the usual prefill chunk (<= 256 tokens: two tiles).
+Q_BLOCK = 128
+
+
+@dataclass(frozen=True, slots=True)
+class FlexBatch:
+    """One FlexAttention call: `rows` of the flat batch gathered into [B, Q] query slots."""
+
+    q_index: torch.Tensor  # [B * Q] flat row of each query slot, N (a zero pad row) for padding
+    valid: torch.Tensor  # [n] positions in q_index that hold real rows, in flat-row order of `rows`
+    rows: torch.Tensor  # [n] flat rows, the output goes back to
+    batch: int
+    q_len: int
+    block_mask: BlockMask
+
+
+@dataclass(frozen=True, slots=True)
+class FlexMetadata:
+    decode: FlexBatch | None
+    prefill: FlexBatch | None
+
+
+def build_flex_metadata(
+    seqs: list[tuple[int, int, int, list[int]]], block_size: int, num_blocks: int, num_tokens: int, device: torch.device
+) -> FlexMetadata:
+    """seqs: (q_start, q_len, ctx_len, block_table) per sequence of the step (block tables
+    cover their contexts). `num_blocks`: blocks in the cache (the key length / block_size)."""
+    owner = torch.full((num_blocks,), -1, dtype=torch.int32)
+    logical = torch.zeros(num_blocks, dtype=torch.int32)
+    for i, (_, _, ctx_len, table) in enumerate(seqs):
+        used = table[: (ctx_len + block_size - 1) // block_size]
+        owner[used] = i
+        logical[used] = torch.arange(len(used), dtype=torch.int32)
+    owner, logical = owner.to(device), logical.to(device)
+    decodes = [i for i, s in enumerate(seqs) if s[1] == 1]
+    prefills = [i for i, s in enumerate(seqs) if s[1] > 1]
+    return FlexMetadata(
+        decode=_batch(seqs, decodes, owner, logical, block_size, num_blocks, num_tokens, device) if decodes else None,
+        prefill=_batch(seqs, prefills, owner, logical, block_size, num_blocks, num_tokens, device) if prefills else None,
+    )
+
+
+def _batch(seqs, members: list[int], owner: torch.Tensor, logical: torch.Tensor, block_size: int, num_blocks: int,
+           num_tokens: int, device: torch.device) -> FlexBatch:
+    q_len = max(seqs[i][1] for i in members)
+    q_index, valid, rows, positions, tables = [], [], [], [], []
+    for b, i in enumerate(members):
+        q_start, n, ctx_len, table = seqs[i]
+        first = ctx_len - n  # position of the chunk's first query
+        q_index += list(range(q_start, q_start + n)) + [num_tokens] * (q_len - n)
+        valid += range(b * q_len, b * q_len + n)
+        rows += range(q_start, q_start + n)
+        positions.append(list(range(first, ctx_len)) + [-1] * (q_len - n))  # -1: a pad query sees nothing
+        tables.append(table[: (ctx_len + block_size - 1) // block_size])
+    q_tiles = (q_len + Q_BLOCK - 1) // Q_BLOCK
+    kv_num = torch.tensor([len(t) for t in tables], dtype=torch.int32)
+    kv_idx = torch.zeros((len(members), num_blocks), dtype=torch.int32)
+    for b, t in enumerate(tables):
+        kv_idx[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    kv_num = kv_num[:, None, None].expand(-1, 1, q_tiles).contiguous().to(device)
+    kv_idx = kv_idx[:, None, None, :].expand(-1, 1, q_tiles, -1).contiguous().to(device)
+    seq_of = torch.tensor(members, dtype=torch.int32, device=device)
+    pos = torch.tensor(positions, dtype=torch.int32, device=device)
+
+    def keep(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        block = kv // block_size
+        return (owner[block] == seq_of[b]) & (logical[block] * block_size + kv % block_size <= pos[b, q])
+
+    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(Q_BLOCK, block_size), mask_mod=keep,
+                                    seq_lengths=(q_len, num_blocks * block_size), compute_q_blocks=False)
+    return FlexBatch(
+        q_index=torch.tensor(q_index, dtype=torch.int64, device=device),
+        valid=torch.tensor(valid, dtype=torch.int64, device=device),
+        rows=torch.tensor(rows, dtype=torch.int64, device=device),
+        batch=len(members), q_len=q_len, block_mask=mask,
+    )
+
+
+@functools.cache
+def _kernel(device_type: str) -> Callable[..., torch.Tensor]:
+    """FlexAttention compiled once per process on CUDA (the fused kernel that reads only the
+    listed blocks); eager elsewhere (it computes every score and masks: CPU tests only)."""
+    if device_type == "cuda":
+        return torch.compile(flex_attention, dynamic=True)
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    return flex_attention
+
+
+def flex_paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: FlexMetadata, scale: float
+) -> torch.Tensor:
+    """q [N, H, D] (k/v of the step already in the cache) -> [N, H, D]."""
+    _, heads, dim = q.shape
+    kc = k_cache[None].transpose(1, 2)  # [1, Hkv, slots, D], a view
+    vc = v_cache[None].transpose(1, 2)
+    kernel = _kernel(q.device.type)
+    out = torch.empty_like(q)
+    q_pad = torch.cat([q, q.new_zeros((1, heads, dim))])  # row N: the pad query
+    for fb in (meta.decode, meta.prefill):
+        if fb is None:
+            continue
+        qb = q_pad.index_select(0, fb.q_index).view(fb.batch, fb.q_len, heads, dim).transpose(1, 2)
+        ob = kernel(qb, kc, vc, block_mask=fb.block_mask, scale=scale, enable_gqa=True)  # [B, H, Q, D]
+        flat = ob.transpose(1, 2).reshape(fb.batch * fb.q_len, heads, dim)
+        out.index_copy_(0, fb.rows, flat.index_select(0, fb.valid))
+    return out
