@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from lorafold.server.api.errors import APIError, bad_request, not_found
 from lorafold.server.api.protocol import SamplingFields, is_adapter_name
 from lorafold.server.engine.engine import RequestOutput
-from lorafold.server.engine.sampling_params import SamplingParams
+from lorafold.server.engine.sampling_params import GrammarSpec, SamplingParams
+from lorafold.server.engine.structured import GrammarError
 from lorafold.server.engine.scheduler import QueueFullError
 from lorafold.server.lora.peft_format import AdapterError, LoRAAdapter
 
@@ -43,7 +44,8 @@ async def resolve_model(state, model: str | None) -> ResolvedModel:  # noqa: ANN
     return ResolvedModel(model, model, adapter)
 
 
-def sampling_params(state, req: SamplingFields, *, logprobs: int | None) -> SamplingParams:  # noqa: ANN001
+def sampling_params(state, req: SamplingFields, *, logprobs: int | None, seed: int | None = None,  # noqa: ANN001
+                    grammar: GrammarSpec | None = None) -> SamplingParams:
     settings = state.settings
     max_tokens = req.max_tokens or req.max_completion_tokens or settings.default_max_tokens
     if max_tokens > settings.max_tokens_cap:
@@ -51,10 +53,24 @@ def sampling_params(state, req: SamplingFields, *, logprobs: int | None) -> Samp
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
         return SamplingParams(
-            temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed, max_tokens=max_tokens,
+            temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=seed, max_tokens=max_tokens,
             stop=stop, stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty, logit_bias=req.token_bias(state.vocab_size),
+            min_tokens=req.min_tokens, grammar=grammar,
         )
     except ValueError as exc:
+        raise bad_request(str(exc)) from exc
+
+
+async def check_grammar(state, grammar: GrammarSpec | None) -> None:  # noqa: ANN001
+    """Compile the request's grammar now, off the event loop: a bad one is a 400 before the
+    request is queued (the engine then finds it compiled, in its cache)."""
+    if grammar is None:
+        return
+    try:
+        await asyncio.to_thread(state.engine.engine.grammars.compile, grammar)
+    except GrammarError as exc:
         raise bad_request(str(exc)) from exc
 
 
@@ -70,17 +86,29 @@ class Generation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    response_id: str = ""  # the id the response reports (one per request, whatever n)
+    index: int = 0  # the choice this generation fills
 
 
-async def start_generation(state, req: SamplingFields, prompt_ids: list[int], *, logprobs: int | None,  # noqa: ANN001
-                           prefix: str) -> Generation:
+async def start_generations(state, req: SamplingFields, prompt_ids: list[int], *, logprobs: int | None,  # noqa: ANN001
+                            prefix: str, grammar: GrammarSpec | None = None) -> list[Generation]:
+    """One Generation per requested choice (`n`), sharing the model; choice i's seed is seed + i,
+    so n seeded choices differ from each other and each is reproducible."""
     model = await resolve_model(state, req.model)
-    params = sampling_params(state, req, logprobs=logprobs)
+    grammar = grammar if grammar is not None else req.grammar
+    params = [sampling_params(state, req, logprobs=logprobs, grammar=grammar,
+                              seed=None if req.seed is None else _wrap_seed(req.seed + i)) for i in range(req.n)]
     if len(prompt_ids) >= state.settings.max_model_len:
         raise bad_request(f"the prompt has {len(prompt_ids)} tokens but the context limit is "
                           f"{state.settings.max_model_len}; shorten the prompt")
-    return Generation(f"{prefix}-{uuid.uuid4().hex}", model, prompt_ids, params, int(time.time()),
-                      prompt_tokens=len(prompt_ids))
+    await check_grammar(state, grammar)
+    base_id, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+    return [Generation(base_id if req.n == 1 else f"{base_id}-{i}", model, prompt_ids, p, created,
+                       prompt_tokens=len(prompt_ids), response_id=base_id, index=i) for i, p in enumerate(params)]
+
+
+def _wrap_seed(seed: int) -> int:
+    return seed if seed < 1 << 64 else seed - (1 << 64)
 
 
 async def stream_outputs(state, gen: Generation) -> AsyncIterator[RequestOutput]:  # noqa: ANN001

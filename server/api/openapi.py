@@ -35,6 +35,7 @@ ERROR_CODES: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/health"): (503,),
     ("get", "/ready"): (503,),
     ("get", "/v1/models"): (401, 502, 503),
+    ("get", "/v1/models/{model_id}"): (401, 404, 502, 503),
     ("post", "/v1/completions"): _INFERENCE,
     ("post", "/v1/chat/completions"): _INFERENCE,
     ("get", "/v1/adapters"): (401, 403, 502, 503),

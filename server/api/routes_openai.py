@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
 from lorafold.server.api.auth import require_api_key
-from lorafold.server.api.errors import APIError, bad_request, error_body
-from lorafold.server.api.generation import Generation, start_generation, stream_outputs
-from lorafold.server.api.protocol import ChatCompletionRequest, CompletionRequest
-from lorafold.server.engine.async_engine import EngineStepError, EngineUnavailableError
+from lorafold.server.api.errors import bad_request, not_found
+from lorafold.server.api.generation import Generation, start_generations
+from lorafold.server.api.protocol import ChatCompletionRequest, CompletionRequest, is_adapter_name
+from lorafold.server.api.responses import ResponseShape, respond
+from lorafold.server.api.tool_calls import ToolPlan, plan_tools, tool_call_delta, tool_calls_of
 from lorafold.server.engine.engine import RequestOutput
 from lorafold.server.engine.sampler import TokenLogprobs
 from lorafold.server.models.chat import ChatTemplateError, chat_prompt_ids
@@ -22,15 +20,28 @@ from lorafold.server.models.chat import ChatTemplateError, chat_prompt_ids
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
+def _model_card(state, name: str, created: int, parent: str | None) -> dict:  # noqa: ANN001
+    return {"id": name, "object": "model", "created": created, "owned_by": "lorafold", "root": name, "parent": parent}
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
     state = request.app.state
     base = state.base_name
-    data = [{"id": base, "object": "model", "created": state.started, "owned_by": "lorafold", "root": base, "parent": None}]
-    for e in state.registry.entries():
-        data.append({"id": e.name, "object": "model", "created": int(e.registered_at), "owned_by": "lorafold",
-                     "root": e.name, "parent": base})
+    data = [_model_card(state, base, state.started, None)]
+    data += [_model_card(state, e.name, int(e.registered_at), base) for e in state.registry.entries()]
     return {"object": "list", "data": data}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> dict:
+    state = request.app.state
+    if model_id == state.base_name:
+        return _model_card(state, model_id, state.started, None)
+    entry = await asyncio.to_thread(state.registry.get, model_id) if is_adapter_name(model_id) else None
+    if entry is None:
+        raise not_found(f"model {model_id!r} not found; GET /v1/models lists the available ones")
+    return _model_card(state, entry.name, int(entry.registered_at), state.base_name)
 
 
 def _completion_prompt(state, req: CompletionRequest) -> list[int]:  # noqa: ANN001
@@ -45,134 +56,76 @@ def _completion_prompt(state, req: CompletionRequest) -> list[int]:  # noqa: ANN
     return list(prompt)
 
 
+def _prompt_text(state, req: CompletionRequest, prompt_ids: list[int]) -> str:  # noqa: ANN001
+    prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
+    return prompt if isinstance(prompt, str) else state.tokenizer.decode(prompt_ids)
+
+
+def _shape(req: CompletionRequest | ChatCompletionRequest, chat: bool) -> ResponseShape:
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    if chat:
+        return ResponseShape("chat.completion", "chat.completion.chunk", include_usage)
+    return ResponseShape("text_completion", "text_completion", include_usage)
+
+
 @router.post("/v1/completions")
-async def completions(req: CompletionRequest, request: Request):  # noqa: ANN201
+async def completions(req: CompletionRequest, request: Request) -> Response:
     state = request.app.state
     # tokenizing a long prompt takes a while: off the event loop, which keeps every stream going
     prompt_ids = await asyncio.to_thread(_completion_prompt, state, req)
-    gen = await start_generation(state, req, prompt_ids, logprobs=req.logprobs, prefix="cmpl")
+    gens = await start_generations(state, req, prompt_ids, logprobs=req.logprobs, prefix="cmpl")
     tok = state.tokenizer
+    echo = await asyncio.to_thread(_prompt_text, state, req, prompt_ids) if req.echo else ""
 
-    def choice(text: str, outs: list[RequestOutput], finish: str | None) -> dict:
-        return {"index": 0, "text": text, "finish_reason": finish,
+    def choice(g: Generation, text: str, outs: list[RequestOutput], finish: str | None, first: bool) -> dict:
+        return {"index": g.index, "text": (echo if first else "") + text, "finish_reason": finish,
                 "logprobs": _completion_logprobs(tok, outs) if req.logprobs is not None else None}
 
-    return await _respond(request, gen, req.stream, "text_completion", choice)
+    return await respond(request, gens, req.stream, _shape(req, chat=False), choice, choice)
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, request: Request):  # noqa: ANN201
+async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
     state = request.app.state
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    messages = [m.as_template_message() for m in req.messages]
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:  # templating and tokenizing off the event loop, as for completions
-        prompt_ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, messages)
+        plan: ToolPlan = await asyncio.to_thread(plan_tools, state.tokenizer, messages, req.tools, req.tool_choice)
+        prompt_ids = await asyncio.to_thread(chat_prompt_ids, state.tokenizer, messages, tools if plan.render else None)
     except ChatTemplateError as exc:
         raise bad_request(str(exc)) from exc
     want_lp = req.top_logprobs if req.logprobs else None
     if req.logprobs and want_lp is None:
         want_lp = 0
-    gen = await start_generation(state, req, prompt_ids, logprobs=want_lp, prefix="chatcmpl")
+    gens = await start_generations(state, req, prompt_ids, logprobs=want_lp, prefix="chatcmpl", grammar=plan.grammar)
     tok = state.tokenizer
 
-    def choice(text: str, outs: list[RequestOutput], finish: str | None, *, delta: bool = False) -> dict:
-        body = {"index": 0, "finish_reason": finish,
-                "logprobs": {"content": _chat_logprobs(tok, outs)} if req.logprobs else None}
-        if delta:
-            body["delta"] = {"role": "assistant", "content": text} if text is not None else {}
-        else:
-            body["message"] = {"role": "assistant", "content": text}
-        return body
+    def logprobs(outs: list[RequestOutput]) -> dict | None:
+        return {"content": _chat_logprobs(tok, outs)} if req.logprobs else None
 
-    return await _respond(request, gen, req.stream, "chat.completion", choice)
+    def message(g: Generation, text: str, outs: list[RequestOutput], finish: str | None, first: bool) -> dict:
+        calls = tool_calls_of(plan, text, g.index)
+        if calls:
+            return {"index": g.index, "finish_reason": "tool_calls", "logprobs": logprobs(outs),
+                    "message": {"role": "assistant", "content": None, "tool_calls": calls}}
+        return {"index": g.index, "finish_reason": finish, "logprobs": logprobs(outs),
+                "message": {"role": "assistant", "content": text}}
 
+    pieces: dict[int, str] = {}
 
-async def _respond(request: Request, gen: Generation, stream: bool, object_name: str, choice: Callable):  # noqa: ANN202
-    state = request.app.state
-    outputs = stream_outputs(state, gen)
-    if not stream:
-        collected = await _collect_unless_disconnected(request, outputs)
-        if collected is None:  # the client hung up: its request was aborted, nobody to answer
-            return Response(status_code=499)
-        text = "".join(o.text for o in collected)
-        body = {"id": gen.request_id, "object": object_name, "created": gen.created, "model": gen.model.served_name,
-                "choices": [choice(text, collected, gen.finish_reason)], "usage": _usage(gen)}
-        return JSONResponse(body)
-    # Wait for the first output before answering, so that a refusal (queue full, bad request)
-    # is still an HTTP error status rather than an error inside a 200 stream.
-    first = await outputs.__anext__()
-    chunk_object = "chat.completion.chunk" if object_name == "chat.completion" else "text_completion"
-    is_chat = object_name == "chat.completion"
+    def delta(g: Generation, text: str, outs: list[RequestOutput], finish: str | None, first: bool) -> dict:
+        if plan.forced:  # a forced call streams as tool-call deltas
+            pieces[g.index] = pieces.get(g.index, "") + text
+            body = {"role": "assistant"} if first else {}
+            call = tool_call_delta(plan, g.index, pieces[g.index], text, first, finish is not None)
+            if call is not None:
+                body["tool_calls"] = [call]
+            done = "tool_calls" if finish is not None and tool_calls_of(plan, pieces[g.index], g.index) else finish
+            return {"index": g.index, "finish_reason": done, "logprobs": logprobs(outs), "delta": body}
+        body = {"role": "assistant", "content": text} if first else {"content": text}
+        return {"index": g.index, "finish_reason": finish, "logprobs": logprobs(outs), "delta": body}
 
-    async def sse() -> AsyncIterator[bytes]:
-        try:
-            out: RequestOutput | None = first
-            while out is not None:
-                finish = gen.finish_reason if out.finished else None
-                ch = choice(out.text, [out], finish, delta=True) if is_chat else choice(out.text, [out], finish)
-                payload = {"id": gen.request_id, "object": chunk_object, "created": gen.created,
-                           "model": gen.model.served_name, "choices": [ch]}
-                if out.finished:
-                    payload["usage"] = _usage(gen)
-                yield f"data: {json.dumps(payload)}\n\n".encode()
-                out = await _next_or_error(outputs)
-            yield b"data: [DONE]\n\n"
-        except _StreamFailed as failed:  # the status line is sent: the error is the stream's last event
-            yield f"data: {json.dumps(failed.body)}\n\n".encode()
-            yield b"data: [DONE]\n\n"
-        finally:
-            await outputs.aclose()  # a client that disconnects aborts its generation here
-
-    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-class _StreamFailed(Exception):
-    def __init__(self, body: dict) -> None:
-        super().__init__(body["error"]["message"])
-        self.body = body
-
-
-async def _next_or_error(outputs: AsyncIterator[RequestOutput]) -> RequestOutput | None:
-    """The next output, None at the end; a failure mid-stream becomes an OpenAI error body."""
-    try:
-        return await anext(outputs, None)
-    except APIError as exc:
-        raise _StreamFailed(error_body(exc.message, exc.type, exc.code or exc.status)) from exc
-    except (EngineUnavailableError, EngineStepError) as exc:
-        raise _StreamFailed(error_body(str(exc), "server_error", 500)) from exc
-
-
-# How often a non-streaming request checks whether its client is still there.
-DISCONNECT_POLL_S = 0.25
-
-
-async def _collect_unless_disconnected(
-    request: Request, outputs: AsyncIterator[RequestOutput]
-) -> list[RequestOutput] | None:
-    """All outputs of a non-streaming request, or None once its client has hung up (the
-    generation is then cancelled, which aborts it in the engine and frees its KV blocks)."""
-
-    async def drain() -> list[RequestOutput]:
-        return [out async for out in outputs]
-
-    task = asyncio.ensure_future(drain())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                return None
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await outputs.aclose()
-
-
-def _usage(gen: Generation) -> dict:
-    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-            "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+    return await respond(request, gens, req.stream, _shape(req, chat=True), message, delta)
 
 
 def _token_text(tok, token_id: int) -> str:  # noqa: ANN001
@@ -195,4 +148,3 @@ def _chat_logprobs(tok, outs: list[RequestOutput]) -> list[dict]:  # noqa: ANN00
          "top_logprobs": [{"token": _token_text(tok, t), "logprob": v, "bytes": None} for t, v in lp.top]}
         for o in outs for lp in o.logprobs
     ]
-

@@ -18,10 +18,12 @@ from lorafold.server.engine.block_manager import BlockManager
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.detokenizer import IncrementalDetokenizer
 from lorafold.server.engine.model_runner import ModelRunner
+from lorafold.server.engine.request_sampling import RequestSampling, build_context
 from lorafold.server.engine.sampler import SamplerOutput, TokenLogprobs, sample
 from lorafold.server.engine.sampling_params import SamplingParams
 from lorafold.server.engine.scheduler import Scheduler, SchedulerOutput
 from lorafold.server.engine.sequence import Sequence, SequenceStatus
+from lorafold.server.engine.structured import GrammarCompiler
 from lorafold.server.lora.peft_format import LoRAAdapter
 
 logger = logging.getLogger(__name__)
@@ -87,7 +89,9 @@ class LLMEngine:
         self._adapters: dict[str, LoRAAdapter] = {}  # key -> weights, while requests need them
         self._adapter_users: dict[str, int] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._generators: dict[str, torch.Generator] = {}
+        self._sampling: dict[str, RequestSampling] = {}  # seeded generator, grammar position
+        self._eos_ids = [eos] if eos is not None else []
+        self._grammars: GrammarCompiler | None = None
         self._queue_seconds: dict[str, float] = {}  # until the first output reports it
         self.last_step = StepStats()
 
@@ -107,13 +111,14 @@ class LLMEngine:
         if any(t >= vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be < vocab size {vocab}")
         seq = Sequence(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params, adapter=key)
+        # before the scheduler sees it: a grammar that does not compile refuses the request here
+        sampling = RequestSampling.for_request(seq, self.runner.device, self.grammars if params.grammar else None)
         self.scheduler.add(seq)
         if key is not None:
             self._adapters[key] = adapter
             self._adapter_users[key] = self._adapter_users.get(key, 0) + 1
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, stop=params.stop)
-        if params.seed is not None:  # on the logits' device: sampling draws from it there
-            self._generators[request_id] = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        self._sampling[request_id] = sampling
 
     def abort(self, request_id: str) -> bool:
         seq = self.scheduler.abort(request_id)
@@ -189,17 +194,31 @@ class LLMEngine:
         logits = self.runner.execute(chunks)
         sampling = [c.seq for c in chunks if c.sample]
         params = [s.sampling_params for s in sampling]
-        gens = [self._generators.get(s.request_id) for s in sampling]
-        result: SamplerOutput = sample(logits, params, gens)
-        # rows with non-finite logits end their own request first, so postprocess skips them
+        states = [self._sampling[s.request_id] for s in sampling]
+        ctx = build_context(sampling, states, self._eos_ids, logits.shape[-1])
+        result: SamplerOutput = sample(logits, params, [st.generator for st in states], ctx)
+        # rows that cannot go on end their own request first, so postprocess skips them
         outputs = []
-        for seq, error in zip(sampling, result.errors):
+        for seq, state, token, error in zip(sampling, states, result.token_ids, result.errors):
+            if error is None and state.grammar is not None and not state.grammar.accept(token):
+                error = f"token {token} broke the request's grammar (a bug: please report it)"
             if error is not None:
                 outputs += self._fail([seq], error, 422)
-        good = [(s, t, lp) for s, t, lp, e in zip(sampling, result.token_ids, result.logprobs, result.errors) if e is None]
+        good = [(s, t, lp) for s, t, lp in zip(sampling, result.token_ids, result.logprobs) if not s.is_finished]
         self.scheduler.postprocess(out, {s.request_id: t for s, t, _ in good})
+        for seq, _, _ in good:
+            grammar = self._sampling[seq.request_id].grammar
+            if grammar is not None and grammar.finished and not seq.is_finished:  # ended on another stop token
+                self.scheduler.finish(seq.request_id, SequenceStatus.FINISHED_STOPPED)
         outputs += [self._token_output(seq, token, lp) for seq, token, lp in good]
         return outputs
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The structured-output compiler, built on first use (~0.5 s: it indexes the vocabulary)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.runner.model.config.vocab_size)
+        return self._grammars
 
     def _fail(self, seqs: list[Sequence], message: str, status: int) -> list[RequestOutput]:
         """End these requests with an error (resources freed at once); the others go on."""
@@ -240,7 +259,7 @@ class LLMEngine:
     def _forget(self, seq: Sequence) -> None:
         """Drop per-request state; release the adapter weights when no request needs them."""
         self._detok.pop(seq.request_id, None)
-        self._generators.pop(seq.request_id, None)
+        self._sampling.pop(seq.request_id, None)
         self._queue_seconds.pop(seq.request_id, None)
         key = seq.adapter
         if key is not None and key in self._adapter_users:

@@ -3,6 +3,8 @@ top-p, per-request seeds, logprobs; rows whose logits are not finite fail alone.
 
 Semantics, per row i of logits [n, vocab] (fp32 math):
     error[i]  = logits[i] has a NaN or +inf, or is all -inf   (the request fails, not the batch)
+    logits[i] = the row's processors applied (logits_processors.py: bias, penalties,
+                min_tokens, grammar mask); all -inf afterwards is an error too
     greedy    : token[i] = argmax(logits[i])    when temperature < GREEDY_EPS (params.greedy)
     sampled   : z = (logits[i] - max) / T; keep the top-k of z, then the smallest prefix of
                 the sorted softmax(z) whose mass reaches top_p (the first token always stays);
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafold.server.engine.logits_processors import SamplingContext, apply_processors
 from lorafold.server.engine.sampling_params import SamplingParams
 
 
@@ -40,12 +43,20 @@ def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    context: SamplingContext | None = None,
 ) -> SamplerOutput:
     """Pick one token per row of `logits` [n, vocab]; `generators[i]` seeds row i (None: the
-    default generator of the logits' device)."""
+    default generator of the logits' device). `context` feeds the logits processors
+    (penalties, logit_bias, min_tokens, grammar masks); None = no processors."""
     logits = logits.float()
     bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
     safe = logits.masked_fill(bad[:, None], 0.0)  # keeps the batched math finite for the good rows
+    code = bad.to(torch.int64)  # 0 fine, 1 non-finite logits, 2 nothing left to sample
+    if context is not None:
+        safe = apply_processors(safe, params, context)
+        blocked = torch.isneginf(safe).all(-1) & ~bad  # e.g. a grammar with no way forward
+        code = code + 2 * blocked.to(torch.int64)
+        safe = safe.masked_fill(blocked[:, None], 0.0)
     tokens = safe.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
@@ -54,9 +65,9 @@ def sample(
         noise = _exponential(probs.shape, [generators[i] for i in rows], logits.device)
         tokens = tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))
     # host sync: the token ids (and the error flags, in the same transfer) go back to the scheduler
-    packed = torch.cat([tokens, bad.to(tokens.dtype)]).tolist()
+    packed = torch.cat([tokens, code]).tolist()
     token_ids, flags = packed[: len(params)], packed[len(params):]
-    errors = [_NON_FINITE if flag else None for flag in flags]
+    errors = [_ERRORS[flag] for flag in flags]
     return SamplerOutput(token_ids, _logprobs(safe, params, token_ids, errors), errors)
 
 
@@ -64,6 +75,9 @@ _NON_FINITE = (
     "the model produced non-finite logits (NaN or Inf) for this request; if it uses an adapter, its "
     "weights or lora_alpha overflow: check them and re-register it"
 )
+_BLOCKED = ("no token is allowed at this point: the request's constraints (grammar, logit_bias, min_tokens) "
+            "exclude the whole vocabulary")
+_ERRORS = (None, _NON_FINITE, _BLOCKED)
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -1,0 +1,107 @@
+"""Per-request changes to one step's logits, batched on their device, before sampling.
+
+Semantics, per row i (in this order; rows that ask for none of them are not touched):
+    logits[i, t] += logit_bias[t]                                       (OpenAI's logit_bias)
+    repetition:  seen = t in prompt_i or output_i
+                 logits[i, t] = logits / p if logits > 0 else logits * p      (when seen)
+    logits[i, t] -= frequency_penalty * count(t in output_i)
+                  + presence_penalty * (count(t in output_i) > 0)
+    logits[i, t] = -inf for t in suppress_i           (EOS / stop ids before min_tokens)
+    logits[i, t] = -inf where the grammar bitmask bit t of row i is 0 (structured outputs)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lorafold.server.engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplingContext:
+    """What the processors need besides the parameters, one entry per logits row."""
+
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    output_ids: list[list[int]] = field(default_factory=list)
+    suppress: list[list[int]] = field(default_factory=list)  # tokens banned this step
+    grammar_mask: torch.Tensor | None = None  # int32 [n, ceil(vocab / 32)] on the host, all bits set = free
+    grammar_rows: list[int] = field(default_factory=list)  # the rows the mask constrains
+
+
+def apply_processors(logits: torch.Tensor, params: list[SamplingParams], ctx: SamplingContext) -> torch.Tensor:
+    """Return `logits` [n, vocab] (float32) with every row's processors applied (in place)."""
+    _logit_bias(logits, params)
+    _penalties(logits, params, ctx)
+    _suppress(logits, ctx.suppress)
+    if ctx.grammar_mask is not None and ctx.grammar_rows:
+        _grammar(logits, ctx.grammar_mask, ctx.grammar_rows)
+    return logits
+
+
+def _logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+    vocab = logits.shape[1]
+    rows, cols, vals = [], [], []
+    for i, p in enumerate(params):
+        for token, bias in p.logit_bias.items():
+            if token < vocab:
+                rows.append(i)
+                cols.append(token)
+                vals.append(bias)
+    if rows:
+        dev = logits.device
+        logits.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                          torch.tensor(vals, device=dev, dtype=logits.dtype), accumulate=True)
+
+
+def _counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[m, vocab] float counts of each token per list (ids >= vocab are ignored)."""
+    width = max((len(t) for t in token_lists), default=0)
+    if width == 0:
+        return torch.zeros(len(token_lists), vocab, device=device)
+    padded = torch.full((len(token_lists), width), vocab, dtype=torch.int64)  # `vocab` = a spare column
+    for i, tokens in enumerate(token_lists):
+        padded[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64).clamp_(max=vocab)
+    padded = padded.to(device, non_blocking=True)
+    counts = torch.zeros(len(token_lists), vocab + 1, device=device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
+    return counts[:, :vocab]
+
+
+def _penalties(logits: torch.Tensor, params: list[SamplingParams], ctx: SamplingContext) -> None:
+    rows = [i for i, p in enumerate(params) if p.penalized]
+    if not rows:
+        return
+    vocab, device = logits.shape[1], logits.device
+    index = torch.tensor(rows, device=device)
+    sub = logits.index_select(0, index)
+    out_counts = _counts([ctx.output_ids[i] for i in rows], vocab, device)
+    rep = torch.tensor([params[i].repetition_penalty for i in rows], device=device)[:, None]
+    if bool((rep != 1).any()):
+        seen = (out_counts + _counts([ctx.prompt_ids[i] for i in rows], vocab, device)) > 0
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    freq = torch.tensor([params[i].frequency_penalty for i in rows], device=device)[:, None]
+    pres = torch.tensor([params[i].presence_penalty for i in rows], device=device)[:, None]
+    sub = sub - freq * out_counts - pres * (out_counts > 0).to(sub.dtype)
+    logits.index_copy_(0, index, sub)
+
+
+def _suppress(logits: torch.Tensor, suppress: list[list[int]]) -> None:
+    vocab = logits.shape[1]
+    rows = [i for i, tokens in enumerate(suppress) for t in tokens if t < vocab]
+    cols = [t for tokens in suppress for t in tokens if t < vocab]
+    if rows:
+        dev = logits.device
+        logits[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = float("-inf")
+
+
+def _grammar(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Mask the constrained rows with their grammar bitmask (unpacked on the device)."""
+    vocab, device = logits.shape[1], logits.device
+    index = torch.tensor(rows, device=device)
+    words = bitmask.index_select(0, torch.tensor(rows)).to(device, non_blocking=True)  # [m, W] int32
+    shifts = torch.arange(32, device=device, dtype=torch.int32)
+    allowed = ((words[:, :, None] >> shifts) & 1).reshape(len(rows), -1)[:, :vocab].bool()
+    sub = logits.index_select(0, index).masked_fill_(~allowed, float("-inf"))
+    logits.index_copy_(0, index, sub)
