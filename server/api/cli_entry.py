@@ -7,6 +7,7 @@ import logging
 import os
 
 from lorafold.server.api.settings import ServerSettings
+from lorafold.server.store import StoreError, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,13 @@ def serve_main(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
     except ValueError as exc:  # a bad flag value: say which, not a traceback
         logger.error("invalid server settings: %s", exc)
+        return 2
+    try:
+        # Before the model loads (minutes for a large one): a wrong store URL, endpoint or key
+        # fails in seconds, with the store's own message.
+        open_store(settings.store_url).check()
+    except (StoreError, ValueError) as exc:
+        logger.error("adapter store: %s", exc)
         return 2
     host = settings.bind_host()
     if settings.open_access:

@@ -65,8 +65,10 @@ class Manifest:
     def from_bytes(cls, raw: bytes, key: str) -> "Manifest":
         try:
             data = json.loads(raw.decode("utf-8"))
-            manifest = cls(**data)
-        except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
+            # Fields a newer writer added are ignored (replicas of two versions share a store
+            # during a rolling upgrade); a missing required field is an error.
+            manifest = cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError) as exc:
             raise StoreIntegrityError(f"manifest {key} is not a valid lorafold manifest ({exc}); "
                                       "re-register the adapter or delete the object") from exc
         for label in ("content_hash", "config_sha256", "weights_sha256"):

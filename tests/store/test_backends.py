@@ -7,6 +7,7 @@ and an unreachable store, refused credentials and altered objects raise errors n
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -147,3 +148,16 @@ def test_longest_names_fit_every_backend(store):
     assert set(store.list_manifests()) == set(names)
     for name in names:
         assert store.read_manifest(name)[0].name == name
+
+
+def test_manifest_from_a_newer_writer_is_read():
+    """A rolling upgrade: a newer replica's manifest with fields this version lacks still reads."""
+    data = json.loads(manifest("n").to_bytes())
+    data["added_later"] = {"x": 1}
+    raw = json.dumps(data).encode()
+    assert Manifest.from_bytes(raw, "k").name == "n"
+    del data["weights_sha256"]
+    with pytest.raises(StoreIntegrityError, match="not a valid lorafold manifest"):
+        Manifest.from_bytes(json.dumps(data).encode(), "k")
+    with pytest.raises(StoreIntegrityError):
+        Manifest.from_bytes(b"[1, 2]", "k")

@@ -229,11 +229,14 @@ def test_tampered_object_is_refused(cluster):
     assert text(r3, "gamma") == reference(cluster, "gamma")  # nothing bad was cached
 
 
-def test_wrong_credentials_refuse_to_start(cluster):
-    bad = start_replica(cluster["model_dir"], cluster["root"], cluster["tmp"] / "bad", STORE,
-                        cluster["s3"].env(secret_key="not-the-secret"), REFRESH)
-    log = wait_exit(bad)
-    assert "refused the credentials" in log and "AWS_SECRET_ACCESS_KEY" in log
+def test_wrong_credentials_or_url_refuse_to_start(cluster):
+    """Checked before the model loads: exit status 2 and one line naming the fix, no traceback."""
+    for store, env, says in ((STORE, cluster["s3"].env(secret_key="not-the-secret"), "AWS_SECRET_ACCESS_KEY"),
+                             ("gs://adapters", cluster["s3"].env(), "use file:///PATH or s3://BUCKET/PREFIX"),
+                             ("s3://no-such-bucket/x", cluster["s3"].env(), "does not exist; create it")):
+        bad = start_replica(cluster["model_dir"], cluster["root"], cluster["tmp"] / "bad", store, env, REFRESH)
+        log = wait_exit(bad)
+        assert bad.proc.returncode == 2 and says in log and "Traceback" not in log, log
 
 
 def test_store_down_keeps_the_catalogue(cluster):
