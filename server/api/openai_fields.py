@@ -4,8 +4,8 @@ tools, and the SDK parameters this server refuses by name rather than ignore.
 Every parameter of the official SDK's `completions.create` / `chat.completions.create` is
 either honoured or refused with a 400 naming it (tests/server/test_openai_fields.py walks
 the SDK's signatures). A few are metadata with nothing to honour in a self-hosted server
-(`user`, `safety_identifier`, `prompt_cache_key`, `service_tier`, `metadata`): accepted,
-documented as such in docs/api.md.
+(`user`, `safety_identifier`, `prompt_cache_key`, `prompt_cache_options`,
+`prompt_cache_retention`, `service_tier`, `metadata`): accepted, documented as such in docs/api.md.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ UNSUPPORTED: dict[str, tuple[tuple[object, ...], str]] = {
     "suffix": ((None, ""), "suffix (insertion) is not supported"),
     "store": ((None, False), "stored completions are not supported; drop store or set it false"),
     "parallel_tool_calls": ((None, True, False), ""),
+    "moderation": ((None,), "moderation is not part of this server; run it before or after the request"),
 }
 
 

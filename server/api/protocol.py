@@ -113,6 +113,8 @@ class SamplingFields(_Request):
     user: Text | None = None
     safety_identifier: Text | None = None
     prompt_cache_key: Text | None = None
+    prompt_cache_options: dict | None = None
+    prompt_cache_retention: Text | None = None
     service_tier: Literal["auto", "default"] | None = None
     metadata: dict[str, Text] | None = None
     _grammar: GrammarSpec | None = PrivateAttr(default=None)
