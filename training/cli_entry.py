@@ -124,18 +124,27 @@ def parse_config(argv: list[str]) -> tuple[TrainConfig, bool]:
     return TrainConfig.from_dict(values), verbose
 
 
+def _setup_logging(verbose: bool, rank: int) -> None:
+    level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s{f' [rank {rank}]' if rank else ''} %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # `lorafold train` may have configured logging already
+
+
 def train_main(argv: list[str]) -> int:
     """Entry point of ``lorafold train``; returns the exit status."""
     if argv and argv[0] == "prepare":
         from lorafold.training.data.recipes import main as prepare_main
 
         return prepare_main(argv[1:])
-    cfg, verbose = parse_config(argv)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun: only rank 0 logs progress and prints the summary
-    level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s{f' [rank {rank}]' if rank else ''} %(name)s: %(message)s")
-    logging.getLogger().setLevel(level)  # `lorafold train` may have configured logging already
+    if not {"-h", "--help"} & set(argv):
+        # The first line within a second: importing torch, transformers and the optimizers
+        # (the parser lists them) takes many seconds on a loaded CPU, before any other output.
+        _setup_logging(bool({"-v", "--verbose"} & set(argv)), rank)
+        logging.getLogger(__name__).info("lorafold train: starting (importing torch and the trainer)")
+    cfg, verbose = parse_config(argv)
+    _setup_logging(verbose, rank)
     from lorafold.training.trainer import train
 
     result = train(cfg)
