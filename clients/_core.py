@@ -21,9 +21,11 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 # Sampling fields the server accepts besides model/prompt/messages/max_tokens/temperature/stream.
 # A typo (`max_token=`) is a TypeError here rather than a field the server silently ignores.
-SAMPLING_FIELDS = frozenset(
-    {"top_p", "top_k", "seed", "stop", "logprobs", "n", "stop_token_ids", "ignore_eos", "extra_body"}
-)
+SAMPLING_FIELDS = frozenset({
+    "top_p", "top_k", "seed", "stop", "logprobs", "n", "stop_token_ids", "ignore_eos", "extra_body",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "echo",
+    "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+})
 
 # Local PEFT folder → multipart file fields of `POST /v1/adapters`.
 UPLOAD_FILES = {"config": "adapter_config.json", "weights": "adapter_model.safetensors"}

@@ -253,3 +253,13 @@ def test_every_sdk_parameter_is_honoured_or_refused_by_name(server):
     assert "," not in stopped.choices[0].text
     with pytest.raises(openai.BadRequestError, match="best_of"):
         client.completions.create(model=base, prompt="hi", max_tokens=2, n=1, best_of=3)
+
+
+def test_the_lorafold_client_passes_the_new_fields(server):
+    from lorafold.clients.client import LorafoldClient
+
+    url, base, _ = server
+    with LorafoldClient(url, api_key="user-key") as client:
+        out = client.complete("Pick:", model=base, max_tokens=6, temperature=1.0, seed=4,
+                              guided_choice=["red", "green", "blue"], frequency_penalty=0.5)
+    assert out.text in {"red", "green", "blue"}
