@@ -21,9 +21,7 @@ and ``geolora_aug`` (augment + Adam in the augmented basis + truncate, what ever
 with ``coefficient_steps = 1``); ``geolora`` is the default schedule's amortized cost,
 ``(29 · coef + aug) / 30``. Likewise ``adaprelora_skip`` times AdaPreLoRA's step without the
 statistic (``stat_interval`` never due) and ``adaprelora_every10`` is ``stat_interval = 10``
-amortized, ``(9 · skip + adaprelora) / 10``. ``adaprelora`` takes its compiled CPU step where the
-kernels are built (``lorafold.kernels.cpu_ext``); ``adaprelora_torch`` is the same method on
-its pure-torch path, the baseline the compiled step must beat.
+amortized, ``(9 · skip + adaprelora) / 10``.
 
 The base is the real SmolLM2 checkpoint when ``--model`` points at one, else a random
 LlamaForCausalLM with SmolLM2-135M's exact config.
@@ -45,7 +43,6 @@ from pathlib import Path
 import torch
 import transformers
 
-from lorafold.kernels import cpu_ext
 from lorafold.training.adapters.lora import inject_lora, lora_pairs
 from lorafold.training.adapters.usv import inject_usv, usv_modules
 from lorafold.training.optim.registry import OPTIMIZERS, build_optimizer
@@ -76,7 +73,6 @@ METHODS = [
     ("lora_pro", "lora_pro", {}, "lora"),
     ("lora_pro_sgd", "lora_pro_sgd", {}, "lora"),
     ("adaprelora", "adaprelora", {}, "lora"),
-    ("adaprelora_torch", "adaprelora", {"backend": "torch"}, "lora"),
     ("adaprelora_skip", "adaprelora", {"stat_interval": BIG}, "lora"),
     ("lora_rite", "lora_rite", {}, "lora"),
     ("adamw_usv", "adamw", {}, "usv"),
@@ -238,7 +234,7 @@ def main() -> None:
     parser.add_argument("--full-seq", type=int, default=128)
     parser.add_argument(
         "--full-methods",
-        default="adamw,adamw_foreach,adamw_fused,scaled_adamw,reflora,adaprelora,adaprelora_torch,lora_pro,"
+        default="adamw,adamw_foreach,adamw_fused,scaled_adamw,reflora,adaprelora,lora_pro,"
         "geolora_coef,geolora_aug",
         help="labels for the training-step measurement",
     )
@@ -258,7 +254,7 @@ def main() -> None:
     lora = setups["lora"]
     print(
         f"base: {lora.source}; {len(lora.pairs)} LoRA pairs, {lora.numel / 1e6:.2f} M LoRA parameters; "
-        f"threads {args.threads}; compiled CPU kernels: {'yes' if cpu_ext.available() else 'no'}"
+        f"threads {args.threads}"
     )
     if "usv" in setups:
         print(f"USV copy: {len(setups['usv'].mods)} USVLinear (r0 = r_max = {args.rank}), {setups['usv'].numel / 1e6:.2f} M parameters")
@@ -317,7 +313,6 @@ def main() -> None:
         },
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
-        "compiled_cpu_kernels": cpu_ext.available(),
     }
     out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
     print(f"\nwrote {out}")

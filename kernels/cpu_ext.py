@@ -1,5 +1,4 @@
-"""Build (once) and load the compiled CPU kernels of `kernels/csrc/` (serving: `cpu_ops.cpp`;
-the AdaPreLoRA optimizer's step: `optim_ops.cpp`), one shared library.
+"""Build (once) and load the compiled CPU serving kernels of `kernels/csrc/cpu_ops.cpp`.
 
 The ops register as `torch.ops.lorafold_cpu.*`. The shared library is built on first use
 with torch's C++ extension builder (gcc + ninja, ~15 s) into a folder keyed by the source,
@@ -32,7 +31,7 @@ from lorafold.server.models.assets import cache_root
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "cpu_ops.cpp", CSRC / "optim_ops.cpp")
+SOURCES = (CSRC / "cpu_ops.cpp",)
 HEADERS = (CSRC / "simd.h",)
 _NAME = "lorafold_cpu_ops"
 # -fopenmp: at::parallel_for is a header template over `omp parallel`; without the flag it
@@ -126,7 +125,7 @@ def _load() -> bool:
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as err:
         logger.warning("compiled CPU kernels unavailable (%s); using the slower torch path", err)
         return False
-    return hasattr(torch.ops.lorafold_cpu, "lora_apply") and hasattr(torch.ops.lorafold_cpu, "adapre_step")
+    return hasattr(torch.ops.lorafold_cpu, "lora_apply")
 
 
 def main() -> int:

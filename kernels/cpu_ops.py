@@ -54,38 +54,3 @@ def lora_apply(
     torch.ops.lorafold_cpu.lora_apply(
         x, a_pool, b_pool, row_start, ranks, sorted_tokens, seg_slots, seg_starts, list(slice_offsets), out
     )
-
-
-# ----- AdaPreLoRA's optimizer step (`csrc/optim_ops.cpp`) ----------------------------------
-# Lists hold one tensor per layer, all layers of one call at the same rank r (A_l [r, n_l],
-# B_l [m_l, r]).
-
-
-def adapre_step(
-    a: list[torch.Tensor],
-    b: list[torch.Tensor],
-    g_a: list[torch.Tensor],
-    g_b: list[torch.Tensor],
-    row_state: list[torch.Tensor],
-    col_state: list[torch.Tensor],
-    mom_a: list[torch.Tensor],
-    mom_b: list[torch.Tensor],
-    scales: list[float],
-    inv_corr: list[float],
-    fold: list[float],
-    measure: bool,
-    lr: float,
-    decay: float,
-    beta1: float,
-    eps: float,
-    damping: float,
-) -> torch.Tensor:
-    """A whole AdaPreLoRA step, one task per layer, in place (factors, state, momentum).
-
-    ``measure``: fold this step's low-rank statistic into the state with weights ``fold``.
-    Returns uint8 [k] per layer: 0 stepped; 1 stepped with the identity for a failed
-    weighted inverse; 2 untouched, its statistic needs the eigh-based pseudo-inverse."""
-    return torch.ops.lorafold_cpu.adapre_step(
-        a, b, g_a, g_b, row_state, col_state, mom_a, mom_b, [float(x) for x in scales], inv_corr, fold,
-        bool(measure), float(lr), float(decay), float(beta1), float(eps), float(damping),
-    )

@@ -1,4 +1,4 @@
-// Vector helpers shared by lorafold's compiled CPU kernels (cpu_ops.cpp, optim_ops.cpp).
+// Vector helpers of lorafold's compiled CPU serving kernels (cpu_ops.cpp).
 #pragma once
 
 #include <ATen/ATen.h>

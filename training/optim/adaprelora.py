@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 from lorafold.training.adapters.lora import LoRALinear, LoRAPair
-from lorafold.training.optim import _adaprelora_cpu
 from lorafold.training.optim._base import ActivePair, PairOptimizer, shape_buckets, stack_bucket
 from lorafold.training.optim._common import LINALG_DTYPE, compute_dtype, spd_inverse
 
@@ -274,17 +273,11 @@ class AdaPreLoRA(PairOptimizer):
     ``stat_interval = k > 1`` (an extension; default 1 = the per-step rule) measures the
     Adafactor statistic only every k steps, like Shampoo's preconditioner update frequency,
     and reuses the stored ``r_t, c_t`` in between. The statistic is about half of a step's
-    cost (SmolLM2, rank 16, one thread, ``benchmarks/bench_optimizer_step.py``, compiled CPU
-    step: 27.7 ms with k = 1, 15.4 ms on a step that skips it; AdamW 25.0 ms). The trade-off
+    cost (``benchmarks/bench_optimizer_step.py`` measures it). The trade-off
     is the statistic's staleness: on the factorization test bed at κ = 1000, where the
     gradient shrinks by orders of magnitude within the run, k = 10 needs 3x the iterations
     of k = 1 and k = 20 reaches f ≤ 1e-8 at no step size (``benchmarks/bench_optimizers.py``),
     so it is not the default.
-
-    ``backend``: ``"auto"`` (default) takes the compiled CPU step (``_adaprelora_cpu``, the
-    same math, ~2x faster on CPU) for float32 CPU factors where ``lorafold.kernels.cpu_ext``
-    has built the kernels, and the torch path otherwise; ``"torch"`` always takes the torch
-    path; ``"cpp"`` insists on the compiled step and raises where it cannot run.
     """
 
     def __init__(
@@ -300,10 +293,7 @@ class AdaPreLoRA(PairOptimizer):
         full_grad_fn: FullGradFn | None = None,
         extra_params: Iterable[nn.Parameter] = (),
         stat_interval: int = 1,
-        backend: str = "auto",
     ) -> None:
-        if backend not in ("auto", "torch", "cpp"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'cpp', got {backend!r}")
         if statistic not in ("lowrank", "full"):
             raise ValueError(f"statistic must be 'lowrank' or 'full', got {statistic!r}")
         if not isinstance(stat_interval, int) or stat_interval < 1:
@@ -325,7 +315,6 @@ class AdaPreLoRA(PairOptimizer):
         }
         super().__init__(pairs, defaults, extra_params)
         self.full_grad_fn = full_grad_fn
-        self.backend = backend
 
     def _refresh_due(self, group: dict[str, Any], pairs: list[ActivePair]) -> bool:
         """Whether this step measures the Adafactor statistic (every ``stat_interval`` steps,
@@ -451,19 +440,6 @@ class AdaPreLoRA(PairOptimizer):
         rows, cols = self._full_sq(bucket.pairs)
         return torch.stack(rows), torch.stack(cols)
 
-    def _use_compiled(self, pairs: list[ActivePair]) -> bool:
-        """The compiled CPU passes for fp32 CPU factors where they are built (``backend="auto"``);
-        ``"cpp"`` insists on them, ``"torch"`` never takes them."""
-        if self.backend == "torch":
-            return False
-        ok = _adaprelora_cpu.usable(pairs)
-        if self.backend == "cpp" and not ok:
-            raise RuntimeError(
-                "backend='cpp' needs contiguous float32 CPU factors and gradients and the compiled "
-                "CPU kernels (lorafold.kernels.cpu_ext); use backend='auto' to fall back to torch"
-            )
-        return ok
-
     def _full_sq(self, pairs: list[ActivePair]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Row and column sums of the exact ``G²`` per layer (``statistic="full"``), in at
         least fp32."""
@@ -475,12 +451,6 @@ class AdaPreLoRA(PairOptimizer):
         return rows, cols
 
     def _step_pairs(self, group: dict[str, Any], pairs: list[ActivePair]) -> None:
-        if self._use_compiled(pairs):
-            _adaprelora_cpu.step(self, group, pairs, self._refresh_due(group, pairs))
-            return
-        self._step_pairs_torch(group, pairs)
-
-    def _step_pairs_torch(self, group: dict[str, Any], pairs: list[ActivePair]) -> None:
         """Phases over all shape buckets, so the r×r algebra of all layers of a rank is one
         batch: stack + Grams (per bucket) → statistic kernels (one batch per rank) →
         statistics and weights (per bucket) → weighted Grams (per bucket) → inverses and
