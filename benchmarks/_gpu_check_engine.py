@@ -1,0 +1,301 @@
+"""The engine sections of `gpu_check`: equality with merged references, and decode throughput
+with many adapters on a random-init model of Llama-3-8B's layer shapes."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks._gpu_check_kernels import make_case
+
+TIE = 0.05  # a reference logit gap below this is a tie at bfloat16's resolution
+
+
+class IdTokenizer:
+    """The engine detokenizes; ids are all these checks need."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) -> str:  # noqa: ANN001
+        return " ".join(map(str, ids))
+
+
+def random_llama(device: torch.device, dtype: torch.dtype, seed: int, **dims) -> torch.nn.Module:
+    """A random-init Llama built on the device in `dtype` (no float32 copy of big models)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(tie_word_embeddings=False, max_position_embeddings=4096, **dims)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def random_adapter(specs: dict, rank: int, seed: int, std: float = 0.05, name_hash: int | None = None):  # noqa: ANN201
+    from lorafold.server.lora.peft_format import LoRAAdapter, ModuleLoRA
+
+    g = torch.Generator().manual_seed(seed)
+    mods = {path: ModuleLoRA(lora_a=torch.randn(rank, s.in_features, generator=g) * std,
+                             lora_b=torch.randn(s.out_features, rank, generator=g) * std, scale=16.0 / rank)
+            for path, s in specs.items()}
+    h = seed if name_hash is None else name_hash
+    return LoRAAdapter(modules=mods, config={"r": rank}, content_hash=f"{h:064d}", nbytes=0, source="random")
+
+
+def with_hash(adapter, h: int):  # noqa: ANN001, ANN201
+    """The same factors under another identity: a distinct adapter to the engine (the kernels'
+    cost does not depend on the values)."""
+    return dataclasses.replace(adapter, content_hash=f"{h:064d}")
+
+
+def merged(model: torch.nn.Module, adapter) -> torch.nn.Module:  # noqa: ANN001
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for path, m in adapter.modules.items():
+            lin = out.get_submodule(path)
+            delta = m.scale * (m.lora_b.double() @ m.lora_a.double())
+            lin.weight += delta.to(device=lin.weight.device, dtype=lin.weight.dtype)
+    return out
+
+
+def gpu_path(smoke: bool) -> dict:
+    """Engine options of the GPU path: the defaults on CUDA; forced on the CPU (--smoke)."""
+    return dict(attention_backend="flex", lora_backend="triton", prepack_weights=False) if smoke else {}
+
+
+def run_engine(engine, requests: list[tuple]) -> dict[str, list[int]]:  # noqa: ANN001
+    from lorafold.server.engine.sampling_params import SamplingParams
+
+    tokens: dict[str, list[int]] = {}
+    for rid, prompt, adapter, max_tokens in requests:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        engine.add_request(rid, prompt, params, adapter, None if adapter is None else f"a{adapter.content_hash[-6:]}")
+        tokens[rid] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.error:
+                raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+            tokens[out.request_id] += out.token_ids
+    return tokens
+
+
+# ----------------------------------------------------------------------------- equality
+
+
+def engine_section(device: torch.device, *, smoke: bool) -> dict:
+    from lorafold.server.engine.config import EngineConfig
+    from lorafold.server.engine.engine import LLMEngine
+
+    dims = (dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, initializer_range=0.1) if smoke else
+            dict(vocab_size=2048, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, head_dim=64, initializer_range=0.1))
+    n_req, max_tokens, ranks = (5, 4, (4, 8)) if smoke else (24, 16, (8, 16, 32, 64))
+    cfg = EngineConfig(block_size=4 if smoke else 16, num_kv_blocks=128 if smoke else 512, max_num_seqs=8,
+                       max_num_batched_tokens=32 if smoke else 256, max_prefill_chunk=8 if smoke else 64,
+                       max_model_len=64 if smoke else 256, max_loras=2 if smoke else 4, **gpu_path(smoke))
+    gen = torch.Generator().manual_seed(3)
+    hf32 = random_llama(device, torch.float32, seed=11, **dims)
+    probe = LLMEngine(copy.deepcopy(hf32), IdTokenizer(), cfg)
+    specs = probe.runner.base_modules()
+    backends = {"attention": probe.runner.attention_backend, "lora": cfg.lora_backend}
+    del probe
+    adapters = [random_adapter(specs, r, seed=50 + i) for i, r in enumerate(ranks)]
+    requests = []
+    for i in range(n_req):
+        length = int(torch.randint(3, 20 if smoke else 60, (1,), generator=gen))
+        prompt = torch.randint(1, dims["vocab_size"], (length,), generator=gen).tolist()
+        requests.append((f"r{i}", prompt, None if i % 5 == 4 else adapters[i % len(ranks)], max_tokens))
+    refs = {None: hf32, **{id(a): merged(hf32, a) for a in adapters}}
+    got32 = run_engine(LLMEngine(copy.deepcopy(hf32), IdTokenizer(), cfg), requests)
+    equal = 0
+    for rid, prompt, adapter, _ in requests:
+        ref = refs[None if adapter is None else id(adapter)]
+        ids = torch.tensor([prompt], device=device)
+        with torch.no_grad():
+            want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        equal += int(got32[rid] == want)
+    got16 = run_engine(LLMEngine(copy.deepcopy(hf32).to(torch.bfloat16), IdTokenizer(), cfg), requests)
+    strict = tied = total = 0
+    for rid, prompt, adapter, _ in requests:
+        ref = refs[None if adapter is None else id(adapter)]
+        with torch.no_grad():
+            logits = ref(torch.tensor([prompt + got16[rid][:-1]], device=device)).logits[0, len(prompt) - 1:].float()
+        chosen = torch.tensor(got16[rid], device=device)
+        strict += int((logits.argmax(-1) == chosen).sum())
+        tied += int((logits.max(-1).values - logits.gather(1, chosen[:, None])[:, 0] <= TIE).sum())
+        total += len(chosen)
+    result = {"backends": f"{backends['attention']}+{backends['lora']}", "requests": n_req,
+              "fp32_equal_requests": f"{equal}/{n_req}", "bf16_top1": round(strict / total, 4),
+              "bf16_top1_with_ties": round(tied / total, 4), "tokens_scored": total}
+    result["pass"] = equal == n_req and tied / total >= 0.99
+    return result
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def triton_compiles() -> int | None:
+    """Compiled variants held by the Triton LoRA kernels' caches (None where not readable:
+    the interpreter, or another Triton layout)."""
+    from lorafold.kernels import triton_lora as t
+
+    try:
+        return sum(len(entry[0]) for k in (t._shrink_kernel, t._expand_kernel) for entry in k.device_caches.values())
+    except (AttributeError, TypeError, IndexError, KeyError):
+        return None
+
+
+def gpu_busy_seconds(fn, steps: int) -> float | None:  # noqa: ANN001
+    """Summed CUDA kernel time of `steps` calls of fn (torch.profiler), per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    total = 0.0
+    for evt in prof.key_averages():
+        total += getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0)
+    return total / 1e6 / steps
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, reps: int) -> float:  # noqa: ANN001
+    """Median seconds per call (synchronised)."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def throughput_section(device: torch.device, *, smoke: bool) -> dict:
+    from lorafold.server.engine.config import EngineConfig
+    from lorafold.server.engine.engine import LLMEngine
+    from lorafold.server.engine.sampling_params import SamplingParams
+
+    layers = 1 if smoke else 4
+    dims = (dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=8) if smoke else
+            dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128))
+    batch, prompt_len, steps = (4, 5, 3) if smoke else (512, 32, 16)
+    counts = (2, 4) if smoke else (8, 64, 512)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_llama(device, dtype, seed=5, num_hidden_layers=layers, **dims)
+    block = 4 if smoke else 16
+    ctx = prompt_len + steps + 8
+    cfg = EngineConfig(block_size=block, num_kv_blocks=batch * math.ceil(ctx / block) + 8, max_num_seqs=batch,
+                       max_num_batched_tokens=max(batch, 64 if smoke else 4096), max_prefill_chunk=32 if smoke else 512,
+                       max_model_len=max(ctx, 64), max_queue=4 * batch, **gpu_path(smoke))
+    rows_needed = 16 * (max(counts) + 1)
+    from lorafold.server.engine.model_runner import adapter_row_bytes
+
+    cfg.adapter_budget_bytes = int(adapter_row_bytes(model) * rows_needed * 1.1)
+    engine = LLMEngine(model, IdTokenizer(), cfg)
+    template = random_adapter(engine.runner.base_modules(), 16, seed=7, std=0.02)
+    gen = torch.Generator().manual_seed(1)
+    scenarios, next_hash = [], 1000
+
+    def admit(n_adapters: int) -> None:
+        nonlocal next_hash
+        adapters = [with_hash(template, next_hash + i) for i in range(n_adapters)]
+        next_hash += n_adapters
+        for i in range(batch):
+            prompt = torch.randint(1, dims["vocab_size"], (prompt_len,), generator=gen).tolist()
+            adapter = adapters[i % n_adapters] if n_adapters else None
+            engine.add_request(f"s{next_hash}-{i}", prompt, SamplingParams(temperature=0, max_tokens=steps + 6,
+                                                                            ignore_eos=True),
+                               adapter, None if adapter is None else f"a{adapter.content_hash[-6:]}")
+
+    for n in (0, *counts):
+        admit(n)
+        compiles0 = triton_compiles()
+        engine.step()
+        while engine.last_step.num_seqs != batch or engine.last_step.num_tokens != batch:  # prefill + loads
+            engine.step()
+        engine.step()  # warm: every shape of this scenario's decode step seen
+        compiles1 = triton_compiles()
+        wall = timed(engine.step, device, steps - 2)
+        compiles2 = triton_compiles()
+        busy = gpu_busy_seconds(engine.step, 1) if device.type == "cuda" else None
+        while engine.has_unfinished():
+            engine.step()
+        row = {"adapters": n, "batch": batch, "step_ms": round(wall * 1e3, 3), "tokens_per_s": round(batch / wall, 1),
+               "gpu_busy_ms": None if busy is None else round(busy * 1e3, 3),
+               "compiles_in_warmup": None if compiles0 is None else compiles1 - compiles0,
+               "compiles_after_warmup": None if compiles1 is None else compiles2 - compiles1}
+        scenarios.append(row)
+    base = scenarios[0]["tokens_per_s"]
+    for row in scenarios:
+        row["vs_base"] = round(row["tokens_per_s"] / base, 4)
+    # a cold adapter: admitted to an idle engine, time to its first token (load + prefill + sample)
+    cold = with_hash(template, 10**9)
+    t0 = time.perf_counter()
+    engine.add_request("cold", list(range(1, prompt_len + 1)), SamplingParams(temperature=0, max_tokens=1), cold, "cold")
+    while True:
+        outs = [o for o in engine.step() if o.request_id == "cold"]
+        if any(o.error for o in outs):
+            raise RuntimeError(f"the cold-adapter request failed: {outs[0].error}")
+        if any(o.token_ids for o in outs):
+            break
+    _sync(device)
+    cold_s = time.perf_counter() - t0
+    return {"model": f"random-init, Llama-3-8B layer shapes x {layers} layers" if not smoke else "tiny random Llama",
+            "dtype": str(dtype).removeprefix("torch."), "scenarios": scenarios,
+            "lora_vs_gemm": lora_vs_gemm(device, dtype, smoke),
+            "checks": {"adapters_for_loss": scenarios[2]["adapters"], "loss_vs_base": round(1 - scenarios[2]["vs_base"], 4),
+                       "cold_adapter_first_token_ms": round(cold_s * 1e3, 1), "target_loss": 0.05,
+                       "target_cold_ms": 50}}
+
+
+def lora_vs_gemm(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[dict]:
+    """Triton shrink+expand (64 distinct rank-16 adapters) vs the layer's base GEMM at decode."""
+    from lorafold.kernels.meta import build_lora_meta
+    from lorafold.kernels.ops import expand, force_backend, shrink
+
+    groups = ([("qkv", [48, 16, 16], 48), ("down", [48], 64)] if smoke else
+              [("qkv", [4096, 1024, 1024], 4096), ("o", [4096], 4096), ("gate_up", [14336, 14336], 4096),
+               ("down", [4096], 14336)])
+    rows = []
+    for tokens in ((4,) if smoke else (64, 512)):
+        for name, widths, d_in in groups:
+            n_adapters = 4 if smoke else 64
+            case = make_case(widths, d_in, dtype, device, num_adapters=n_adapters, tokens=tokens, ranks=(16,),
+                             mix="blocks", seed=2, base_fraction=0.0)
+            weight = torch.randn(sum(widths), d_in, device=device, dtype=dtype) * 0.02
+            meta = build_lora_meta(case.slots, case.row_start, case.alloc, with_cpu_plan=False)
+            out = case.out0.clone()
+
+            def lora() -> None:
+                with force_backend("triton"):
+                    y = shrink(case.x, case.a_pool, case.row_start, case.ranks, meta)
+                    expand(y, case.b_pool, case.row_start, case.ranks, case.slice_offsets, meta, out)
+
+            reps = 1 if smoke else 50
+            gemm_s = timed(lambda: F.linear(case.x, weight), device, reps)
+            lora_s = timed(lora, device, reps)
+            rows.append({"tokens": tokens, "layer": name, "adapters": n_adapters, "gemm_us": round(gemm_s * 1e6, 1),
+                         "lora_us": round(lora_s * 1e6, 1), "fraction": round(lora_s / gemm_s, 3), "target": 0.10})
+    return rows

@@ -1,0 +1,41 @@
+"""benchmarks/gpu_check.py --smoke: the GPU check's every section on tiny shapes on the CPU
+(Triton interpreter, forced GPU path), so the script cannot rot between GPU runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_smoke_runs_every_section_and_passes(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["ok"] and result["mode"] == "smoke"
+    env_info = result["env"]
+    assert env_info["triton_interpreter"] is (not torch.cuda.is_available())
+    assert len(env_info["first_compile_s"]) == 4
+    kernels = result["kernels"]
+    assert {(r["dtype"], r["mix"]) for r in kernels} == {(d, m) for d in ("bfloat16", "float16")
+                                                         for m in ("zipf", "uniform")}
+    assert all(r["pass"] and r["base_rows_identical"] and 0 < r["err/tol"] <= 1 for r in kernels)
+    engine = result["engine"]
+    assert engine["backends"] == "flex+triton" and engine["pass"]
+    assert engine["fp32_equal_requests"] == f"{engine['requests']}/{engine['requests']}"
+    thr = result["throughput"]
+    assert [r["adapters"] for r in thr["scenarios"]] == [0, 2, 4]
+    assert all(r["tokens_per_s"] > 0 for r in thr["scenarios"]) and thr["scenarios"][0]["vs_base"] == 1
+    assert {r["layer"] for r in thr["lora_vs_gemm"]} == {"qkv", "down"}
+    assert thr["checks"]["cold_adapter_first_token_ms"] > 0
+    for table in ("environment", "kernels vs float64", "engine vs merged reference", "decode throughput"):
+        assert table in proc.stdout
