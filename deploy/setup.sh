@@ -17,6 +17,12 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
         "$PY" -m pip install --quiet "torch==2.13.0"
     fi
 fi
-"$PY" -m pip install --quiet -e ".[dev]"
+# The package and its extras, unless this exact pyproject.toml was installed already (a
+# stamp keyed by its hash): serve.sh and test.sh call this script on every run.
+STAMP="${LORAFOLD_CACHE:-$HOME/.cache/lorafold}/setup-$(sha256sum pyproject.toml | cut -c1-16)-$(realpath . | sha256sum | cut -c1-8)"
+if [ ! -f "$STAMP" ] || ! "$PY" -c "import lorafold.server, lorafold.training" 2>/dev/null; then
+    "$PY" -m pip install --quiet -e ".[dev]"
+    mkdir -p "$(dirname "$STAMP")" && touch "$STAMP"
+fi
 "$PY" -m lorafold.clients.cli fetch-model
 "$PY" -m lorafold.kernels.cpu_ext || echo "setup: the compiled CPU kernels did not build; serving uses the slower torch path" >&2
