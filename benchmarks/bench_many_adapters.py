@@ -152,6 +152,9 @@ def main() -> int:
                         help="also run N=32 uniform capped at this many resident adapters (0: skip)")
     parser.add_argument("--load-ranks", default="8,16,64,128")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every scenario this many times, interleaved, and report medians (a shared "
+                        "machine's drift then hits every scenario alike)")
     parser.add_argument("--out", default="benchmarks/results/many_adapters.json")
     args = parser.parse_args()
     if args.threads:
@@ -169,18 +172,27 @@ def main() -> int:
                          if int(n) > 1 or p == args.popularity.split(",")[0]]
     rows = []
     for s in streams:
-        for n, pop in plan:
-            adapters = make_adapters(bank, n, f"s{s}n{n}{pop}")
-            res = run_scenario(engine, adapters, pop if n else "uniform", s, args.requests_per_stream,
-                               args.prompt_tokens, args.max_tokens, seed=s)
-            rows.append({"streams": s, "adapters": n, "popularity": pop, "max_loras": None, **res})
-            print(f"  ran {s} streams, N={n} {pop}: {res['tokens_per_s']:.1f} tok/s", flush=True)
+        runs: dict[tuple, list[dict]] = {}
+        capped = None
         if args.max_loras_baseline and "32" in args.adapters.split(","):
             capped = LLMEngine(copy.deepcopy(bm.model), bm.tokenizer, EngineConfig(**{**cfg, "max_loras": args.max_loras_baseline}))
-            res = run_scenario(capped, make_adapters(bank, 32, f"cap{s}"), "uniform", s, args.requests_per_stream,
-                               args.prompt_tokens, args.max_tokens, seed=s)
-            rows.append({"streams": s, "adapters": 32, "popularity": "uniform", "max_loras": args.max_loras_baseline, **res})
-            del capped
+        for _ in range(args.rounds):
+            for n, pop in plan:
+                res = run_scenario(engine, make_adapters(bank, n, f"s{s}n{n}{pop}"), pop if n else "uniform", s,
+                                   args.requests_per_stream, args.prompt_tokens, args.max_tokens, seed=s)
+                runs.setdefault((n, pop, None), []).append(res)
+                print(f"  ran {s} streams, N={n} {pop}: {res['tokens_per_s']:.1f} tok/s", flush=True)
+            if capped is not None:
+                res = run_scenario(capped, make_adapters(bank, 32, f"cap{s}"), "uniform", s, args.requests_per_stream,
+                                   args.prompt_tokens, args.max_tokens, seed=s)
+                runs.setdefault((32, "uniform", args.max_loras_baseline), []).append(res)
+                print(f"  ran {s} streams, N=32 uniform, max_loras={args.max_loras_baseline}: "
+                      f"{res['tokens_per_s']:.1f} tok/s", flush=True)
+        del capped
+        for (n, pop, cap), results in runs.items():
+            med = {k: statistics.median(r[k] for r in results) for k in results[0]}
+            rows.append({"streams": s, "adapters": n, "popularity": pop, "max_loras": cap, **med,
+                         "rounds": results})
     for r in rows:  # ratios against the base and the 8-adapter run of the same streams and popularity
         base = next(b for b in rows if b["streams"] == r["streams"] and b["adapters"] == 0)
         eight = next((b for b in rows if b["streams"] == r["streams"] and b["adapters"] == 8 and b["max_loras"] is None
@@ -190,7 +202,8 @@ def main() -> int:
         r["ttft_p99_vs_8_adapters"] = r["ttft_p99"] / eight["ttft_p99"] if eight else None
     print(f"adapter budget {engine.runner.adapter_budget_bytes / 2**20:.0f} MiB = {engine.runner.adapter_budget_rows} rank rows "
           f"({engine.runner.adapter_budget_rows // 16} rank-16 adapters); {args.requests_per_stream} requests per stream, "
-          f"{args.prompt_tokens}-token prompts, {args.max_tokens} tokens each; torch threads {torch.get_num_threads()}")
+          f"{args.prompt_tokens}-token prompts, {args.max_tokens} tokens each; torch threads {torch.get_num_threads()}; "
+          f"medians of {args.rounds} interleaved round(s)")
     print(f"{'streams':>7} {'N':>4} {'pop':<8} {'cap':>4} {'tok/s':>7} {'vs base':>7} {'vs N=8':>6} {'TTFT p50':>8} "
           f"{'p99':>6} {'p99/N=8':>7} {'loads/req':>9} {'evict/req':>9} {'resident':>8}")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731

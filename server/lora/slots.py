@@ -18,7 +18,7 @@ import torch
 from lorafold.kernels.meta import SHORT_SEGMENT, LoRABatchMeta, build_lora_meta
 from lorafold.kernels.ops import compiled_cpu_covers
 from lorafold.server.lora.layers import MultiLoRALinear
-from lorafold.server.lora.peft_format import AdapterError, LoRAAdapter, ModuleSpec
+from lorafold.server.lora.peft_format import AdapterError, LoRAAdapter, ModuleLoRA, ModuleSpec
 from lorafold.server.lora.rows import Move, RowAllocator
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class AdapterSlots:
         if unknown:
             raise AdapterError(f"adapter targets modules this model does not expose: {sorted(unknown)[:3]}")
         rows = adapter.max_rank
-        by_layer: dict[int, list[tuple[Target, object]]] = {}
+        by_layer: dict[int, list[tuple[Target, ModuleLoRA]]] = {}
         for path, module in adapter.modules.items():
             target = self.targets[path]
             by_layer.setdefault(id(target.layer), []).append((target, module))
@@ -143,15 +143,21 @@ class AdapterSlots:
             if not found:
                 blocks.append(None)
                 continue
-            dtype = layer.a_pool.dtype
-            a = torch.zeros((layer.a_pool.shape[0], rows, layer.in_features), dtype=dtype, pin_memory=pin)
-            b = torch.zeros((rows, layer.out_features), dtype=dtype, pin_memory=pin)
-            ranks = torch.zeros(layer.a_pool.shape[0], dtype=torch.int32, pin_memory=pin)
-            for target, module in found:
-                r, lo, hi = module.rank, layer.slice_offsets[target.slice_idx], layer.slice_offsets[target.slice_idx + 1]
-                a[target.slice_idx, :r] = module.lora_a
-                b[:r, lo:hi] = (module.lora_b * module.scale).t()
-                ranks[target.slice_idx] = r
+            # every element is written once: the factors where a slice is adapted, zeros past
+            # its rank and over the slices it leaves alone (no zero-fill pass before the copies)
+            n_slices, dtype = layer.a_pool.shape[0], layer.a_pool.dtype
+            a = torch.empty((n_slices, rows, layer.in_features), dtype=dtype, pin_memory=pin)
+            b = torch.empty((rows, layer.out_features), dtype=dtype, pin_memory=pin)
+            mods = {target.slice_idx: module for target, module in found}
+            ranks = torch.tensor([mods[i].rank if i in mods else 0 for i in range(n_slices)], dtype=torch.int32)
+            for i, r in enumerate(ranks.tolist()):
+                lo, hi = layer.slice_offsets[i], layer.slice_offsets[i + 1]
+                if r:
+                    a[i, :r].copy_(mods[i].lora_a)
+                    torch.mul(mods[i].lora_b.t(), mods[i].scale, out=b[:r, lo:hi])  # scale and transpose in one pass
+                a[i, r:].zero_()
+                b[r:, lo:hi].zero_()
+            ranks = ranks.pin_memory() if pin else ranks
             blocks.append((a, b, ranks))
         return StagedAdapter(adapter=adapter, rows=rows, blocks=tuple(blocks))
 
