@@ -3,7 +3,11 @@
 #
 #   docker build -t lorafold .                               # CPU (default)
 #   docker build -t lorafold:cuda --build-arg VARIANT=cuda .  # NVIDIA GPU
+#   docker run --gpus all ... lorafold:cuda                      # serves on the GPU, bf16
 #
+# The server's --device/--dtype default to auto: the CUDA image serves on the GPU in bf16 when
+# one is visible (else on the CPU in fp32). Its runtime base gets gcc and the Python headers
+# (build-steps.sh system), which Triton's first kernel launch needs.
 # Every RUN step is deploy/docker/build-steps.sh, which CI also runs on the host.
 # The default model (SmolLM2-135M-Instruct) is fetched and converted at build time, so a
 # container starts serving in seconds and never touches the network at run time.
@@ -68,4 +72,4 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status == 200 else 1)"]
 # Binding 0.0.0.0 needs a key: without LORAFOLD_API_KEYS / LORAFOLD_ADMIN_KEY (or --api-key /
 # --admin-key) the server falls back to 127.0.0.1 and is unreachable from outside the container.
-CMD ["lorafold", "serve", "--host", "0.0.0.0", "--adapter-root", "/data/adapters", "--state-dir", "/data/state"]
+CMD ["lorafold", "serve", "--host", "0.0.0.0", "--adapter-root", "/data/adapters", "--state-dir", "/data/state", "--device", "auto"]

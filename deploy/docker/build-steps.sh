@@ -4,7 +4,9 @@
 # so the image recipe and what CI checks cannot drift apart.
 #
 # usage: build-steps.sh STEP [STEP...]   (run from the source tree, or set SRC)
-#   system  CUDA base image only: install python3 + venv from the distribution (apt)
+#   system  CUDA base image only: install python3 + venv from the distribution (apt), and what
+#           Triton's first launch on the GPU needs: a C compiler (gcc) and the Python headers
+#           (python3-dev) to build its small launcher module
 #   venv    create the virtual environment $VENV (VENV_SYSTEM_SITE=1 lets it see the host's
 #           packages, so a CI run installs nothing twice)
 #   torch   pip install $TORCH_SPEC [--index-url $TORCH_INDEX]
@@ -36,10 +38,12 @@ log() { printf 'build-steps: %s\n' "$*" >&2; }
 
 step_system() {
     # nvidia/cuda runtime images are plain Ubuntu: no python. The distribution's python3
-    # (3.12 on Ubuntu 24.04) satisfies requires-python >= 3.10.
+    # (3.12 on Ubuntu 24.04) satisfies requires-python >= 3.10. Triton compiles a C launcher
+    # for each kernel at its first launch (the LoRA kernels, torch.compile's FlexAttention):
+    # without gcc and Python.h the server's first GPU step fails.
     export DEBIAN_FRONTEND=noninteractive
     apt-get update
-    apt-get install -y --no-install-recommends python3 python3-venv ca-certificates
+    apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates
     rm -rf /var/lib/apt/lists/*
 }
 
@@ -91,7 +95,13 @@ step_user() {
 step_check() {
     "$PY" -c "import lorafold.server.api.app, lorafold.server.models.loader"
     "$VENV/bin/lorafold" --help >/dev/null
-    log "ok: $("$PY" -c 'import torch; print("torch", torch.__version__)')"
+    if [[ "$("$PY" -c 'import torch; print(torch.version.cuda is not None)')" == True ]]; then
+        # a CUDA build of torch: Triton's first launch needs a C compiler and Python.h here
+        command -v gcc >/dev/null || { log "CUDA image without gcc: Triton cannot build its launcher"; exit 1; }
+        "$PY" -c 'import sysconfig, pathlib, sys; sys.exit(not (pathlib.Path(sysconfig.get_paths()["include"]) / "Python.h").exists())' \
+            || { log "CUDA image without the Python headers (python3-dev): Triton cannot build its launcher"; exit 1; }
+    fi
+    log "ok: $("$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)')"
 }
 
 if [[ $# -eq 0 ]]; then
