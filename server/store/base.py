@@ -129,7 +129,8 @@ class AdapterStore(ABC):
 
     @abstractmethod
     def put_blob(self, content_hash: str, config: bytes, weights: bytes) -> None:
-        """Store an adapter's files under its hash (idempotent: same hash, same bytes)."""
+        """Store an adapter's files under its hash (idempotent: same hash, same bytes; always
+        written, so registering again repairs an altered copy)."""
 
     @abstractmethod
     def get_blob(self, content_hash: str) -> tuple[bytes, bytes]:

@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,19 +77,12 @@ class FileStore(AdapterStore):
         return (self.root / blob_key(content_hash, WEIGHTS_FILE)).is_file()
 
     def put_blob(self, content_hash: str, config: bytes, weights: bytes) -> None:
+        # Always written (each file replaced atomically, weights last): the same hash means the
+        # same bytes, so readers never see a mix, and re-registering repairs an altered blob.
         final = self.root / blob_key(content_hash, WEIGHTS_FILE).rsplit("/", 1)[0]
-        if (final / WEIGHTS_FILE).is_file():
-            return
-        tmp = Path(tempfile.mkdtemp(dir=self.root / "blobs", prefix=".incoming-"))
-        try:
-            _write_atomic(tmp / CONFIG_FILE, config)
-            _write_atomic(tmp / WEIGHTS_FILE, weights)
-            tmp.rename(final)
-        except OSError:
-            if not (final / WEIGHTS_FILE).is_file():  # not merely a concurrent writer of the same blob
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        final.mkdir(exist_ok=True)
+        _write_atomic(final / CONFIG_FILE, config)
+        _write_atomic(final / WEIGHTS_FILE, weights)
 
     def get_blob(self, content_hash: str) -> tuple[bytes, bytes]:
         try:

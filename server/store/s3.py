@@ -98,9 +98,8 @@ class S3Store(AdapterStore):
         return True
 
     def put_blob(self, content_hash: str, config: bytes, weights: bytes) -> None:
-        if self.has_blob(content_hash):
-            return
-        # Weights last: has_blob checks them, so a blob is only "there" once both files are.
+        # Always uploaded: the same hash means the same bytes (each PUT is atomic), and a
+        # re-registration then repairs an altered object. Weights last: has_blob checks them.
         for name, data in ((CONFIG_FILE, config), (WEIGHTS_FILE, weights)):
             self._call(f"upload of {name}", self.client.put_object, Key=self._key(blob_key(content_hash, name)), Body=data)
 

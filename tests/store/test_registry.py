@@ -59,5 +59,6 @@ def test_fetched_weights_are_verified(setup):
     with pytest.raises(StoreIntegrityError, match="altered"):
         reader.load("a")
     assert reader.names() == ["a"] and reader.cpu_resident == 0  # listed, nothing cached
-    weights.write_bytes(raw)
+    writer.register_folder("a", writer.resolve_path("old"))  # what the error says to do repairs it
+    assert weights.read_bytes() == raw
     assert reader.load("a")[1].content_hash == entry.content_hash

@@ -224,9 +224,11 @@ def test_tampered_object_is_refused(cluster):
         assert "altered" in resp.json()["error"]["message"] and "re-register" in resp.json()["error"]["message"]
         assert "gamma" in models(r3) and content_hash(r3, "gamma") is not None  # catalogue unchanged
         assert text(r3, "beta") == reference(cluster, "beta2")  # the rest is served
+        assert upload(r2, "gamma", cluster["folders"]["gamma"]).status_code == 201  # what the error says to do
+        assert s3.get_object(Bucket="adapters", Key=key)["Body"].read() == original  # the blob is repaired
+        assert text(r3, "gamma") == reference(cluster, "gamma")  # and nothing bad was cached
     finally:
         s3.put_object(Bucket="adapters", Key=key, Body=original)
-    assert text(r3, "gamma") == reference(cluster, "gamma")  # nothing bad was cached
 
 
 def test_wrong_credentials_or_url_refuse_to_start(cluster):
