@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from lorafold.server.models.assets import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ def build_dir() -> Path:
     for path in (*SOURCES, *HEADERS):
         key.update(path.read_bytes())
     key.update(f"{torch.__version__}|{' '.join(_flags())}|{platform.machine()}|{sys.version_info[:2]}".encode())
-    return cache_root() / "cpu_kernels" / key.hexdigest()[:16]
+    return _cache_root() / "cpu_kernels" / key.hexdigest()[:16]
 
 
 def library_path() -> Path:
@@ -126,6 +125,12 @@ def _load() -> bool:
         logger.warning("compiled CPU kernels unavailable (%s); using the slower torch path", err)
         return False
     return hasattr(torch.ops.lorafold_cpu, "lora_apply")
+
+
+def _cache_root() -> Path:
+    # The same LORAFOLD_CACHE as lorafold.server.models.assets.cache_root, read here rather than
+    # imported: kernels/ is the bottom layer and imports nothing from server/ or training/.
+    return Path(os.environ.get("LORAFOLD_CACHE", Path.home() / ".cache" / "lorafold")).expanduser()
 
 
 def main() -> int:

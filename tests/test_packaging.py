@@ -60,3 +60,16 @@ def test_kernels_folder_alone_is_a_bare_namespace() -> None:
 def _run_from_root(code: str) -> None:
     """`python -c code ROOT` with the repository root as working directory (so on sys.path)."""
     subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=ROOT, check=True)
+
+
+def test_kernels_import_nothing_from_the_layers_above() -> None:
+    """kernels/ is the bottom layer: server/ and training/ use it, never the other way round."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "kernels"
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("lorafold.server", "lorafold.training")), f"{path.name} imports {name}"
