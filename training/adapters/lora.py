@@ -68,7 +68,9 @@ class LoRALinear(nn.Module):
             base.bias.requires_grad_(False)
         self.r, self.alpha, self.rslora = r, float(alpha), rslora
         self.scaling = lora_scale(r, alpha, rslora)
-        kw = {"dtype": base.weight.dtype, "device": base.weight.device}
+        # fp32 master weights over a 16-bit base (bf16 on a GPU): the update would vanish in
+        # bf16's 8 bits; float64 bases keep float64
+        kw = {"dtype": torch.promote_types(base.weight.dtype, torch.float32), "device": base.weight.device}
         self.lora_A = nn.Parameter(torch.zeros(r, base.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **kw))
         if init == "default":

@@ -91,7 +91,8 @@ class USVLinear(nn.Module):
         self.base = base
         base.requires_grad_(False)
         self.r_min, self.r_max, self.scale = r_min, r_max, float(alpha)
-        dtype, device = base.weight.dtype, base.weight.device
+        # fp32 master weights over a 16-bit base (see LoRALinear)
+        dtype, device = torch.promote_types(base.weight.dtype, torch.float32), base.weight.device
         self.U = nn.Parameter(torch.zeros(m, r_max, dtype=dtype, device=device))
         self.S = nn.Parameter(torch.zeros(r_max, r_max, dtype=dtype, device=device))
         self.V = nn.Parameter(torch.zeros(n, r_max, dtype=dtype, device=device))

@@ -164,7 +164,9 @@ def _setup(cfg: TrainConfig, base: Any, device: torch.device):
         from lorafold.server.models.loader import load_base_model
 
         logger.info("loading the base model (%s)", cfg.model or "the packaged SmolLM2-135M-Instruct")
-        base = load_base_model(cfg.model)
+        # the frozen base in bf16 straight onto a GPU (fp32 on the CPU); the adapters keep
+        # fp32 master weights whatever the base's dtype (training.adapters)
+        base = load_base_model(cfg.model, dtype="auto", device=device)
     model, tok = base.model, base.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     train_ex, val_ex = load_splits(cfg.data, tok, cfg.max_length, cfg.val, cfg.val_fraction, cfg.seed)
