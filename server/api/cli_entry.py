@@ -8,6 +8,7 @@ import os
 
 from lorafold.server.api.settings import ServerSettings
 from lorafold.server.store import StoreError, open_store
+from lorafold.server.store.base import wait_until_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def serve_main(args: argparse.Namespace) -> int:
     try:
         # Before the model loads (minutes for a large one): a wrong store URL, endpoint or key
         # fails in seconds, with the store's own message.
-        open_store(settings.store_url).check()
+        wait_until_reachable(open_store(settings.store_url))
     except (StoreError, ValueError) as exc:
         logger.error("adapter store: %s", exc)
         return 2

@@ -32,7 +32,7 @@ from lorafold.server.lora.peft_format import (
     read_adapter_files,
 )
 from lorafold.server.store import AdapterStore, Manifest, StoreIntegrityError
-from lorafold.server.store.base import sha256_hex, verify_blob
+from lorafold.server.store.base import sha256_hex, verify_blob, wait_until_reachable
 from lorafold.server.store.catalogue import Catalogue
 from lorafold.server.store.file import FileStore
 
@@ -102,7 +102,7 @@ class AdapterRegistry:
 
     def restore(self) -> list[str]:
         """Read the store's whole catalogue (a fresh replica serves it all); the names."""
-        self.store.check()
+        wait_until_reachable(self.store)
         if isinstance(self.store, FileStore):
             self._migrate_legacy(self.store.root / LEGACY_STATE)
         return self.catalogue.sync()

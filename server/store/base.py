@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from urllib.parse import quote, unquote
 
+logger = logging.getLogger(__name__)
 MANIFEST_VERSION = 1
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 
@@ -152,3 +155,19 @@ class AdapterStore(ABC):
     @abstractmethod
     def list_manifests(self) -> dict[str, str]:
         """name -> ETag of every manifest: what a replica polls to see others' changes."""
+
+
+def wait_until_reachable(store: AdapterStore, patience_s: float = 30.0) -> None:
+    """`store.check()`, retried while the store is merely unreachable (it may be starting
+    beside this replica, as in compose or a fresh cluster) for up to `patience_s`; refused
+    credentials or a missing bucket fail at once."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            store.check()
+            return
+        except StoreUnavailableError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            logger.warning("adapter store not reachable yet, retrying for up to %.0f s: %s", patience_s, exc)
+            time.sleep(1.0)

@@ -78,7 +78,7 @@ def wait_ready(replica: Replica, timeout: float = 120.0) -> Replica:
         except httpx.HTTPError:
             pass
         if replica.proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"replica did not become ready; log:\n{replica.log.read_text()[-3000:]}")
+            raise RuntimeError(f"replica did not become ready; log:\n{replica.log.read_text()[-8000:]}")
         time.sleep(0.1)
 
 

@@ -161,3 +161,24 @@ def test_manifest_from_a_newer_writer_is_read():
         Manifest.from_bytes(json.dumps(data).encode(), "k")
     with pytest.raises(StoreIntegrityError):
         Manifest.from_bytes(b"[1, 2]", "k")
+
+
+def test_an_unreachable_store_is_retried_then_named(s3_server, monkeypatch):
+    """At start a replica waits for a store that is still coming up (compose, a fresh cluster);
+    refused credentials are not retried."""
+    from lorafold.server.store.base import wait_until_reachable
+
+    for key, value in s3_server.env(secret_key="wrong").items():
+        monkeypatch.setenv(key, value)
+    t0 = time.monotonic()
+    with pytest.raises(StoreAuthError):
+        wait_until_reachable(open_store(f"s3://{s3_server.bucket}/x"), patience_s=30)
+    assert time.monotonic() - t0 < 5
+    port = free_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailableError):
+        wait_until_reachable(open_store("s3://adapters/x"), patience_s=1.5)
+    assert 1.5 <= time.monotonic() - t0 < 15
