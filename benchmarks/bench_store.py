@@ -95,13 +95,13 @@ def measure(store_url: str, env: dict, folders: list[Path], args: argparse.Names
         for t in range(args.trials):
             old, new = folders[t % len(folders)], folders[(t + 1) % len(folders)]
             old_hash = upload(a, "moving", old)
-            wait_for(lambda: content_hash(b, "moving") == old_hash)  # B knows the name, on the old weights
+            wait_for(lambda h=old_hash: content_hash(b, "moving") == h)  # B knows the name, on the old weights
             new_hash = upload(a, "moving", new)
-            rereg.append(wait_for(lambda: content_hash(b, "moving") == new_hash))  # from the registration's return
+            rereg.append(wait_for(lambda h=new_hash: content_hash(b, "moving") == h))  # from the registration's return
             upload(a, f"served-{t}", old)
             serving.append(ttft(b, f"served-{t}"))  # a new name's first request: read from the store at once
             upload(a, f"listed-{t}", old)
-            listing.append(wait_for(lambda: listed(b, f"listed-{t}")))  # no request: the poller lists it
+            listing.append(wait_for(lambda n=f"listed-{t}": listed(b, n)))  # no request: the poller lists it
         return {"cold_first_token": stats(cold), "warm_first_token": stats(warm),
                 "reregistration_visible": stats(rereg), "new_name_listed": stats(listing),
                 "new_name_first_token": stats(serving)}

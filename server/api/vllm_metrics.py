@@ -51,7 +51,7 @@ def alias_family(family: Metric, name: str, model_name: str) -> Metric:
 class VLLMAliases:
     """A prometheus-client collector; `sources` are the lorafold metric objects to alias."""
 
-    def __init__(self, sources: Iterable, model_name: str) -> None:  # noqa: ANN001 - prometheus metrics
+    def __init__(self, sources: Iterable, model_name: str) -> None:
         self.sources = list(sources)
         self.model_name = model_name
 

@@ -65,7 +65,7 @@ class Manifest:
         return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
 
     @classmethod
-    def from_bytes(cls, raw: bytes, key: str) -> "Manifest":
+    def from_bytes(cls, raw: bytes, key: str) -> Manifest:
         try:
             data = json.loads(raw.decode("utf-8"))
             # Fields a newer writer added are ignored (replicas of two versions share a store

@@ -57,7 +57,7 @@ class S3Store(AdapterStore):
 
     # ---- error translation ---------------------------------------------------------------
 
-    def _call(self, what: str, fn, **kwargs):  # noqa: ANN001, ANN202
+    def _call(self, what: str, fn, **kwargs):
         where = f"{self.url} (endpoint {self.endpoint or 'AWS default'})"
         try:
             return fn(Bucket=self.bucket, **kwargs)

@@ -39,7 +39,7 @@ class S3Server:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": access_key,
                 "AWS_SECRET_ACCESS_KEY": secret_key, "AWS_REGION": "us-east-1"}
 
-    def client(self):  # noqa: ANN201 - a boto3 S3 client
+    def client(self):
         import boto3
 
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,

@@ -48,7 +48,7 @@ def test_legacy_registry_json_is_migrated_once(setup):
 
 
 def test_fetched_weights_are_verified(setup):
-    specs, folder, tmp = setup
+    specs, _, tmp = setup
     store = open_store(f"file://{tmp / 'store'}")
     writer = AdapterRegistry(store, tmp / "root", specs)
     entry = writer.register_folder("a", writer.resolve_path("old"))

@@ -199,7 +199,7 @@ def test_deletion_seen_within_bound(cluster):
 
 
 def test_killed_replica_replaced_by_an_empty_one(cluster):
-    r1, r2, r3 = cluster["replicas"]
+    r1, r2, _ = cluster["replicas"]
     register(r2, "gamma", "gamma")
     register(r2, "delta", "delta")
     r1.kill9()
