@@ -5,6 +5,9 @@ re-register while others stream (in flight on the old weights, then the new with
 bound); delete through one, the others 404 within the bound; kill -9 a replica, a fresh
 empty one serves the whole catalogue; a tampered object, refused credentials and a store
 that is down give clear errors while nothing is served wrong and the catalogue stays.
+
+The tests are one scenario on one module-scoped cluster, in file order (pytest's): each
+starts from the catalogue the previous ones left, so run the file, not a single test.
 """
 
 from __future__ import annotations
