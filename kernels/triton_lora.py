@@ -46,11 +46,20 @@ def _segment_info(seg_starts_ptr, seg_slots_ptr, ranks_ptr, stride_rank, slice_i
     return start, seg_len, slot, rank
 
 
-@triton.jit
+# Ints that change from step to step or as the pools grow (pool rows, the batch's largest
+# rank, y's strides, tile counts) are not specialised on: Triton would otherwise compile a
+# new variant whenever one of them turns divisible by 16 or equal to 1, on the serving
+# thread. What stays specialised (the layer's widths, the block sizes) is fixed per model
+# and covered by `warm_up` at start.
+_STEP_INTS_SHRINK = ["n_rows", "max_rank", "stride_as", "stride_ys", "stride_yt", "R_TILES"]
+_STEP_INTS_EXPAND = ["n_rows", "max_rank", "stride_ys", "stride_yt", "N_TILES"]
+
+
+@triton.jit(do_not_specialize=_STEP_INTS_SHRINK)
 def _shrink_kernel(
     x_ptr, a_ptr, y_ptr, row_start_ptr, ranks_ptr, tok_ptr, seg_slots_ptr, seg_starts_ptr,
     d_in, n_rows, max_rank, stride_rank, stride_xt, stride_as, stride_ar, stride_ys, stride_yt,
-    R_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    R_TILES, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     m_tile = tl.program_id(0) // R_TILES
@@ -98,12 +107,12 @@ def _slice_columns(slice_id, off1, off2, off3, off4):
     return lo, hi - lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_STEP_INTS_EXPAND)
 def _expand_kernel(
     y_ptr, b_ptr, out_ptr, row_start_ptr, ranks_ptr, tok_ptr, seg_slots_ptr, seg_starts_ptr,
     off1, off2, off3, off4, n_rows, max_rank, stride_rank, stride_ys, stride_yt, stride_br,
     stride_ot,
-    N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    N_TILES, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     m_tile = tl.program_id(0) // N_TILES
@@ -219,6 +228,39 @@ def _check_values(T, n_rows, row_start, ranks, sorted_tokens, seg_slots, seg_sta
     for (msg, _), good in zip(conds, ok):
         if not good:
             raise ValueError(msg)
+
+
+# (max_seg_len, max_rank) that reach every (BLOCK_M, BLOCK_R) the launchers pick.
+WARM_UP_SHAPES: tuple[tuple[int, int], ...] = tuple((m, r) for m in (1, 17, 33) for r in (16, 17))
+
+
+def warm_up(a_pool: torch.Tensor, b_pool: torch.Tensor, row_start: torch.Tensor, ranks: torch.Tensor,
+            slice_offsets: list[int]) -> int:
+    """Compile shrink and expand for every block-size variant on one layer's own pools (so
+    every specialised argument matches serving), before the server takes requests: a compile
+    on the serving thread stalls every request in flight. Reads the pools, writes only
+    temporaries. Returns the launches made (two per variant)."""
+    device, dtype = a_pool.device, a_pool.dtype
+    width = b_pool.shape[1]
+    launches = 0
+    for max_seg_len, max_rank in WARM_UP_SHAPES:
+        x = torch.zeros((max_seg_len, a_pool.shape[2]), dtype=dtype, device=device)
+        tokens = torch.arange(max_seg_len, dtype=torch.int32, device=device)
+        seg_slots = torch.zeros(1, dtype=torch.int32, device=device)
+        seg_starts = torch.tensor([0, max_seg_len], dtype=torch.int32, device=device)
+        meta = (row_start, ranks, tokens, seg_slots, seg_starts, max_seg_len, max_rank)
+        y = shrink(x, a_pool, *meta, check_values=False)
+        out = torch.zeros((max_seg_len, width), dtype=dtype, device=device)
+        expand(y, b_pool, row_start, ranks, list(slice_offsets), tokens, seg_slots, seg_starts, max_seg_len, max_rank,
+               out, check_values=False)
+        launches += 2
+    return launches
+
+
+def variant(max_seg_len: int, max_rank: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_R) of a launch: with `_STEP_INTS_*` unspecialised, the only thing
+    besides the layer's shapes that selects a compiled kernel."""
+    return _block_m(max_seg_len), _block_r(max_rank)
 
 
 def _block_m(max_seg_len: int) -> int:

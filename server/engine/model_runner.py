@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 from torch import nn
@@ -125,6 +126,42 @@ class ModelRunner:
             for _ in self.model.layers
         ]
         logger.info("KV cache: %d blocks of %d tokens, %.0f MiB", config.num_kv_blocks, config.block_size, self.kv_bytes / 2**20)
+        if self.device.type == "cuda":
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Compile what the GPU path compiles lazily, before the first request: the Triton
+        LoRA kernels for every block-size variant (on one decoder layer's own pools: all
+        layers share their shapes) and FlexAttention for decode and prefill batches of one
+        and of two sequences (torch.compile specialises sizes 0/1; dynamic shapes cover
+        the rest). The warm-up forwards write K/V into the first cache blocks, which any sequence
+        given them later overwrites before it reads them."""
+        t0 = time.perf_counter()
+        launches = 0
+        if self.config.lora_backend in ("auto", "triton"):
+            from lorafold.kernels import triton_lora
+
+            layer = self.model.layers[0]
+            for proj in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj):
+                launches += triton_lora.warm_up(proj.a_pool, proj.b_pool, proj.row_start, proj.ranks,
+                                                proj.slice_offsets)
+        bs = self.config.block_size
+        # (q_start, q_len, ctx_len): decodes of 1 and 2 sequences, prefill chunks of 1 and 2;
+        # block tables are the first blocks (0, 1, ...), so slot = position
+        shapes = ([(0, 1, 1)], [(0, 1, 1), (1, 1, 2)], [(0, 2, 2)], [(0, 2, 2), (2, 2, 3)])
+        with torch.inference_mode():
+            for spec in shapes:
+                seqs = [(q0, q, ctx, list(range(-(-ctx // bs)))) for q0, q, ctx in spec]
+                positions = [p for _, q, ctx in spec for p in range(ctx - q, ctx)]
+                meta = build_attention_metadata(positions, seqs, bs, self.device, dtype=self.dtype,
+                                                backend=self.attention_backend, num_blocks=self.config.num_kv_blocks)
+                pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
+                with lora_batch(None), force_backend(self.config.lora_backend):
+                    self.model(torch.zeros_like(pos), pos, self.kv_caches, meta)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        logger.info("warm-up: %d Triton LoRA launches and %d forwards in %.1f s", launches, len(shapes),
+                    time.perf_counter() - t0)
 
     @property
     def kv_bytes(self) -> int:

@@ -113,6 +113,7 @@ def test_flex_and_sdpa_backends_agree_step_for_step() -> None:
     outs = {}
     for backend in ("flex", "sdpa"):
         engine = _engine(hf, dict(attention_backend=backend, lora_backend="torch", prepack_weights=False))
+        engine.runner.warm_up()  # what a CUDA runner does at start: must leave no trace in the cache
         arrivals, _, _ = _workload(engine)
         logits: list[torch.Tensor] = []
         execute = engine.runner.execute

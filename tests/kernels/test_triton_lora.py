@@ -349,3 +349,16 @@ def test_expand_rejects_bad_inputs(name: str) -> None:
     mutate(c)
     with pytest.raises(ValueError, match=msg):
         run_expand(c, c["y"], c["out"])
+
+
+def test_warm_up_covers_every_launch_variant_and_writes_nothing() -> None:
+    """Start-up compiles: every (BLOCK_M, BLOCK_R) a launch can pick is among the warm-up's,
+    and warming up on a layer's own pools leaves them untouched."""
+    seen = {tlora.variant(m, r) for m in range(1, 300, 7) for r in range(1, 257, 3)}
+    assert seen == {tlora.variant(m, r) for m, r in tlora.WARM_UP_SHAPES}
+    c = make_case("uniform", [20, 12], 40, torch.float16, seed=4, T=8, num_slots=4)
+    a_pool, b_pool = c["a_pool"].clone(), c["b_pool"].clone()
+    assert tlora.warm_up(c["a_pool"], c["b_pool"], c["row_start"], c["ranks"], c["slice_offsets"]) == \
+        2 * len(tlora.WARM_UP_SHAPES)
+    assert torch.equal(a_pool.nan_to_num(7), c["a_pool"].nan_to_num(7))
+    assert torch.equal(b_pool.nan_to_num(7), c["b_pool"].nan_to_num(7))
