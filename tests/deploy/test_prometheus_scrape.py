@@ -193,3 +193,22 @@ def test_prometheus_accepts_every_dashboard_expression(prometheus: str) -> None:
         _query(prometheus, concrete)  # a parse error comes back as status "error" (HTTP 400)
     with pytest.raises(AssertionError):
         _query(prometheus, "sum(rate(lorafold_requests_total[1m])")  # the check does catch bad PromQL
+
+
+def test_prometheus_ingests_the_vllm_series(prometheus: str) -> None:
+    """The vllm:* names (colons and all) as vLLM dashboards and the GIE model-server protocol
+    use them: ingested, labelled with model_name, usable in the usual expressions."""
+    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+                 "vllm:gpu_cache_usage_perc", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+                 "vllm:e2e_request_latency_seconds_count"):
+        result = _wait_for(lambda n=name: _query(prometheus, n)["result"], 30, name)
+        assert all(r["metric"].get("model_name") for r in result), (name, result)
+    tokens = _query(prometheus, "sum(vllm:prompt_tokens_total)")["result"]
+    ours = _query(prometheus, "sum(lorafold_prompt_tokens_total)")["result"]
+    assert float(tokens[0]["value"][1]) == float(ours[0]["value"][1]) > 0
+    info = _wait_for(lambda: _query(prometheus, "vllm:lora_requests_info")["result"], 30, "vllm:lora_requests_info")
+    # Prometheus drops empty labels: with no adapter running or waiting only max_lora remains
+    # (the endpoint picker scrapes the pods directly and sees the empty lists as exported).
+    assert info[0]["metric"]["max_lora"] and set(info[0]["metric"]) <= {
+        "__name__", "instance", "job", "max_lora", "running_lora_adapters", "waiting_lora_adapters"}
+    _query(prometheus, "histogram_quantile(0.99, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket[1m])))")
