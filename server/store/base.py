@@ -128,9 +128,6 @@ class AdapterStore(ABC):
         """Raise StoreError naming the fix if the store is unreachable or refuses us."""
 
     @abstractmethod
-    def has_blob(self, content_hash: str) -> bool: ...
-
-    @abstractmethod
     def put_blob(self, content_hash: str, config: bytes, weights: bytes) -> None:
         """Store an adapter's files under its hash (idempotent: same hash, same bytes; always
         written, so registering again repairs an altered copy)."""

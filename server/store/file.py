@@ -20,6 +20,7 @@ from lorafold.server.store.base import (
     AdapterStore,
     Manifest,
     StoreConflictError,
+    StoreIntegrityError,
     StoreUnavailableError,
     blob_key,
     manifest_key,
@@ -73,9 +74,6 @@ class FileStore(AdapterStore):
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
-    def has_blob(self, content_hash: str) -> bool:
-        return (self.root / blob_key(content_hash, WEIGHTS_FILE)).is_file()
-
     def put_blob(self, content_hash: str, config: bytes, weights: bytes) -> None:
         # Always written (each file replaced atomically, weights last): the same hash means the
         # same bytes, so readers never see a mix, and re-registering repairs an altered blob.
@@ -89,7 +87,7 @@ class FileStore(AdapterStore):
             return ((self.root / blob_key(content_hash, CONFIG_FILE)).read_bytes(),
                     (self.root / blob_key(content_hash, WEIGHTS_FILE)).read_bytes())
         except FileNotFoundError as exc:
-            raise StoreUnavailableError(f"adapter store {self.root}: blob {content_hash[:16]}... is missing "
+            raise StoreIntegrityError(f"adapter store {self.root}: blob {content_hash[:16]}... is missing "
                                         f"({exc.filename}); re-register the adapter") from exc
 
     def _read_raw(self, name: str) -> bytes | None:

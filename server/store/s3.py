@@ -23,7 +23,6 @@ from lorafold.server.store.base import (
     Manifest,
     StoreAuthError,
     StoreConflictError,
-    StoreError,
     StoreIntegrityError,
     StoreUnavailableError,
     blob_key,
@@ -90,16 +89,9 @@ class S3Store(AdapterStore):
     def check(self) -> None:
         self._call("listing the bucket", self.client.list_objects_v2, Prefix=self._key("manifests/"), MaxKeys=1)
 
-    def has_blob(self, content_hash: str) -> bool:
-        try:
-            self._call("blob lookup", self.client.head_object, Key=self._key(blob_key(content_hash, WEIGHTS_FILE)))
-        except _NotFound:
-            return False
-        return True
-
     def put_blob(self, content_hash: str, config: bytes, weights: bytes) -> None:
         # Always uploaded: the same hash means the same bytes (each PUT is atomic), and a
-        # re-registration then repairs an altered object. Weights last: has_blob checks them.
+        # re-registration then repairs an altered object.
         for name, data in ((CONFIG_FILE, config), (WEIGHTS_FILE, weights)):
             self._call(f"upload of {name}", self.client.put_object, Key=self._key(blob_key(content_hash, name)), Body=data)
 
@@ -115,7 +107,7 @@ class S3Store(AdapterStore):
             return tuple(self._get(blob_key(content_hash, n), f"blob {content_hash[:16]}.../{n}")[0]
                          for n in (CONFIG_FILE, WEIGHTS_FILE))  # type: ignore[return-value]
         except _NotFound as exc:
-            raise StoreError(f"adapter store {self.url}: blob {content_hash[:16]}... is missing; "
+            raise StoreIntegrityError(f"adapter store {self.url}: blob {content_hash[:16]}... is missing; "
                              "re-register the adapter") from exc
 
     def read_manifest(self, name: str) -> tuple[Manifest, str] | None:

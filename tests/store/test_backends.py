@@ -44,10 +44,10 @@ def manifest(name: str, config: bytes = b'{"r": 4}', weights: bytes = b"w" * 100
 
 def test_blob_round_trip_and_idempotent_put(store):
     m = manifest("a")
-    assert not store.has_blob(m.content_hash)
+    with pytest.raises(StoreIntegrityError, match="missing"):  # a manifest naming no blob: re-register
+        store.get_blob(m.content_hash)
     store.put_blob(m.content_hash, b'{"r": 4}', b"w" * 100)
     store.put_blob(m.content_hash, b'{"r": 4}', b"w" * 100)  # same hash again: no error
-    assert store.has_blob(m.content_hash)
     config, weights = store.get_blob(m.content_hash)
     assert (config, weights) == (b'{"r": 4}', b"w" * 100)
     verify_blob(m, config, weights)
