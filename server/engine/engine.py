@@ -166,7 +166,10 @@ class LLMEngine:
         failed: dict[str, str] = {}
         for slot in out.adapter_frees:  # evicted first: their rows make room for the loads
             self.runner.free_adapter(slot)
-        for load in out.adapter_loads:
+        loads = out.adapter_loads
+        for i, load in enumerate(loads):
+            # the worker stages the next loads while this thread stages / copies this one
+            self.prefetcher.prefetch((later.name, self._adapters[later.name]) for later in loads[i + 1 :])
             try:
                 self.runner.load_adapter(load.slot, self.prefetcher.take(load.name, self._adapters[load.name]))
             except Exception as exc:  # noqa: BLE001 - contained to this adapter's requests
