@@ -84,7 +84,10 @@ def _batch(seqs, members: list[int], owner: torch.Tensor, logical: torch.Tensor,
         tables.append(table[: (ctx_len + block_size - 1) // block_size])
     q_tiles = (q_len + Q_BLOCK - 1) // Q_BLOCK
     kv_num = torch.tensor([len(t) for t in tables], dtype=torch.int32)
-    kv_idx = torch.zeros((len(members), num_blocks), dtype=torch.int32)
+    # [B, 1, q_tiles, widest table]: a row lists its sequence's blocks; entries past its count
+    # are never read (a width of num_blocks, FlexAttention's dense layout, would cost
+    # B x num_blocks ints per step)
+    kv_idx = torch.zeros((len(members), max(len(t) for t in tables)), dtype=torch.int32)
     for b, t in enumerate(tables):
         kv_idx[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
     kv_num = kv_num[:, None, None].expand(-1, 1, q_tiles).contiguous().to(device)
