@@ -33,6 +33,10 @@ class EngineConfig:
     lora_backend: the multi-LoRA ops' backend for every forward (`kernels.ops.force_backend`):
         "auto" (Triton on CUDA, the compiled kernel or torch on the CPU), "torch", "triton"
         (on the CPU only under TRITON_INTERPRET=1: how CI runs the GPU path), "cpp".
+    decode_graphs: pure decode steps on preallocated buffers, one forward per batch-size
+        bucket (`server.engine.decode_graphs`): "auto" captures them as CUDA graphs on the GPU
+        path (flex + Triton on CUDA), "capture" likewise, "eager" runs the buffers without
+        capture (how the CPU tests check them), "off" never.
     max_num_seqs: most sequences RUNNING at once (= most sequences in one step).
     max_num_batched_tokens: token budget of one step (decodes + prefill chunks). Must be
         >= max_num_seqs so every running decode always gets its token.
@@ -70,6 +74,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     attention_backend: str = "auto"
     lora_backend: str = "auto"
+    decode_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, 1)
@@ -93,6 +98,8 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")
+        if self.decode_graphs not in ("auto", "capture", "eager", "off"):
+            raise ValueError(f"decode_graphs must be auto, capture, eager or off, got {self.decode_graphs!r}")
         if self.lora_backend not in LORA_BACKENDS:
             raise ValueError(f"lora_backend must be one of {', '.join(LORA_BACKENDS)}, got {self.lora_backend!r}")
         if not isinstance(self.prepack_weights, bool):

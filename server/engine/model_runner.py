@@ -18,6 +18,7 @@ from lorafold.kernels import cpu_ext
 from lorafold.kernels.ops import force_backend
 from lorafold.server.engine.attention import build_attention_metadata
 from lorafold.server.engine.config import EngineConfig
+from lorafold.server.engine.decode_graphs import DecodeGraphs
 from lorafold.server.engine.host_memory import keep_freed_memory
 from lorafold.server.engine.llama import LeanLlama
 from lorafold.server.engine.scheduler import ScheduledChunk
@@ -71,6 +72,23 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
     return name
 
 
+def resolve_decode_graphs(config: EngineConfig, device: torch.device, attention_backend: str) -> str:
+    """"capture" (CUDA graphs), "eager" (the same buffers, no capture: CPU tests) or "off".
+    The buffer path needs FlexAttention and the Triton LoRA kernels (no per-step CPU plan)."""
+    gpu_path = attention_backend == "flex" and (
+        config.lora_backend == "triton" or (config.lora_backend == "auto" and device.type == "cuda"))
+    if config.decode_graphs == "off" or not gpu_path:
+        if config.decode_graphs == "eager":
+            raise ValueError("decode_graphs='eager' needs attention_backend='flex' and the Triton LoRA kernels "
+                             "(lora_backend='triton', or 'auto' on CUDA)")
+        return "off"
+    if config.decode_graphs == "auto":
+        return "capture" if device.type == "cuda" else "off"
+    if config.decode_graphs == "capture" and device.type != "cuda":
+        raise ValueError(f"decode_graphs='capture' needs a CUDA device, the model is on {device}; use 'eager' or 'auto'")
+    return config.decode_graphs
+
+
 def check_lora_backend(name: str, device: torch.device) -> None:
     """Refuse at start a LoRA backend that cannot run on `device`, rather than on a request."""
     if name == "triton" and device.type != "cuda":
@@ -119,7 +137,11 @@ class ModelRunner:
         logger.info("adapter memory budget: %.0f MiB = %d rank rows (%d rank-16 adapters of all targets), %d slots",
                     self.adapter_budget_bytes / 2**20, self.adapter_budget_rows, self.adapter_budget_rows // 16,
                     self.num_adapter_slots)
-        shape = (config.num_kv_blocks * config.block_size, self.model.num_kv_heads, self.model.head_dim)
+        # decode steps on preallocated buffers (CUDA graphs on the GPU path; see decode_graphs)
+        graphs = resolve_decode_graphs(config, self.device, self.attention_backend)
+        # one scratch block past the budget for the buffer path's padding rows
+        self.num_cache_blocks = config.num_kv_blocks + (1 if graphs != "off" else 0)
+        shape = (self.num_cache_blocks * config.block_size, self.model.num_kv_heads, self.model.head_dim)
         # The KV budget is reserved once, at start: [slots, kv_heads, head_dim] per layer for K and V.
         self.kv_caches = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
@@ -128,6 +150,18 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens, %.0f MiB", config.num_kv_blocks, config.block_size, self.kv_bytes / 2**20)
         if self.device.type == "cuda":
             self.warm_up()
+        self.decode_graphs: DecodeGraphs | None = None
+        if graphs != "off":
+            try:
+                self.decode_graphs = DecodeGraphs(
+                    self.model, self.kv_caches, num_blocks=self.num_cache_blocks, block_size=config.block_size,
+                    max_num_seqs=config.max_num_seqs, max_blocks_per_seq=-(-config.max_model_len // config.block_size),
+                    lora_backend=config.lora_backend, capture=graphs == "capture",
+                )
+            except RuntimeError:  # a capture the driver or a kernel refuses: serve without graphs
+                if graphs != "capture":
+                    raise
+                logger.exception("CUDA graph capture failed: decode steps run eagerly (decode_graphs='off' skips it)")
 
     def warm_up(self) -> None:
         """Compile what the GPU path compiles lazily, before the first request: the Triton
@@ -154,7 +188,7 @@ class ModelRunner:
                 seqs = [(q0, q, ctx, list(range(-(-ctx // bs)))) for q0, q, ctx in spec]
                 positions = [p for _, q, ctx in spec for p in range(ctx - q, ctx)]
                 meta = build_attention_metadata(positions, seqs, bs, self.device, dtype=self.dtype,
-                                                backend=self.attention_backend, num_blocks=self.config.num_kv_blocks)
+                                                backend=self.attention_backend, num_blocks=self.num_cache_blocks)
                 pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
                 with lora_batch(None), force_backend(self.config.lora_backend):
                     self.model(torch.zeros_like(pos), pos, self.kv_caches, meta)
@@ -219,10 +253,17 @@ class ModelRunner:
             if chunk.sample:
                 rows.append(len(ids) - 1)
                 sampled_in_order.append(idx)
-        attn_meta = build_attention_metadata(slot_mapping, seqs, bs, self.device, dtype=self.dtype,
-                                             backend=self.attention_backend, num_blocks=self.config.num_kv_blocks)
         with force_backend(self.config.lora_backend):
             lora_meta = self.model.slots.meta(token_slots) if any(s >= 0 for s in token_slots) else None
+        bucket = None
+        if self.decode_graphs is not None and len(rows) == len(ids) == len(chunks):  # pure decode
+            bucket = self.decode_graphs.bucket(len(ids), lora_meta.max_rank if lora_meta is not None else 0)
+        if bucket is not None:
+            logits = self.decode_graphs.run(ids, positions, slot_mapping, [s[3] for s in seqs], lora_meta, bucket)
+            back = sorted(range(len(sampled_in_order)), key=sampled_in_order.__getitem__)
+            return logits if back == list(range(len(back))) else logits[torch.tensor(back, device=logits.device)]
+        attn_meta = build_attention_metadata(slot_mapping, seqs, bs, self.device, dtype=self.dtype,
+                                             backend=self.attention_backend, num_blocks=self.num_cache_blocks)
         with lora_batch(lora_meta), force_backend(self.config.lora_backend):
             logits = self.model(
                 torch.tensor(ids, device=self.device),

@@ -56,21 +56,6 @@ def _workload(engine: LLMEngine) -> tuple[dict[int, list[tuple]], list[tuple[str
     return arrivals, setup, adapters
 
 
-def test_gpu_path_float32_matches_merged_reference_token_for_token() -> None:
-    hf = _model(torch.float32)
-    engine = _engine(hf, GPU_PATH)
-    assert engine.runner.attention_backend == "flex"
-    arrivals, setup, adapters = _workload(engine)
-    got = run_to_completion(engine, arrivals)
-    assert engine.adapter_table.stats.evictions > 0, "the test must exercise eviction"
-    merged: dict = {}
-    for rid, prompt, a in setup:
-        if a not in merged:
-            merged[a] = hf if a is None else merged_model(hf, adapters[a])
-        assert got[rid] == hf_greedy(merged[a], prompt, MAX_TOKENS, None), f"{rid} (adapter {a})"
-    assert len({tuple(got[f"r{i}"]) for i in range(4)}) == 4, "adapters must change outputs"
-
-
 # A reference logit gap below this is a tie at bfloat16's resolution (its ulp is 1/64 at
 # logits of 2-4): transformers' own bf16 merged model, greedy, agrees with the fp32 reference
 # on only 105-106 of these 108 tokens, every miss a gap under 0.03.
@@ -137,3 +122,27 @@ def test_sdpa_decode_mask_is_built_in_the_query_dtype(dtype: torch.dtype) -> Non
                                                    float("-inf"), float("-inf"), float("-inf")]
     with pytest.raises(ValueError, match="num_blocks"):
         build_attention_metadata([13, 1], seqs, 4, torch.device("cpu"), backend="flex")
+
+
+def test_gpu_path_float32_matches_merged_reference_token_for_token() -> None:
+    """The GPU path in fp32, with decode_graphs="eager": prefill and mixed steps through paged
+    FlexAttention, pure decode steps on the preallocated, bucket-padded buffers the CUDA graphs
+    read (scratch block, empty LoRA segments, fixed max rank), without capture; adapters
+    evicted and reloaded. (The bf16 GPU-path test covers flex decode off the buffers.)"""
+    hf = _model(torch.float32)
+    engine = _engine(hf, dict(GPU_PATH, decode_graphs="eager"))
+    graphs = engine.runner.decode_graphs
+    assert graphs is not None and graphs.buckets == [1, 2, 4, 6] and not graphs.graphs
+    assert engine.runner.attention_backend == "flex"
+    arrivals, setup, adapters = _workload(engine)
+    got = run_to_completion(engine, arrivals)
+    assert engine.adapter_table.stats.evictions > 0, "the test must exercise eviction"
+    assert graphs.steps >= 10, "most decode steps must take the buffer path"
+    merged: dict = {}
+    for rid, prompt, a in setup:
+        if a not in merged:
+            merged[a] = hf if a is None else merged_model(hf, adapters[a])
+        assert got[rid] == hf_greedy(merged[a], prompt, MAX_TOKENS, None), f"{rid} (adapter {a})"
+    assert len({tuple(got[f"r{i}"]) for i in range(4)}) == 4, "adapters must change outputs"
+    with pytest.raises(ValueError, match="needs attention_backend='flex'"):
+        _engine(hf, dict(CPU_PATH, decode_graphs="eager"))

@@ -1,0 +1,175 @@
+"""Decode steps on preallocated buffers, captured as CUDA graphs per batch-size bucket.
+
+A decode step of the GPU path (FlexAttention + Triton LoRA kernels) is hundreds of small
+launches, each with Python around it: host-bound. Here every per-step input lives in a buffer
+sized for the largest bucket (token ids, positions, cache slots, the block mask's tables,
+the LoRA segments), a step copies its values in and pads to its bucket, and the bucket's
+forward runs on views of those buffers. On CUDA that forward is captured once at start and
+replayed (the graph reads the buffers in place); elsewhere the same code runs eagerly, which
+is how the CPU tests check the buffers, the padding and the metadata (`decode_graphs="eager"`).
+
+Padding rows (bucket > batch): token 0 at position 0, written to and attending only a scratch
+block past the cache's last (never a sequence's block), no adapter. Their outputs are dropped.
+The LoRA metadata is padded with empty segments; its `max_seg_len` is the bucket and its
+`max_rank` is GRAPH_MAX_RANK, so grids are fixed per bucket. A step falls back to the eager
+path when it is not pure decode, has more sequences than the largest bucket, or an adapter
+of a larger rank.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from lorafold.kernels.meta import LoRABatchMeta
+from lorafold.kernels.ops import force_backend
+from lorafold.server.engine.attention import AttentionMetadata
+from lorafold.server.engine.flex_paged import Q_BLOCK, FlexBatch, FlexMetadata
+from lorafold.server.lora.context import lora_batch
+
+logger = logging.getLogger(__name__)
+
+GRAPH_MAX_RANK = 64
+
+
+def buckets_for(max_num_seqs: int) -> list[int]:
+    out, b = [], 1
+    while b < max_num_seqs:
+        out.append(b)
+        b *= 2
+    return out + [max_num_seqs]
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, kv_caches: list, *, num_blocks: int, block_size: int,
+                 max_num_seqs: int, max_blocks_per_seq: int, lora_backend: str, capture: bool) -> None:
+        """num_blocks: cache blocks including the scratch block (the last one)."""
+        self.model, self.kv_caches, self.lora_backend = model, kv_caches, lora_backend
+        self.block_size, self.scratch = block_size, num_blocks - 1
+        self.buckets = buckets_for(max_num_seqs)
+        dev = kv_caches[0][0].device
+        i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.int64, device=dev)
+        bmax = self.buckets[-1]
+        self.ids, self.positions, self.slots = (torch.zeros(bmax, **i64) for _ in range(3))
+        self.owner = torch.full((num_blocks,), -1, **i32)
+        self.logical = torch.zeros(num_blocks, **i32)
+        self.seq_of = torch.arange(bmax, **i32)
+        self.pos = torch.zeros(bmax, 1, **i32)
+        self.kv_num = torch.zeros(bmax, 1, 1, **i32)
+        self.kv_idx = torch.zeros(bmax, 1, 1, max_blocks_per_seq, **i32)
+        self.sorted_tokens = torch.zeros(bmax, **i32)
+        self.seg_slots = torch.zeros(bmax, **i32)
+        self.seg_starts = torch.zeros(bmax + 1, **i32)
+        self.arange = torch.arange(bmax, **i64)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.steps = 0  # decode steps run on the buffers (replayed or eager)
+        if capture:
+            self._capture_all()
+
+    # -------------------------------------------------------------------- per bucket
+    def _metadata(self, b: int) -> tuple[AttentionMetadata, LoRABatchMeta]:
+        bs, owner, logical, seq_of, pos = self.block_size, self.owner, self.logical, self.seq_of, self.pos
+
+        def keep(bi: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            block = kv // bs
+            return (owner[block] == seq_of[bi]) & (logical[block] * bs + kv % bs <= pos[bi, q])
+
+        mask = BlockMask.from_kv_blocks(self.kv_num[:b], self.kv_idx[:b], BLOCK_SIZE=(Q_BLOCK, bs), mask_mod=keep,
+                                        seq_lengths=(1, owner.numel() * bs), compute_q_blocks=False)
+        rows = self.arange[:b]
+        flex = FlexMetadata(decode=FlexBatch(q_index=rows, valid=rows, rows=rows, batch=b, q_len=1, block_mask=mask),
+                            prefill=None)
+        empty = self.ids[:0]
+        attn = AttentionMetadata(slot_mapping=self.slots[:b], decode_rows=empty, decode_blocks=empty,
+                                 decode_mask=empty.float(), decode_lens=empty, prefills=(), block_size=bs, flex=flex)
+        lora = LoRABatchMeta(sorted_tokens=self.sorted_tokens[:b], seg_slots=self.seg_slots[:b],
+                             seg_starts=self.seg_starts[: b + 1], max_seg_len=b, max_rank=GRAPH_MAX_RANK, num_tokens=b)
+        return attn, lora
+
+    def _forward(self, b: int) -> torch.Tensor:
+        attn, lora = self._metadata(b)
+        with lora_batch(lora), force_backend(self.lora_backend):
+            return self.model(self.ids[:b], self.positions[:b], self.kv_caches, attn)
+
+    def _capture_all(self) -> None:
+        """Capture from the largest bucket down, sharing one memory pool (as vLLM does)."""
+        self._fill_padding(0, self.buckets[-1])
+        pool = torch.cuda.graph_pool_handle()
+        for b in reversed(self.buckets):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for _ in range(2):  # compile and autotune outside the capture
+                    self._forward(b)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+                out = self._forward(b)
+            self.graphs[b] = (graph, out)
+        torch.cuda.synchronize()
+        logger.info("CUDA graphs captured for decode batches of %s sequences", self.buckets)
+
+    # -------------------------------------------------------------------- per step
+    def bucket(self, num_seqs: int, max_rank: int) -> int | None:
+        if max_rank > GRAPH_MAX_RANK:
+            return None
+        return next((b for b in self.buckets if b >= num_seqs), None)
+
+    def _fill_padding(self, n: int, b: int) -> None:
+        scratch_slot = self.scratch * self.block_size
+        self.ids[n:b] = 0
+        self.positions[n:b] = 0
+        self.slots[n:b] = scratch_slot
+        self.pos[n:b] = 0
+        self.seq_of[n:b] = -2  # the scratch block's owner
+        self.kv_num[n:b] = 1
+        self.kv_idx[n:b, 0, 0, 0] = self.scratch
+        self.owner[self.scratch] = -2
+        self.logical[self.scratch] = 0
+
+    @torch.inference_mode()
+    def run(self, ids: list[int], positions: list[int], slot_mapping: list[int], tables: list[list[int]],
+            lora: LoRABatchMeta | None, bucket: int) -> torch.Tensor:
+        """One decode step of len(ids) sequences (row i: its token, position, cache slot and
+        block table covering position + 1 tokens) in `bucket`. Returns logits [n, vocab]."""
+        n, bs = len(ids), self.block_size
+        dev = self.ids.device
+        self.ids[:n].copy_(torch.tensor(ids), non_blocking=True)
+        self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
+        self.slots[:n].copy_(torch.tensor(slot_mapping), non_blocking=True)
+        used = [t[: p // bs + 1] for t, p in zip(tables, positions)]
+        blocks = torch.tensor([blk for t in used for blk in t], dtype=torch.int64)
+        self.owner.fill_(-1)
+        self.owner[blocks.to(dev)] = torch.tensor([i for i, t in enumerate(used) for _ in t], dtype=torch.int32,
+                                                  device=dev)
+        self.logical[blocks.to(dev)] = torch.tensor([j for t in used for j in range(len(t))], dtype=torch.int32,
+                                                    device=dev)
+        self.seq_of[:n] = self.arange[:n].to(torch.int32)
+        self.pos[:n, 0] = torch.tensor(positions, dtype=torch.int32, device=dev)
+        self.kv_num[:n, 0, 0] = torch.tensor([len(t) for t in used], dtype=torch.int32, device=dev)
+        width = self.kv_idx.shape[-1]
+        self.kv_idx[:n, 0, 0] = torch.tensor([t + [0] * (width - len(t)) for t in used], dtype=torch.int32,
+                                             device=dev)
+        self._fill_padding(n, bucket)
+        self._fill_lora(lora, bucket)
+        self.steps += 1
+        if bucket in self.graphs:
+            graph, out = self.graphs[bucket]
+            graph.replay()
+            return out[:n]
+        return self._forward(bucket)[:n]
+
+    def _fill_lora(self, lora: LoRABatchMeta | None, b: int) -> None:
+        """Segments of the step, then empty ones up to the bucket (length 0: no program works)."""
+        t_a = 0 if lora is None else lora.sorted_tokens.numel()
+        s = 0 if lora is None else lora.seg_slots.numel()
+        if lora is not None:
+            self.sorted_tokens[:t_a].copy_(lora.sorted_tokens)
+            self.seg_slots[:s].copy_(lora.seg_slots)
+            self.seg_starts[: s + 1].copy_(lora.seg_starts)
+        self.seg_slots[s:b] = 0
+        self.seg_starts[s + 1 : b + 1] = t_a
+        if lora is None:
+            self.seg_starts[0] = 0
