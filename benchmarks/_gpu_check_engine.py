@@ -229,7 +229,11 @@ def throughput_section(device: torch.device, *, smoke: bool) -> dict:
                                                                             ignore_eos=True),
                                adapter, None if adapter is None else f"a{adapter.content_hash[-6:]}")
 
-    for n in (0, *counts):
+    graphs = engine.runner.decode_graphs
+    # every count with the decode graphs (where captured), then the middle one without them
+    runs = [(n, True) for n in (0, *counts)] + ([(counts[1], False)] if graphs is not None else [])
+    for n, with_graphs in runs:
+        engine.runner.decode_graphs = graphs if with_graphs else None
         admit(n)
         compiles0 = triton_compiles()
         engine.step()
@@ -242,11 +246,12 @@ def throughput_section(device: torch.device, *, smoke: bool) -> dict:
         busy = gpu_busy_seconds(engine.step, 1) if device.type == "cuda" else None
         while engine.has_unfinished():
             engine.step()
-        row = {"adapters": n, "batch": batch, "step_ms": round(wall * 1e3, 3), "tokens_per_s": round(batch / wall, 1),
+        row = {"adapters": n, "graphs": with_graphs and graphs is not None and bool(graphs.graphs), "batch": batch, "step_ms": round(wall * 1e3, 3), "tokens_per_s": round(batch / wall, 1),
                "gpu_busy_ms": None if busy is None else round(busy * 1e3, 3),
                "compiles_in_warmup": None if compiles0 is None else compiles1 - compiles0,
                "compiles_after_warmup": None if compiles1 is None else compiles2 - compiles1}
         scenarios.append(row)
+    engine.runner.decode_graphs = graphs
     base = scenarios[0]["tokens_per_s"]
     for row in scenarios:
         row["vs_base"] = round(row["tokens_per_s"] / base, 4)

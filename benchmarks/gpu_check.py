@@ -18,8 +18,10 @@ benchmarks/results/gpu_check.json (`--out`). Sections:
   fp32; bf16 teacher-forced top-1 agreement with the fp32 reference (strict, and counting
   bf16-level ties); decode throughput on a random-init model of Llama-3-8B's layer shapes
   (fewer layers, stated in the JSON) all on the base vs 8 / 64 / 512 distinct rank-16
-  adapters, wall vs GPU time per step, Triton compiles after warm-up, a cold adapter's first
-  token; shrink+expand time as a fraction of each layer's base GEMM at decode sizes.
+  adapters (decode steps replaying CUDA graphs), the 64-adapter case again without graphs,
+  wall vs profiled GPU time per step, Triton compiles during and after warm-up, a cold
+  adapter's first token; shrink+expand time as a fraction of each layer's base GEMM at
+  decode sizes.
 Targets (figures to compare, not asserts): <= 5 % throughput loss at 64 adapters vs the base,
 shrink+expand <= 10 % of the base GEMM at decode, no compile after warm-up, cold adapter to
 first token <= 50 ms. The exit status is 1 when a correctness check fails.

@@ -33,7 +33,7 @@ def test_gpu_check_smoke_runs_every_section_and_passes(tmp_path: Path) -> None:
     assert engine["backends"] == "flex+triton" and engine["pass"]
     assert engine["fp32_equal_requests"] == f"{engine['requests']}/{engine['requests']}"
     thr = result["throughput"]
-    assert [r["adapters"] for r in thr["scenarios"]] == [0, 2, 4]
+    assert [r["adapters"] for r in thr["scenarios"]][:3] == [0, 2, 4]  # (+ 4 without graphs on a GPU)
     assert all(r["tokens_per_s"] > 0 for r in thr["scenarios"]) and thr["scenarios"][0]["vs_base"] == 1
     assert {r["layer"] for r in thr["lora_vs_gemm"]} == {"qkv", "down"}
     assert thr["checks"]["cold_adapter_first_token_ms"] > 0
