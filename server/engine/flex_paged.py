@@ -119,6 +119,22 @@ def _kernel(device_type: str) -> Callable[..., torch.Tensor]:
     return flex_attention
 
 
+def _kernel_options(device_type: str, block_size: int) -> dict:
+    """The compiled kernel's KV tile must divide the block mask's KV block (one cache block):
+    Inductor's defaults (64/128) do not divide 16, and with a symbolic batch (dynamic shapes)
+    decode runs the main kernel, which then has no valid configuration. Eager: nothing."""
+    if device_type != "cuda":
+        return {}
+    return {"kernel_options": {"BLOCK_N": next(n for n in (64, 32, 16) if block_size % n == 0)}}
+
+
+def check_block_size(block_size: int) -> None:
+    """FlexAttention's compiled kernel tiles KV by >= 16 slots (tl.dot's minimum)."""
+    if block_size % 16:
+        raise ValueError(f"the flex attention backend on a GPU needs a KV block size that is a multiple of 16, "
+                         f"got {block_size}; use block_size 16 (the default) or the sdpa backend")
+
+
 def flex_paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: FlexMetadata, scale: float
 ) -> torch.Tensor:
@@ -133,7 +149,8 @@ def flex_paged_attention(
         if fb is None:
             continue
         qb = q_pad.index_select(0, fb.q_index).view(fb.batch, fb.q_len, heads, dim).transpose(1, 2)
-        ob = kernel(qb, kc, vc, block_mask=fb.block_mask, scale=scale, enable_gqa=True)  # [B, H, Q, D]
+        ob = kernel(qb, kc, vc, block_mask=fb.block_mask, scale=scale, enable_gqa=True,
+                    **_kernel_options(q.device.type, fb.block_mask.BLOCK_SIZE[1]))  # [B, H, Q, D]
         flat = ob.transpose(1, 2).reshape(fb.batch * fb.q_len, heads, dim)
         out.index_copy_(0, fb.rows, flat.index_select(0, fb.valid))
     return out

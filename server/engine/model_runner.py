@@ -19,6 +19,7 @@ from lorafold.kernels.ops import force_backend
 from lorafold.server.engine.attention import build_attention_metadata
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.decode_graphs import DecodeGraphs
+from lorafold.server.engine.flex_paged import check_block_size
 from lorafold.server.engine.host_memory import keep_freed_memory
 from lorafold.server.engine.llama import LeanLlama
 from lorafold.server.engine.scheduler import ScheduledChunk
@@ -109,6 +110,8 @@ class ModelRunner:
         # chosen once: FlexAttention into the paged blocks on CUDA, the SDPA / compiled-kernel
         # path on the CPU (either may be forced, e.g. the GPU path on the CPU in tests)
         self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
+        if self.attention_backend == "flex" and self.device.type == "cuda":
+            check_block_size(config.block_size)
         check_lora_backend(config.lora_backend, self.device)
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults on every step's temporaries (see host_memory)
