@@ -5,7 +5,9 @@ fold the scale into B, transpose it, pad to the slot's rows; `AdapterSlots.stage
 copying the result into the slot (one copy per pool; `AdapterSlots.fill`). The first half
 needs nothing from the step, so it runs here, on one worker, for the adapters that waiting
 requests will need; the engine's step then only copies. On a GPU the staged blocks sit in
-page-locked host memory and the copies are asynchronous.
+page-locked host memory and the copies are asynchronous. A load that finds nothing staged
+gets the adapter itself, which `AdapterSlots.fill` lays out straight into the slot on CPU
+(one pass instead of staging + copying) and stages first elsewhere.
 
 Bounded: at most `max_staged` adapters are staged or in flight at once (each holds its
 rows' bytes on the host); staging the rest waits until those are loaded or dropped.
@@ -27,7 +29,7 @@ logger = logging.getLogger(__name__)
 @dataclass(slots=True)
 class PrefetchStats:
     staged_ahead: int = 0  # loads that found their adapter staged (or staging) already
-    staged_inline: int = 0  # loads that staged on the engine thread
+    unstaged: int = 0  # loads that found nothing staged
 
 
 class AdapterPrefetcher:
@@ -50,15 +52,15 @@ class AdapterPrefetcher:
             if key not in self._pending:
                 self._pending[key] = self._pool.submit(self._stage, adapter)
 
-    def take(self, key: str, adapter: LoRAAdapter) -> StagedAdapter:
-        """The staged copy of `adapter`: the prefetched one (waiting for it if still in
-        flight; its error, if staging failed, is raised here), else staged now."""
+    def take(self, key: str, adapter: LoRAAdapter) -> StagedAdapter | LoRAAdapter:
+        """What to load: the staged copy of `adapter` when it was prefetched (waiting for it if
+        still in flight; its error, if staging failed, is raised here), else `adapter`."""
         future = self._pending.pop(key, None)
         if future is not None:
             self.stats.staged_ahead += 1
             return future.result()  # may block: the worker is mid-way through this adapter
-        self.stats.staged_inline += 1
-        return self._stage(adapter)
+        self.stats.unstaged += 1
+        return adapter
 
     def discard(self, key: str) -> None:
         """Drop a staged copy no request needs any more."""

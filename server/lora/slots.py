@@ -128,61 +128,59 @@ class AdapterSlots:
     def stage(self, adapter: LoRAAdapter) -> StagedAdapter:
         """Lay `adapter` out as the pools hold it, on the host (page-locked when the pools are
         on a GPU, so `fill` copies asynchronously). Safe to call from a worker thread."""
-        unknown = set(adapter.modules) - set(self.targets)
-        if unknown:
-            raise AdapterError(f"adapter targets modules this model does not expose: {sorted(unknown)[:3]}")
-        rows = adapter.max_rank
-        by_layer: dict[int, list[tuple[Target, ModuleLoRA]]] = {}
-        for path, module in adapter.modules.items():
-            target = self.targets[path]
-            by_layer.setdefault(id(target.layer), []).append((target, module))
         pin = self.layers[0].a_pool.device.type == "cuda"
-        blocks = []
-        for layer in self.layers:
-            found = by_layer.get(id(layer))
-            if not found:
+        rows, blocks = adapter.max_rank, []
+        for layer, mods in self._modules_by_layer(adapter):
+            if not mods:
                 blocks.append(None)
                 continue
-            # every element is written once: the factors where a slice is adapted, zeros past
-            # its rank and over the slices it leaves alone (no zero-fill pass before the copies)
-            n_slices, dtype = layer.a_pool.shape[0], layer.a_pool.dtype
-            a = torch.empty((n_slices, rows, layer.in_features), dtype=dtype, pin_memory=pin)
-            b = torch.empty((rows, layer.out_features), dtype=dtype, pin_memory=pin)
-            mods = {target.slice_idx: module for target, module in found}
-            ranks = torch.tensor([mods[i].rank if i in mods else 0 for i in range(n_slices)], dtype=torch.int32)
-            for i, r in enumerate(ranks.tolist()):
-                lo, hi = layer.slice_offsets[i], layer.slice_offsets[i + 1]
-                if r:
-                    a[i, :r].copy_(mods[i].lora_a)
-                    torch.mul(mods[i].lora_b.t(), mods[i].scale, out=b[:r, lo:hi])  # scale and transpose in one pass
-                a[i, r:].zero_()
-                b[r:, lo:hi].zero_()
-            ranks = ranks.pin_memory() if pin else ranks
-            blocks.append((a, b, ranks))
+            a = torch.empty((layer.a_pool.shape[0], rows, layer.in_features), dtype=layer.a_pool.dtype, pin_memory=pin)
+            b = torch.empty((rows, layer.out_features), dtype=layer.b_pool.dtype, pin_memory=pin)
+            ranks = _lay_out(layer, mods, a, b)
+            blocks.append((a, b, ranks.pin_memory() if pin else ranks))
         return StagedAdapter(adapter=adapter, rows=rows, blocks=tuple(blocks))
 
     @torch.no_grad()
     def fill(self, slot: int, adapter: LoRAAdapter | StagedAdapter) -> None:
-        """Load `adapter` (staged here first when it is not) into `slot`, replacing any occupant."""
+        """Load `adapter` into `slot`, replacing any occupant: a staged one by one copy per
+        pool; an unstaged one on CPU laid out straight into the slot's rows (one pass, where
+        staging then copying would make two), elsewhere staged first."""
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
-        staged = adapter if isinstance(adapter, StagedAdapter) else self.stage(adapter)
+        direct = not isinstance(adapter, StagedAdapter) and self.layers[0].a_pool.device.type == "cpu"
+        staged = adapter if isinstance(adapter, StagedAdapter) or direct else self.stage(adapter)
+        mods = self._modules_by_layer(adapter) if direct else None  # validates before the slot changes
         self.clear(slot)
-        start, rows = self._reserve(slot, staged.rows), staged.rows
+        rows = adapter.max_rank if direct else staged.rows
+        start = self._reserve(slot, rows)
         self.row_start[slot] = start
         self.slot_alloc[slot] = rows
-        for layer, block in zip(self.layers, staged.blocks):
-            # the kernels read all `rows` rows of the range: rows past a module's rank are zero
-            if block is None:
-                layer.a_pool[:, start : start + rows].zero_()
-                layer.b_pool[start : start + rows].zero_()
+        for i, layer in enumerate(self.layers):
+            a_dst, b_dst = layer.a_pool[:, start : start + rows], layer.b_pool[start : start + rows]
+            block = None if direct else staged.blocks[i]
+            if direct and mods[i][1]:
+                layer.ranks[:, slot] = _lay_out(layer, mods[i][1], a_dst, b_dst)
+            elif block is not None:
+                a, b, ranks = block
+                a_dst.copy_(a, non_blocking=True)
+                b_dst.copy_(b, non_blocking=True)
+                layer.ranks[:, slot].copy_(ranks, non_blocking=True)
+            else:  # the kernels read all `rows` rows of the range: untouched layers read zeros
+                a_dst.zero_()
+                b_dst.zero_()
                 layer.ranks[:, slot] = 0
-                continue
-            a, b, ranks = block
-            layer.a_pool[:, start : start + rows].copy_(a, non_blocking=True)
-            layer.b_pool[start : start + rows].copy_(b, non_blocking=True)
-            layer.ranks[:, slot].copy_(ranks, non_blocking=True)
-        self.occupant[slot] = staged.adapter
+        self.occupant[slot] = adapter if direct else staged.adapter
+
+    def _modules_by_layer(self, adapter: LoRAAdapter) -> list[tuple[MultiLoRALinear, dict[int, ModuleLoRA]]]:
+        """Each layer with the adapter's modules on it, by slice (empty: none)."""
+        unknown = set(adapter.modules) - set(self.targets)
+        if unknown:
+            raise AdapterError(f"adapter targets modules this model does not expose: {sorted(unknown)[:3]}")
+        by_layer: dict[int, dict[int, ModuleLoRA]] = {id(layer): {} for layer in self.layers}
+        for path, module in adapter.modules.items():
+            target = self.targets[path]
+            by_layer[id(target.layer)][target.slice_idx] = module
+        return [(layer, by_layer[id(layer)]) for layer in self.layers]
 
     def clear(self, slot: int) -> None:
         """Give the slot's rows back. Nothing is zeroed: rows no slot owns are never read, and
@@ -235,3 +233,19 @@ class AdapterSlots:
     @property
     def pool_bytes(self) -> int:
         return sum(layer.a_pool.nbytes + layer.b_pool.nbytes for layer in self.layers)
+
+
+def _lay_out(layer: MultiLoRALinear, mods: dict[int, ModuleLoRA], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Write one layer's share of an adapter into a [n_slices, rows, in] and b [rows, out]
+    (host blocks or the pools' rows, same device as the factors): every element once, the
+    factors where a slice is adapted (scale folded into B), zeros past its rank and over the
+    slices it leaves alone. Returns the slices' ranks [n_slices] int32."""
+    ranks = torch.tensor([mods[i].rank if i in mods else 0 for i in range(a.shape[0])], dtype=torch.int32)
+    for i, r in enumerate(ranks.tolist()):
+        lo, hi = layer.slice_offsets[i], layer.slice_offsets[i + 1]
+        if r:
+            a[i, :r].copy_(mods[i].lora_a)
+            torch.mul(mods[i].lora_b.t(), mods[i].scale, out=b[:r, lo:hi])  # scale and transpose in one pass
+        a[i, r:].zero_()
+        b[r:, lo:hi].zero_()
+    return ranks
