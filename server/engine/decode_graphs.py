@@ -28,6 +28,7 @@ from lorafold.kernels.ops import force_backend
 from lorafold.server.engine.attention import AttentionMetadata
 from lorafold.server.engine.flex_paged import Q_BLOCK, FlexBatch, FlexMetadata
 from lorafold.server.lora.context import lora_batch
+from lorafold.server.lora.layers import MultiLoRALinear
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,20 @@ class DecodeGraphs:
         self.arange = torch.arange(bmax, **i64)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.steps = 0  # decode steps run on the buffers (replayed or eager)
+        self.captures = 0
+        # a graph holds the addresses of the adapter pools it read at capture; pools are
+        # reallocated when they grow (MultiLoRALinear.relayout_rows), so a changed address
+        # means the graphs must be captured again before the next replay
+        self._lora_layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+        self._captured_key: tuple[int, ...] | None = None
         if capture:
             self._capture_all()
+
+    def pools_key(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for m in self._lora_layers for t in (m.a_pool, m.b_pool, m.ranks, m.row_start))
+
+    def needs_recapture(self) -> bool:
+        return bool(self.graphs) and self.pools_key() != self._captured_key
 
     # -------------------------------------------------------------------- per bucket
     def _metadata(self, b: int) -> tuple[AttentionMetadata, LoRABatchMeta]:
@@ -96,6 +109,7 @@ class DecodeGraphs:
     def _capture_all(self) -> None:
         """Capture from the largest bucket down, sharing one memory pool (as vLLM does)."""
         self._fill_padding(0, self.buckets[-1])
+        self.graphs.clear()
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.buckets):
             stream = torch.cuda.Stream()
@@ -109,6 +123,8 @@ class DecodeGraphs:
                 out = self._forward(b)
             self.graphs[b] = (graph, out)
         torch.cuda.synchronize()
+        self._captured_key = self.pools_key()
+        self.captures += 1
         logger.info("CUDA graphs captured for decode batches of %s sequences", self.buckets)
 
     # -------------------------------------------------------------------- per step
@@ -134,6 +150,9 @@ class DecodeGraphs:
             lora: LoRABatchMeta | None, bucket: int) -> torch.Tensor:
         """One decode step of len(ids) sequences (row i: its token, position, cache slot and
         block table covering position + 1 tokens) in `bucket`. Returns logits [n, vocab]."""
+        if self.needs_recapture():  # the adapter pools grew since the capture (before filling the buffers)
+            logger.info("adapter pools reallocated: capturing the decode graphs again")
+            self._capture_all()
         n, bs = len(ids), self.block_size
         dev = self.ids.device
         self.ids[:n].copy_(torch.tensor(ids), non_blocking=True)
