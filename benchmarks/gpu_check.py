@@ -5,7 +5,13 @@ merged references, throughput with many adapters. No network, at most ~6 minutes
     python3 -m benchmarks.gpu_check --smoke    # tiny shapes on the CPU (Triton interpreter), ~1 min
 
 Works from a plain checkout (lorafold need not be installed: the repo's folders are mapped to
-`lorafold.*`); needs torch, triton and transformers. Prints a table per section and writes
+`lorafold.*`); needs torch, triton, transformers and safetensors (all in the lent GPU
+machines' image). On such a machine, from the repo root, bring the JSON back through $OUT:
+
+    python3 -m benchmarks.gpu_check --out $OUT/gpu_check.json 2>&1 | tail -150
+
+(`--sections env,kernels` and `--sections engine,throughput` split it in two if one run
+would not fit the time left.) Prints a table per section and writes
 benchmarks/results/gpu_check.json (`--out`). Sections:
 
 - env: device, torch / triton / transformers versions, C compiler and Python headers (Triton's
