@@ -8,8 +8,8 @@ Semantics, per row i of logits [n, vocab] (fp32 math):
     greedy    : token[i] = argmax(logits[i])    when temperature < GREEDY_EPS (params.greedy)
     sampled   : z = (logits[i] - max) / T; keep the top-k of z, then the smallest prefix of
                 the sorted softmax(z) whose mass reaches top_p (the first token always stays);
-                token[i] ~ softmax(z) over what was kept, drawn as argmax(p / q) with
-                q ~ Exp(1) from the request's own generator (or the engine's for unseeded
+                token[i] ~ softmax(z) over what was kept, drawn by inverse CDF with one
+                uniform number from the request's own generator (or the engine's for unseeded
                 rows), so a seeded request gives the same tokens whatever it is batched with.
 Subtracting the row maximum before dividing by T keeps every value <= 0: a tiny temperature
 sends the rest to -inf (probability 0), never to NaN.
@@ -49,7 +49,8 @@ def sample(
     default generator of the logits' device). `context` feeds the logits processors
     (penalties, logit_bias, min_tokens, grammar masks); None = no processors."""
     logits = logits.float()
-    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+    # amax propagates NaN: one reduction finds NaN, +inf and all -inf rows alike
+    bad = ~torch.isfinite(logits.amax(dim=-1))
     safe = logits.masked_fill(bad[:, None], 0.0)  # keeps the batched math finite for the good rows
     code = bad.to(torch.int64)  # 0 fine, 1 non-finite logits, 2 nothing left to sample
     if context is not None:
@@ -62,8 +63,8 @@ def sample(
     if rows:
         index = torch.tensor(rows, device=logits.device)
         probs = _filtered_probs(safe.index_select(0, index), [params[i] for i in rows])
-        noise = _exponential(probs.shape, [generators[i] for i in rows], logits.device)
-        tokens = tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))
+        uniform = _uniform([generators[i] for i in rows], logits.device)
+        tokens = tokens.index_copy(0, index, _inverse_cdf(probs, uniform))
     # host sync: the token ids (and the error flags, in the same transfer) go back to the scheduler
     packed = torch.cat([tokens, code]).tolist()
     token_ids, flags = packed[: len(params)], packed[len(params):]
@@ -102,17 +103,30 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     return torch.softmax(z, dim=-1)
 
 
-def _exponential(shape: torch.Size, generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
-    """Exp(1) noise, row i from generators[i]; unseeded rows share one draw of the default generator."""
-    noise = torch.empty(shape, device=device)
+def _uniform(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
+    """One U[0, 1) draw per row: row i from generators[i]; unseeded rows share one draw of the
+    device's default generator. (A seeded request's draws depend on nothing but its seed.)"""
+    u = torch.empty(len(generators), device=device)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:
-        noise[unseeded] = torch.empty((len(unseeded), shape[1]), device=device).exponential_()
+        u[unseeded] = torch.rand(len(unseeded), device=device)
     for i, g in enumerate(generators):
         if g is not None:
-            noise[i].exponential_(generator=g)
-    # Exp(1) can round to exactly 0; p / 0 would be inf (or NaN for p = 0)
-    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+            u[i : i + 1] = torch.rand(1, device=device, generator=g)
+    return u
+
+
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Row i's token: the first t with cumsum(probs[i])[t] > u[i] * sum(probs[i]).
+
+    Tokens of probability 0 never qualify (the cumsum does not grow there). The 1 - 1e-6
+    keeps the target strictly below the total whatever fp32 rounding does; the bias it adds
+    is below one part in a million. One cumsum and a binary search per row: cheaper than
+    drawing a random number per vocabulary entry (Gumbel / exponential race) or multinomial.
+    """
+    cdf = probs.cumsum(dim=-1)
+    target = (uniform * (1.0 - 1e-6))[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
 def _logprobs(
