@@ -8,12 +8,13 @@ import time
 from collections.abc import AsyncIterator
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lorafold.server.api import routes_adapters, routes_openai
 from lorafold.server.api.body_limit import BodyLimitMiddleware
+from lorafold.server.api.context import Ctx, ServerContext
 from lorafold.server.api.errors import install_error_handlers
 from lorafold.server.api.metrics import Metrics
 from lorafold.server.api.openapi import install_openapi
@@ -50,41 +51,41 @@ def create_app(settings: ServerSettings, *, base: BaseModel | None = None) -> Fa
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = app.state
         model = base or load_base_model(settings.model, dtype=settings.dtype, device=settings.device)
         config = engine_config(settings, model.model)
         engine = LLMEngine(model.model, model.tokenizer, config)
-        state.base_name = settings.served_model_name or model.name
-        state.tokenizer = model.tokenizer
-        state.vocab_size = model.model.config.vocab_size
-        state.metrics = Metrics(top_n=settings.metrics_top_adapters, model_name=state.base_name)
-        state.metrics.kv_total.set(config.num_kv_blocks)
-        state.registry = AdapterRegistry(
+        base_name = settings.served_model_name or model.name
+        metrics = Metrics(top_n=settings.metrics_top_adapters, model_name=base_name)
+        metrics.kv_total.set(config.num_kv_blocks)
+        registry = AdapterRegistry(
             open_store(settings.store_url), settings.adapter_root, engine.runner.base_modules(),
             max_rank=settings.max_adapter_rank, cpu_cache_bytes=settings.cpu_cache_bytes,
             refresh_seconds=settings.store_refresh_seconds,
         )
-        restored = state.registry.restore()  # the store's whole catalogue; StoreError stops the start
-        state.registry.start()
+        restored = registry.restore()  # the store's whole catalogue; StoreError stops the start
+        registry.start()
         if restored:
             logger.info("restored %d registered adapters: %s", len(restored), ", ".join(restored[:10]))
-        state.metrics.update_registry(state.registry)
+        metrics.update_registry(registry)
 
         def on_step(stats) -> None:  # noqa: ANN001 - engine thread
-            state.metrics.on_step(stats, engine.snapshot())
+            metrics.on_step(stats, engine.snapshot())
 
-        state.engine = AsyncEngine(engine, on_step=on_step)
-        state.engine.start()
-        state.started = int(time.time())
+        async_engine = AsyncEngine(engine, on_step=on_step)
+        async_engine.start()
+        app.state.ctx = ServerContext(
+            settings=settings, base_name=base_name, tokenizer=model.tokenizer,
+            vocab_size=model.model.config.vocab_size, metrics=metrics, registry=registry, engine=async_engine,
+            started=int(time.time()),
+        )
         try:
             yield
         finally:
-            state.engine.shutdown()
-            state.registry.flush()
+            async_engine.shutdown()
+            registry.flush()
 
     app = FastAPI(title="lorafold", version="0.1.0", lifespan=lifespan,
                   description="One base model, many LoRA adapters, OpenAI-compatible API.")
-    app.state.settings = settings
     install_error_handlers(app)
     routes_adapters.install_store_error_handler(app)
 
@@ -94,30 +95,27 @@ def create_app(settings: ServerSettings, *, base: BaseModel | None = None) -> Fa
     app.add_middleware(BodyLimitMiddleware, limit_for=body_cap)
 
     @app.get("/health")
-    async def health(request: Request) -> JSONResponse:
+    async def health(ctx: Ctx) -> JSONResponse:
         # The liveness probe: a dead engine thread fails it, so the orchestrator restarts the pod.
-        engine = getattr(request.app.state, "engine", None)
-        if engine is not None and not engine.running:
-            return JSONResponse({"status": "engine dead", "error": repr(engine.error)}, status_code=503)
+        if not ctx.engine.running:
+            return JSONResponse({"status": "engine dead", "error": repr(ctx.engine.error)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
-    async def ready(request: Request) -> JSONResponse:
-        engine = getattr(request.app.state, "engine", None)
-        if engine is None or not engine.running:
+    async def ready(ctx: Ctx) -> JSONResponse:
+        if not ctx.engine.running:
             return JSONResponse({"status": "not ready"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        state = request.app.state
+    async def metrics(ctx: Ctx) -> Response:
         try:
-            state.metrics.update_engine(await state.engine.call(lambda e: e.snapshot()))
+            ctx.metrics.update_engine(await ctx.engine.call(lambda e: e.snapshot()))
         except EngineUnavailableError:
             pass  # the gauges keep the last step's values; lorafold_engine_alive tells why
-        state.metrics.engine_alive.set(1 if state.engine.running else 0)
-        state.metrics.update_registry(state.registry)
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        ctx.metrics.engine_alive.set(1 if ctx.engine.running else 0)
+        ctx.metrics.update_registry(ctx.registry)
+        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(routes_openai.router)
     app.include_router(routes_adapters.router)

@@ -6,8 +6,8 @@ import hmac
 
 from fastapi import Request
 
+from lorafold.server.api.context import server_context
 from lorafold.server.api.errors import APIError
-from lorafold.server.api.settings import ServerSettings
 
 
 def _bearer(request: Request) -> str | None:
@@ -26,7 +26,7 @@ def _matches(token: str | None, keys: tuple[str, ...]) -> bool:
 
 
 def require_api_key(request: Request) -> None:
-    settings: ServerSettings = request.app.state.settings
+    settings = server_context(request).settings
     if not settings.api_keys:
         return
     token = _bearer(request)
@@ -36,7 +36,7 @@ def require_api_key(request: Request) -> None:
 
 
 def require_admin(request: Request) -> None:
-    settings: ServerSettings = request.app.state.settings
+    settings = server_context(request).settings
     if settings.admin_key is None:
         if settings.open_access:
             return  # localhost-only server without keys

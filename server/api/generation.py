@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from lorafold.server.api.context import ServerContext
 from lorafold.server.api.errors import APIError, bad_request, not_found
 from lorafold.server.api.protocol import SamplingFields, is_adapter_name
 from lorafold.server.engine.engine import RequestOutput
@@ -25,11 +26,11 @@ class ResolvedModel:
     adapter: LoRAAdapter | None
 
 
-async def resolve_model(state, model: str | None) -> ResolvedModel:  # noqa: ANN001 - app.state
-    base_name = state.base_name
+async def resolve_model(ctx: ServerContext, model: str | None) -> ResolvedModel:
+    base_name = ctx.base_name
     if model in (None, "", base_name):
         return ResolvedModel(base_name, None, None)
-    registry = state.registry
+    registry = ctx.registry
     if not is_adapter_name(model) or await asyncio.to_thread(registry.get, model) is None:
         known = ", ".join([base_name, *registry.names()][:20])
         raise not_found(f"model {model!r} not found; available: {known}. Register adapters with POST /v1/adapters")
@@ -40,13 +41,13 @@ async def resolve_model(state, model: str | None) -> ResolvedModel:  # noqa: ANN
         raise not_found(f"model {model!r} was just deleted") from exc
     except AdapterError as exc:
         raise APIError(409, f"adapter {model!r} cannot be loaded: {exc}") from exc
-    state.metrics.update_registry(registry)
+    ctx.metrics.update_registry(registry)
     return ResolvedModel(model, model, adapter)
 
 
-def sampling_params(state, req: SamplingFields, *, logprobs: int | None, seed: int | None = None,  # noqa: ANN001
+def sampling_params(ctx: ServerContext, req: SamplingFields, *, logprobs: int | None, seed: int | None = None,
                     grammar: GrammarSpec | None = None) -> SamplingParams:
-    settings = state.settings
+    settings = ctx.settings
     max_tokens = req.max_tokens or req.max_completion_tokens or settings.default_max_tokens
     if max_tokens > settings.max_tokens_cap:
         raise bad_request(f"max_tokens={max_tokens} exceeds this server's cap of {settings.max_tokens_cap}; ask for fewer")
@@ -56,20 +57,20 @@ def sampling_params(state, req: SamplingFields, *, logprobs: int | None, seed: i
             temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=seed, max_tokens=max_tokens,
             stop=stop, stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty, logit_bias=req.token_bias(state.vocab_size),
+            repetition_penalty=req.repetition_penalty, logit_bias=req.token_bias(ctx.vocab_size),
             min_tokens=req.min_tokens, grammar=grammar,
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
 
 
-async def check_grammar(state, grammar: GrammarSpec | None) -> None:  # noqa: ANN001
+async def check_grammar(ctx: ServerContext, grammar: GrammarSpec | None) -> None:
     """Compile the request's grammar now, off the event loop: a bad one is a 400 before the
     request is queued (the engine then finds it compiled, in its cache)."""
     if grammar is None:
         return
     try:
-        await asyncio.to_thread(state.engine.engine.grammars.compile, grammar)
+        await asyncio.to_thread(ctx.engine.engine.grammars.compile, grammar)
     except GrammarError as exc:
         raise bad_request(str(exc)) from exc
 
@@ -90,18 +91,18 @@ class Generation:
     index: int = 0  # the choice this generation fills
 
 
-async def start_generations(state, req: SamplingFields, prompt_ids: list[int], *, logprobs: int | None,  # noqa: ANN001
+async def start_generations(ctx: ServerContext, req: SamplingFields, prompt_ids: list[int], *, logprobs: int | None,
                             prefix: str, grammar: GrammarSpec | None = None) -> list[Generation]:
     """One Generation per requested choice (`n`), sharing the model; choice i's seed is seed + i,
     so n seeded choices differ from each other and each is reproducible."""
-    model = await resolve_model(state, req.model)
+    model = await resolve_model(ctx, req.model)
     grammar = grammar if grammar is not None else req.grammar
-    params = [sampling_params(state, req, logprobs=logprobs, grammar=grammar,
+    params = [sampling_params(ctx, req, logprobs=logprobs, grammar=grammar,
                               seed=None if req.seed is None else _wrap_seed(req.seed + i)) for i in range(req.n)]
-    if len(prompt_ids) >= state.settings.max_model_len:
+    if len(prompt_ids) >= ctx.settings.max_model_len:
         raise bad_request(f"the prompt has {len(prompt_ids)} tokens but the context limit is "
-                          f"{state.settings.max_model_len}; shorten the prompt")
-    await check_grammar(state, grammar)
+                          f"{ctx.settings.max_model_len}; shorten the prompt")
+    await check_grammar(ctx, grammar)
     base_id, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
     return [Generation(base_id if req.n == 1 else f"{base_id}-{i}", model, prompt_ids, p, created,
                        prompt_tokens=len(prompt_ids), response_id=base_id, index=i) for i, p in enumerate(params)]
@@ -111,13 +112,13 @@ def _wrap_seed(seed: int) -> int:
     return seed if seed < 1 << 64 else seed - (1 << 64)
 
 
-async def stream_outputs(state, gen: Generation) -> AsyncIterator[RequestOutput]:  # noqa: ANN001
+async def stream_outputs(ctx: ServerContext, gen: Generation) -> AsyncIterator[RequestOutput]:
     """Engine outputs of `gen`, with metrics; raises APIError before the first output on refusal."""
-    metrics = state.metrics
+    metrics = ctx.metrics
     label = metrics.adapter_label(gen.model.adapter_name)
     t0 = last = time.monotonic()
     status = "error"
-    stream = state.engine.generate(gen.request_id, gen.prompt_ids, gen.params, gen.model.adapter, gen.model.adapter_name)
+    stream = ctx.engine.generate(gen.request_id, gen.prompt_ids, gen.params, gen.model.adapter, gen.model.adapter_name)
     try:
         first = True
         async for out in _refusals_as_api_errors(stream):
@@ -148,7 +149,7 @@ async def stream_outputs(state, gen: Generation) -> AsyncIterator[RequestOutput]
         metrics.prompt_tokens.labels(label).inc(gen.prompt_tokens)
         metrics.generation_tokens.labels(label).inc(gen.completion_tokens)
         if gen.model.adapter_name is not None:
-            state.registry.record_use(gen.model.adapter_name)
+            ctx.registry.record_use(gen.model.adapter_name)
 
 
 async def _refusals_as_api_errors(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:

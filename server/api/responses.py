@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from lorafold.server.api.context import ServerContext
 from lorafold.server.api.errors import APIError, error_body
 from lorafold.server.api.generation import Generation, stream_outputs
 from lorafold.server.engine.async_engine import EngineStepError, EngineUnavailableError
@@ -40,10 +41,9 @@ def usage(gens: list[Generation]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def respond(request: Request, gens: list[Generation], stream: bool, shape: ResponseShape,
+async def respond(request: Request, ctx: ServerContext, gens: list[Generation], stream: bool, shape: ResponseShape,
                   render: ChoiceRenderer, stream_render: ChoiceRenderer) -> Response:
-    state = request.app.state
-    outputs = [stream_outputs(state, g) for g in gens]
+    outputs = [stream_outputs(ctx, g) for g in gens]
     if not stream:
         collected = await _collect_unless_disconnected(request, outputs)
         if collected is None:  # the client hung up: its requests were aborted, nobody to answer

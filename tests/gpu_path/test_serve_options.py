@@ -78,7 +78,7 @@ def test_bfloat16_server_on_loopback_with_a_measured_kv_cache(tmp_path) -> None:
     settings = ServerSettings(model=str(folder), device="cpu", dtype="bfloat16", adapter_root=tmp_path / "adapters",
                               state_dir=tmp_path / "state", max_model_len=128, max_num_seqs=4)
     with live_app(settings, None) as (url, app):
-        runner = app.state.engine.engine.runner
+        runner = app.state.ctx.engine.engine.runner
         assert runner.dtype == torch.bfloat16 and runner.device.type == "cpu"
         assert runner.kv_caches[0][0].dtype == torch.bfloat16
         assert runner.config.num_kv_blocks == 4 * 128 // 16  # measured: full contexts of 4 sequences

@@ -79,7 +79,7 @@ def test_hostile_sampling_and_overflowing_adapters_fail_alone(smollm2, root, tmp
 
 def test_dead_engine_is_visible_and_routes_answer(smollm2, root, tmp_path):
     with live_app(settings_for(root, tmp_path / "state"), smollm2) as (url, app):
-        engine = app.state.engine.engine
+        engine = app.state.ctx.engine.engine
 
         def broken(*args, **kwargs):
             raise RuntimeError("simulated corruption")
@@ -214,7 +214,7 @@ def test_malformed_inputs_get_400_not_500(smollm2, root, tmp_path):
             (raw("/v1/completions", '{"prompt": "hi", "temperature": NaN}'), 400, "temperature"),
             (raw("/v1/completions", '{"prompt": "hi", "top_p": Infinity}'), 400, "top_p"),
             (_post(url, "/v1/completions", {"prompt": "hi", "max_tokens": True}), 400, "max_tokens"),
-            (_post(url, "/v1/completions", {"prompt": "hi", "echo": True}), 400, "echo"),
+            (_post(url, "/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1}), 400, "echo"),
             (_post(url, "/v1/completions", {"prompt": "hi", "seed": 2**70}), 400, "seed"),
             (_post(url, "/v1/completions", {"prompt": "hi", "top_k": 10**12}), 400, "top_k"),
             (raw("/v1/completions", '{"prompt": "hi", "stop": ["a\\udc00"]}'), 400, "lone surrogate"),
