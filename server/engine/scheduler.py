@@ -44,7 +44,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter, deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 from lorafold.server.engine.adapter_cache import AdapterSlotTable
 from lorafold.server.engine.block_manager import BlockManager
@@ -85,6 +85,23 @@ class _Skipped:
     def settle(self) -> None:
         for seq, mark in zip(self.seqs, self._marks):
             seq.num_overtaken += self.admitted - mark
+
+
+class _NeededByOthers:
+    """The adapters waiting requests still need, but `own`: the names a load for `own` must
+    not evict. A view of the step's counts (no set built per candidate)."""
+
+    def __init__(self, needed: Counter, own: str) -> None:
+        self.needed, self.own = needed, own
+
+    def __contains__(self, name: object) -> bool:
+        return name != self.own and self.needed.get(name, 0) > 0
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, n in self.needed.items() if n > 0 and name != self.own)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class Scheduler:
@@ -275,8 +292,10 @@ class Scheduler:
             return 0  # _finish removed it from the queue
         if seq.adapter is not None:
             rows = self.adapter_rows(seq.adapter)
-            # aged: may evict any idle adapter; else none that another waiting request needs
-            protected = () if aged else {a for a, n in needed.items() if n > 0 and a != seq.adapter}
+            # aged: may evict any idle adapter; else none that another waiting request needs.
+            # Pass (a) already admitted (pinned) the waiters of resident adapters or stopped the
+            # step, so this guard rarely binds; it states the rule where the eviction happens.
+            protected = () if aged else _NeededByOthers(needed, seq.adapter)
             if not slots.can_acquire(seq.adapter, rows, protected):
                 return None if aged else 0  # aged: a barrier; else overtaken
         if bm.num_new_blocks(seq, seq.num_uncomputed) > bm.num_free_blocks:
