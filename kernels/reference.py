@@ -7,7 +7,7 @@ metadata):
     b_pool [R, D_total]          rank rows of lora_B (transposed), LoRA scale folded in;
                                  slice i owns columns slice_offsets[i] : slice_offsets[i+1]
 
-Pool invariant (kept by `server.lora.pool`): rows of a slot past a module's own rank, up to
+Pool invariant (kept by `lorafold.server.lora.slots`): rows of a slot past a module's own rank, up to
 the slot's allocated rank, are zero. The CPU path computes each chunk at its adapter's
 *allocated* rank (its largest module rank, never a global maximum) and relies on those zero
 rows; the Triton kernels stop at each module's exact rank.

@@ -69,15 +69,6 @@ def validation_loss_sums(model: nn.Module, examples: Sequence[Example], pad_id: 
     return total, count
 
 
-def validation_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int,
-                    device: torch.device) -> float | None:
-    """Mean CE per labeled token over ``examples`` (None when there are none)."""
-    if not examples:
-        return None
-    total, count = validation_loss_sums(model, examples, pad_id, batch_size, device)
-    return total / max(count, 1)
-
-
 def _normalize(text: str) -> str:
     return " ".join(text.strip().lower().split())
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,11 +61,6 @@ def peft_key(module_name: str, which: str) -> str:
     if which not in ("A", "B"):
         raise ValueError(f"which must be 'A' or 'B', got {which!r}")
     return f"{PEFT_PREFIX}{module_name}.lora_{which}.weight"
-
-
-def peft_scale(r: int, alpha: float, use_rslora: bool) -> float:
-    """The factor PEFT multiplies ``lora_B @ lora_A`` by."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def _pattern_value(pattern: Mapping[str, Any], module_name: str, default: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Iteration-level scheduler with chunked prefill, recompute preemption and an adapter cap.
+"""Iteration-level scheduler with chunked prefill, recompute preemption and adapter-aware admission.
 
 Torch-free. The engine loop is: `out = schedule()` -> load `out.adapter_loads` -> run the
 model on `out.chunks` -> `postprocess(out, sampled)`. Stop strings are found by the

@@ -74,8 +74,3 @@ def read_member(archive: Path, suffix: str) -> bytes:
                 return f.read()
     raise FileNotFoundError(f"{archive}: no member ends with {suffix!r}")
 
-
-def list_members(archive: Path, prefix: str, suffix: str) -> list[str]:
-    """Names of zip members under ``prefix`` ending with ``suffix``."""
-    with zipfile.ZipFile(archive) as zf:
-        return sorted(n for n in zf.namelist() if n.startswith(prefix) and n.endswith(suffix))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorafold.training.adapters.lora import LoRAPair, lora_pairs, non_lora_trainable
+from lorafold.training.adapters.lora import LoRAPair
 from lorafold.training.optim._common import adamw_fused, sgd_foreach
 
 
@@ -71,12 +71,6 @@ class PairOptimizer(torch.optim.Optimizer):
         if extra:
             groups.append({"params": extra, "names": [], "scales": [], "paired": False})
         super().__init__(groups, defaults)
-
-    @classmethod
-    def from_model(cls, model: nn.Module, **kwargs: Any) -> PairOptimizer:
-        """Build over ``lora_pairs(model)``; other trainable parameters get the plain update."""
-        pairs = lora_pairs(model)
-        return cls(pairs, extra_params=non_lora_trainable(model, pairs), **kwargs)
 
     @staticmethod
     def active_pairs(group: dict[str, Any]) -> list[ActivePair]:

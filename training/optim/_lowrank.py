@@ -172,7 +172,3 @@ def transport_truncate(
     """
     return P.mT @ m @ Q, (P.mT @ v.clamp_min(0).sqrt() @ Q).square()
 
-
-def pad_to(X: torch.Tensor, p: int, q: int) -> torch.Tensor:
-    """Zero-pad the trailing two dims of ``X`` to ``[p, q]``."""
-    return torch.nn.functional.pad(X, (0, q - X.shape[-1], 0, p - X.shape[-2]))

@@ -180,16 +180,9 @@ def write_full_factors(
 
 
 @torch.no_grad()
-def write_core(mod: USVLinear, S: torch.Tensor) -> None:
-    """Store the active core only (bases and rank unchanged)."""
-    r = mod.rank
-    mod.S[:r, :r] = S.to(mod.S.dtype)
-
-
-@torch.no_grad()
 def write_cores(mods: list[USVLinear], S: torch.Tensor) -> None:
-    """:func:`write_core` for a batch (``S: [L, r, r]``, all at their current rank r): one
-    multi-tensor copy instead of one op per layer."""
+    """Store the active cores of a batch (``S: [L, r, r]``, all at their current rank r; bases
+    and ranks unchanged): one multi-tensor copy instead of one op per layer."""
     r = S.shape[-1]
     torch._foreach_copy_([mod.S[:r, :r] for mod in mods], list(S.unbind(0)))
 

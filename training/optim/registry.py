@@ -89,19 +89,6 @@ OPTIMIZERS: dict[str, Builder] = {
     "geo_adam": usv_builder(GeometricAdam),
 }
 
-# ---------------------------------------------------------------------------------------
-# U S Vᵀ / rank-adaptive optimizers ("dlrt", "geolora", "geo_heavy_ball", "geo_adam") are
-# registered here by their owner (training/optim/dlrt.py, geolora.py, geometric.py):
-#   OPTIMIZERS["dlrt"] = ...   — builder(model, **overrides) -> torch.optim.Optimizer
-# ---------------------------------------------------------------------------------------
-
-
-def register(name: str, builder: Builder) -> None:
-    """Add a builder; names are unique."""
-    if name in OPTIMIZERS:
-        raise ValueError(f"optimizer {name!r} is already registered")
-    OPTIMIZERS[name] = builder
-
 
 def build_optimizer(name: str, model: nn.Module | None = None, **overrides: Any) -> torch.optim.Optimizer:
     """Build optimizer ``name`` for ``model`` (or ``pairs=[...]``) with ``overrides``."""
