@@ -16,12 +16,11 @@ from lorafold.server.engine.adapter_cache import AdapterSlotTable
 from lorafold.server.engine.adapter_prefetch import AdapterPrefetcher
 from lorafold.server.engine.block_manager import BlockManager
 from lorafold.server.engine.config import EngineConfig
-from lorafold.server.engine.detokenizer import IncrementalDetokenizer
 from lorafold.server.engine.model_runner import ModelRunner
 from lorafold.server.engine.request_sampling import RequestSampling, build_context
 from lorafold.server.engine.sampler import SamplerOutput, TokenLogprobs, sample
 from lorafold.server.engine.sampling_params import SamplingParams
-from lorafold.server.engine.scheduler import Scheduler, SchedulerOutput
+from lorafold.server.engine.scheduler import SampledToken, Scheduler, SchedulerOutput
 from lorafold.server.engine.sequence import Sequence, SequenceStatus
 from lorafold.server.engine.structured import GrammarCompiler
 from lorafold.server.lora.peft_format import LoRAAdapter
@@ -84,11 +83,10 @@ class LLMEngine:
         eos = getattr(tokenizer, "eos_token_id", None)
         self.scheduler = Scheduler(
             config, self.block_manager, eos_token_ids=[eos] if eos is not None else [], adapter_slots=self.adapter_table,
-            adapter_rows=lambda key: self._adapters[key].max_rank,
+            adapter_rows=lambda key: self._adapters[key].max_rank, tokenizer=tokenizer,
         )
         self._adapters: dict[str, LoRAAdapter] = {}  # key -> weights, while requests need them
         self._adapter_users: dict[str, int] = {}
-        self._detok: dict[str, IncrementalDetokenizer] = {}
         self._sampling: dict[str, RequestSampling] = {}  # seeded generator, grammar position
         self._eos_ids = [eos] if eos is not None else []
         self._grammars: GrammarCompiler | None = None
@@ -117,7 +115,6 @@ class LLMEngine:
         if key is not None:
             self._adapters[key] = adapter
             self._adapter_users[key] = self._adapter_users.get(key, 0) + 1
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, stop=params.stop)
         self._sampling[request_id] = sampling
 
     def abort(self, request_id: str) -> bool:
@@ -134,18 +131,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
-        stats = StepStats(num_preempted=len(out.preempted))
-        outputs = [self._error_output(seq) for seq in out.finished]
+        outputs = [self._error_output(seq) for seq in out.finished]  # ended by the scheduler: can never fit
         for seq in out.finished:
             self._forget(seq)
         t_load = time.perf_counter()
         outputs += self._load_adapters(out)
-        stats.adapter_loads, stats.adapter_load_seconds = len(out.adapter_loads), time.perf_counter() - t_load
-        now = time.monotonic()
-        for chunk in out.chunks:
-            seq = chunk.seq
-            if chunk.start == 0 and seq.num_preemptions == 0:  # first time it is scheduled
-                self._queue_seconds[seq.request_id] = now - seq.arrival_time
+        load_seconds = time.perf_counter() - t_load
+        self._note_queue_seconds(out)
         if any(not c.seq.is_finished for c in out.chunks):
             try:
                 outputs += self._run(out)
@@ -153,12 +145,20 @@ class LLMEngine:
                 logger.exception("model step failed; failing the %d requests it held", len(out.chunks))
                 message = f"internal error while computing this request: {type(exc).__name__}: {exc}"
                 outputs += self._fail([c.seq for c in out.chunks], message, 500)
-        stats.num_tokens = out.num_batched_tokens
-        stats.num_seqs = len(out.chunks)
-        stats.num_adapters = len({c.seq.adapter for c in out.chunks if c.seq.adapter is not None})
-        stats.seconds = time.perf_counter() - t0
-        self.last_step = stats
+        self.last_step = StepStats(
+            num_tokens=out.num_batched_tokens, num_seqs=len(out.chunks),
+            num_adapters=len({c.seq.adapter for c in out.chunks if c.seq.adapter is not None}),
+            num_preempted=len(out.preempted), adapter_loads=len(out.adapter_loads),
+            adapter_load_seconds=load_seconds, seconds=time.perf_counter() - t0,
+        )
         return outputs
+
+    def _note_queue_seconds(self, out: SchedulerOutput) -> None:
+        """Arrival -> first scheduled, for the requests scheduled for the first time."""
+        now = time.monotonic()
+        for chunk in out.chunks:
+            if chunk.start == 0 and chunk.seq.num_preemptions == 0:
+                self._queue_seconds[chunk.seq.request_id] = now - chunk.seq.arrival_time
 
     def _load_adapters(self, out: SchedulerOutput) -> list[RequestOutput]:
         """Copy the step's cold adapters into their slots; a load that fails ends only the
@@ -207,18 +207,16 @@ class LLMEngine:
                 error = f"token {token} broke the request's grammar (a bug: please report it)"
             if error is not None:
                 outputs += self._fail([seq], error, 422)
-        good = [(s, t, lp) for s, t, lp in zip(sampling, result.token_ids, result.logprobs) if not s.is_finished]
-        self.scheduler.postprocess(out, {s.request_id: t for s, t, _ in good})
-        for seq, _, _ in good:
-            grammar = self._sampling[seq.request_id].grammar
-            if grammar is not None and grammar.finished and not seq.is_finished:  # ended on another stop token
-                self.scheduler.finish(seq.request_id, SequenceStatus.FINISHED_STOPPED)
-        outputs += [self._token_output(seq, token, lp) for seq, token, lp in good]
-        return outputs
+        tokens = {s.request_id: t for s, t in zip(sampling, result.token_ids) if not s.is_finished}
+        logprobs = dict(zip((s.request_id for s in sampling), result.logprobs))
+        # a grammar that reached its end on a token other than EOS stops its request
+        ended = {rid for rid in tokens if (g := self._sampling[rid].grammar) is not None and g.finished}
+        done = self.scheduler.postprocess(out, tokens, ended)
+        return outputs + [self._token_output(r, logprobs[r.seq.request_id]) for r in done]
 
     @property
     def grammars(self) -> GrammarCompiler:
-        """The structured-output compiler, built on first use (~0.5 s: it indexes the vocabulary)."""
+        """The structured-output compiler, built on first use (it indexes the whole vocabulary)."""
         if self._grammars is None:
             self._grammars = GrammarCompiler(self.tokenizer, self.runner.model.config.vocab_size)
         return self._grammars
@@ -229,25 +227,19 @@ class LLMEngine:
         for seq in seqs:
             if seq.is_finished:
                 continue
-            self.scheduler.finish(seq.request_id, SequenceStatus.FINISHED_ABORTED)
-            seq.finish_reason, seq.error = "error", message
+            self.scheduler.finish(seq.request_id, SequenceStatus.FINISHED_ABORTED, reason="error")
+            seq.error = message
             outputs.append(self._error_output(seq, status))
             self._forget(seq)
         return outputs
 
-    def _token_output(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> RequestOutput:
-        rid = seq.request_id
-        detok = self._detok[rid]
-        text = detok.add(token)
-        if detok.finished and not seq.is_finished:  # a stop string matched
-            self.scheduler.finish(rid, SequenceStatus.FINISHED_STOPPED, stop_reason=detok.stop_string)
-        if seq.is_finished and not detok.finished:
-            text += detok.flush()
+    def _token_output(self, r: SampledToken, lp: TokenLogprobs | None) -> RequestOutput:
+        seq = r.seq
         result = RequestOutput(
-            request_id=rid, token_ids=[token], text=text, logprobs=[lp] if lp is not None else [],
-            finished=seq.is_finished, finish_reason=seq.status.finish_reason if seq.is_finished else None,
+            request_id=seq.request_id, token_ids=[r.token], text=r.text, logprobs=[lp] if lp is not None else [],
+            finished=seq.is_finished, finish_reason=seq.finish_reason if seq.is_finished else None,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
-            queue_seconds=self._queue_seconds.pop(rid, None),
+            queue_seconds=self._queue_seconds.pop(seq.request_id, None),
         )
         if seq.is_finished:
             self._forget(seq)
@@ -261,7 +253,6 @@ class LLMEngine:
 
     def _forget(self, seq: Sequence) -> None:
         """Drop per-request state; release the adapter weights when no request needs them."""
-        self._detok.pop(seq.request_id, None)
         self._sampling.pop(seq.request_id, None)
         self._queue_seconds.pop(seq.request_id, None)
         key = seq.adapter

@@ -58,6 +58,16 @@ class AdapterLoad:
 
 
 @dataclass(slots=True)
+class SampledToken:
+    """A token `postprocess` appended to `seq`, and the text it adds to the stream: stop
+    strings cut, held-back text flushed when the sequence finished (`seq.is_finished`)."""
+
+    seq: Sequence
+    token: int
+    text: str = ""
+
+
+@dataclass(slots=True)
 class SchedulerOutput:
     """One step's plan. chunks: what the model computes (each sequence at most once).
     preempted: sent back to the waiting queue this step (KV freed; for metrics).

@@ -1,8 +1,9 @@
 """Iteration-level scheduler with chunked prefill, recompute preemption and adapter-aware admission.
 
 Torch-free. The engine loop is: `out = schedule()` -> load `out.adapter_loads` -> run the
-model on `out.chunks` -> `postprocess(out, sampled)`. Stop strings are found by the
-detokenizer, which then calls `finish(request_id)`.
+model on `out.chunks` -> `postprocess(out, sampled)`, which appends each sampled token,
+detokenizes it and finishes the sequences that reached EOS, a stop token, a stop string or
+a length limit; the engine emits the returned text and finishes.
 
 Rules of `schedule()` (one step):
 
@@ -49,10 +50,11 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from lorafold.server.engine.adapter_cache import AdapterSlotTable
 from lorafold.server.engine.block_manager import BlockManager
 from lorafold.server.engine.config import EngineConfig
-from lorafold.server.engine.schedule_output import AdapterLoad, ScheduledChunk, SchedulerOutput
+from lorafold.server.engine.detokenizer import IncrementalDetokenizer, Tokenizer
+from lorafold.server.engine.schedule_output import AdapterLoad, SampledToken, ScheduledChunk, SchedulerOutput
 from lorafold.server.engine.sequence import Sequence, SequenceStatus
 
-__all__ = ["AdapterLoad", "QueueFullError", "ScheduledChunk", "Scheduler", "SchedulerOutput"]
+__all__ = ["AdapterLoad", "QueueFullError", "SampledToken", "ScheduledChunk", "Scheduler", "SchedulerOutput"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,15 +115,18 @@ class Scheduler:
         eos_token_ids: Iterable[int] = (),
         adapter_slots: AdapterSlotTable | None = None,
         adapter_rows: Callable[[str], int] | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         """adapter_slots: the device slot table (default: max_loras slots, 8 when unset, no row
         budget). adapter_rows: rank rows an adapter holds on the device (its largest rank);
-        default 1 each, which makes the table's row budget a count of adapters."""
+        default 1 each, which makes the table's row budget a count of adapters. tokenizer:
+        decodes the output text and so finds stop strings (None: no text, no stop strings)."""
         if block_manager.block_size != config.block_size:
             raise ValueError(f"block manager block_size {block_manager.block_size} != config {config.block_size}")
         self.config = config
         self.block_manager = block_manager
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.tokenizer = tokenizer
         if adapter_slots is None:
             adapter_slots = AdapterSlotTable(config.max_loras or 8)
         self.adapter_slots = adapter_slots
@@ -132,6 +137,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by (arrival_time, submission order)
         self._requests: dict[str, Sequence] = {}  # every unfinished sequence
         self._order: dict[str, int] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}  # output text and stop strings, per request
         self._counter = itertools.count()
 
     # ---- queries -------------------------------------------------------------------------
@@ -180,6 +186,11 @@ class Scheduler:
             )
         if len(self.waiting) >= self.config.max_queue:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_queue} requests); retry later")
+        stop = seq.sampling_params.stop
+        if self.tokenizer is not None:
+            self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, stop=stop)
+        elif stop:
+            raise ValueError(f"request {seq.request_id}: stop strings need a scheduler with a tokenizer")
         self._requests[seq.request_id] = seq
         self._order[seq.request_id] = next(self._counter)
         self.waiting.append(seq)
@@ -192,20 +203,15 @@ class Scheduler:
         self._finish(seq, SequenceStatus.FINISHED_ABORTED)
         return seq
 
-    def finish(
-        self,
-        request_id: str,
-        status: SequenceStatus = SequenceStatus.FINISHED_STOPPED,
-        stop_reason: int | str | None = None,
-    ) -> Sequence | None:
-        """End a request for a reason found outside the scheduler (e.g. a stop string)."""
+    def finish(self, request_id: str, status: SequenceStatus, reason: str | None = None) -> Sequence | None:
+        """End a request for a reason found outside the scheduler (e.g. the model failed on
+        it); `reason` overrides the status's finish_reason (e.g. "error")."""
         if not status.is_finished:
             raise ValueError(f"finish needs a FINISHED_* status, got {status}")
         seq = self._requests.get(request_id)
         if seq is None:
             return None
-        seq.stop_reason = stop_reason
-        self._finish(seq, status)
+        self._finish(seq, status, reason)
         return seq
 
     # ---- one step ------------------------------------------------------------------------
@@ -378,12 +384,23 @@ class Scheduler:
         seq.finish_reason = reason or status.finish_reason
         del self._requests[seq.request_id]
         del self._order[seq.request_id]
+        self._detok.pop(seq.request_id, None)
 
     # ---- after the model ran -------------------------------------------------------------
 
-    def postprocess(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
-        """Advance progress by the chunks that ran; append sampled tokens; return new finishes."""
-        finished: list[Sequence] = []
+    def postprocess(
+        self, output: SchedulerOutput, sampled: dict[str, int], ended: Collection[str] = ()
+    ) -> list[SampledToken]:
+        """Advance progress by the chunks that ran, append the sampled tokens, and finish the
+        sequences they end. Returns each appended token with the text it adds to the stream.
+
+        sampled: request id -> token, for every chunk with sample=True (but sequences that
+        finished while the step ran, which are skipped). ended: requests whose structured-output
+        grammar reached its end with this token; they stop as on a stop token.
+        Finish order: EOS / stop token / length, then the grammar's end, then a stop string
+        (its stop_reason); the first that applies gives the finish_reason.
+        """
+        results: list[SampledToken] = []
         for chunk in output.chunks:
             seq = chunk.seq
             if seq.is_finished or seq.status is not SequenceStatus.RUNNING:
@@ -398,10 +415,20 @@ class Scheduler:
             token = sampled[seq.request_id]
             seq.output_token_ids.append(token)
             status = self._stop_status(seq, token)
+            if status is None and seq.request_id in ended:
+                seq.stop_reason, status = None, SequenceStatus.FINISHED_STOPPED
+            text = ""
+            detok = self._detok.get(seq.request_id)
+            if detok is not None:
+                text = detok.add(token)
+                if status is None and detok.finished:  # a stop string matched: the text is cut before it
+                    seq.stop_reason, status = detok.stop_string, SequenceStatus.FINISHED_STOPPED
+                elif status is not None and not detok.finished:
+                    text += detok.flush()  # the end of the stream: nothing more to wait for
             if status is not None:
                 self._finish(seq, status)
-                finished.append(seq)
-        return finished
+            results.append(SampledToken(seq, token, text))
+        return results
 
     def _stop_status(self, seq: Sequence, token: int) -> SequenceStatus | None:
         params = seq.sampling_params

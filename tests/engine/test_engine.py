@@ -54,7 +54,7 @@ def hf_greedy(model, prompt: list[int], max_tokens: int, eos: int | None) -> lis
 def assert_all_free(engine: LLMEngine) -> None:
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert engine.adapter_table.num_pinned == 0
-    assert not engine._adapters and not engine._detok and not engine._sampling
+    assert not engine._adapters and not engine.scheduler._detok and not engine._sampling
 
 
 @pytest.mark.slow

@@ -63,7 +63,7 @@ class FakeModel:
 
 class Harness:
     def __init__(self, eos: tuple[int, ...] = (EOS,), adapter_rows: dict[str, int] | None = None,
-                 budget_rows: int | None = None, **cfg) -> None:
+                 budget_rows: int | None = None, tokenizer: object = None, **cfg) -> None:
         """adapter_rows / budget_rows: adapters' sizes and the table's row budget (default:
         max_loras slots and no row budget)."""
         base = dict(block_size=4, num_kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=32, max_prefill_chunk=16,
@@ -72,7 +72,7 @@ class Harness:
         self.bm = BlockManager(self.cfg.num_kv_blocks, self.cfg.block_size)
         table = AdapterSlotTable(self.cfg.max_loras or 64, capacity_rows=budget_rows)
         self.sched = Scheduler(self.cfg, self.bm, eos_token_ids=eos, adapter_slots=table,
-                               adapter_rows=adapter_rows.__getitem__ if adapter_rows else None)
+                               adapter_rows=adapter_rows.__getitem__ if adapter_rows else None, tokenizer=tokenizer)
         self.model = FakeModel(self.bm)
         self.steps = 0
         self.first_scheduled: dict[str, int] = {}
@@ -110,7 +110,9 @@ class Harness:
             assert c.num_tokens <= max(1, cfg.max_prefill_chunk)
             self.first_scheduled.setdefault(c.seq.request_id, self.steps)
         sched.adapter_slots.check_invariants()
-        self.finished += sched.postprocess(out, self.model.run(out)) + out.finished
+        done = sched.postprocess(out, self.model.run(out))
+        assert all(r.seq.output_token_ids[-1] == r.token for r in done)
+        self.finished += [r.seq for r in done if r.seq.is_finished] + out.finished
         self.steps += 1
         return out
 
@@ -395,16 +397,82 @@ def test_sequence_that_can_never_fit_finishes_with_error() -> None:
     h.check_against_reference([small])
 
 
-def test_finish_from_stop_string_frees_at_once() -> None:
+def test_finish_frees_at_once() -> None:
     h = Harness(max_loras=1)
     s = h.add("a", 5, adapter="x", max_tokens=50, ignore_eos=True)
     h.step()
-    assert h.sched.finish("a", stop_reason="###") is s
-    assert s.finish_reason == "stop" and s.stop_reason == "###"
+    assert h.sched.finish("a", SequenceStatus.FINISHED_ABORTED, reason="error") is s
+    assert s.finish_reason == "error" and s.status is SequenceStatus.FINISHED_ABORTED
     assert h.bm.num_free_blocks == h.cfg.num_kv_blocks and h.sched.adapter_slots.num_pinned == 0
-    assert h.sched.finish("a") is None
+    assert h.sched.finish("a", SequenceStatus.FINISHED_STOPPED) is None
     with pytest.raises(ValueError):
         h.sched.finish("a", SequenceStatus.RUNNING)
+
+
+class LetterTokenizer:
+    """token t <-> the letter chr(97 + t % 26): every token is one character of text."""
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+        return "".join(chr(97 + t % 26) for t in ids)
+
+
+def _stream(h: Harness, rid: str) -> tuple[str, list[str]]:
+    """Run to completion; the text `rid` streamed, and the text of each of its steps."""
+    pieces: list[str] = []
+    while h.sched.has_unfinished():
+        out = h.sched.schedule()
+        for r in h.sched.postprocess(out, h.model.run(out)):
+            if r.seq.request_id == rid:
+                pieces.append(r.text)
+    return "".join(pieces), pieces
+
+
+def test_postprocess_finishes_on_a_stop_string_spanning_tokens_and_cuts_it() -> None:
+    tok = LetterTokenizer()
+    free = Harness(eos=(), tokenizer=tok)
+    s = free.add("a", 5, max_tokens=12, ignore_eos=True)
+    text, _ = _stream(free, "a")
+    assert text == tok.decode(s.output_token_ids) and s.finish_reason == "length" and s.stop_reason is None
+    stop = text[4:7]  # three tokens
+    h = Harness(eos=(), tokenizer=tok)
+    s2 = h.add("a", 5, max_tokens=12, ignore_eos=True, stop=[stop])  # same rid -> same prompt
+    cut, pieces = _stream(h, "a")
+    assert cut == text[: text.index(stop)]
+    assert s2.finish_reason == "stop" and s2.stop_reason == stop and s2.status is SequenceStatus.FINISHED_STOPPED
+    assert s2.output_token_ids == s.output_token_ids[: text.index(stop) + len(stop)]  # the stop's tokens are kept
+    assert len(pieces) == s2.num_output_tokens  # one result per token, held-back text as ""
+    assert h.bm.num_free_blocks == h.cfg.num_kv_blocks and not h.sched._detok
+
+
+def test_held_back_text_is_flushed_when_another_limit_ends_the_sequence() -> None:
+    tok = LetterTokenizer()
+    free = Harness(eos=(), tokenizer=tok)
+    s = free.add("a", 5, max_tokens=6, ignore_eos=True)
+    text, _ = _stream(free, "a")
+    # a stop string whose first two characters are the last two generated: held back, then flushed at length
+    h = Harness(eos=(), tokenizer=tok)
+    s2 = h.add("a", 5, max_tokens=6, ignore_eos=True, stop=[text[-2:] + "zzzz"])
+    cut, pieces = _stream(h, "a")
+    assert cut == text and pieces[-1] == text[-2:] and s2.finish_reason == "length" and s2.stop_reason is None
+    assert s2.output_token_ids == s.output_token_ids
+
+
+def test_grammar_end_stops_like_a_stop_token_and_precedes_stop_strings() -> None:
+    tok = LetterTokenizer()
+    h = Harness(eos=(), tokenizer=tok)
+    s = h.add("a", 5, max_tokens=12, ignore_eos=True)
+    h.step()  # the prefill samples the first token
+    out = h.sched.schedule()
+    sampled = h.model.run(out)
+    [r] = h.sched.postprocess(out, sampled, ended={"a"})
+    assert r.seq is s and s.finish_reason == "stop" and s.stop_reason is None and s.num_output_tokens == 2
+    assert r.text == tok.decode(s.output_token_ids[-1:])
+    assert h.bm.num_free_blocks == h.cfg.num_kv_blocks
+
+
+def test_stop_strings_need_a_tokenizer() -> None:
+    with pytest.raises(ValueError, match="tokenizer"):
+        Harness().add("a", 3, stop=["x"])
 
 
 @pytest.mark.parametrize("seed", range(6))
