@@ -265,7 +265,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "when --adapter-budget-mb is unset (default 0.1)")
     engine.add_argument("--no-prepack-weights", dest="prepack_weights", action="store_false", default=None,
                         help="do not keep oneDNN-packed copies of the base weights (CPU: saves one copy of "
-                        "the weights in memory, decode steps ~20%% slower)")
+                        "the weights in memory, at the price of slower decode steps)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log level (default info)")
     p.set_defaults(func=_serve)

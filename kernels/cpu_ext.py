@@ -1,7 +1,7 @@
 """Build (once) and load the compiled CPU serving kernels of `kernels/csrc/cpu_ops.cpp`.
 
 The ops register as `torch.ops.lorafold_cpu.*`. The shared library is built on first use
-with torch's C++ extension builder (gcc + ninja, ~15 s) into a folder keyed by the source,
+with torch's C++ extension builder (gcc + ninja) into a folder keyed by the source,
 the torch version and the compiler flags, under `$LORAFOLD_CACHE/cpu_kernels` (default
 ~/.cache/lorafold), and loaded from there afterwards without any compiler: a container can
 ship it prebuilt (`python -m lorafold.kernels.cpu_ext` builds it and prints where).
@@ -119,7 +119,7 @@ def _load() -> bool:
         if path.exists():
             torch.ops.load_library(str(path))
         else:
-            logger.info("building the CPU kernels into %s (once, ~15 s)", path.parent)
+            logger.info("building the CPU kernels into %s (once; compiling takes a while)", path.parent)
             _build(path.parent)  # cpp_extension.load also loads the library it built
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as err:
         logger.warning("compiled CPU kernels unavailable (%s); using the slower torch path", err)

@@ -20,7 +20,7 @@ def convert_gguf_to_folder(gguf_path: Path, folder: Path) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("dequantizing %s (one time; ~20 s for SmolLM2 on 2 cores)", gguf_path.name)
+    logger.info("dequantizing %s (one time: the result is cached)", gguf_path.name)
     src_dir, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)

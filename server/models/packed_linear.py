@@ -4,9 +4,8 @@
 from the machine's matmul rate at serving batch sizes (8-256 rows). oneDNN can reorder a
 weight once into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what
 torch.compile's CPU backend does for frozen linears) and run every later call on it
-(`_linear_pointwise`). Measured on this 2-core machine, fp32, SmolLM2's gate/up shape
-[3072, 576], 30 calls: 8 rows 30.0 -> 11.2 ms, 32 rows 44.8 -> 25.4 ms, 64 rows
-70.8 -> 45.0 ms, 256 rows 181 -> 154 ms.
+(`_linear_pointwise`): the weight is re-laid out once instead of being read in a
+matmul-unfriendly layout at every call (timings: docs/benchmarks.md, `bench_multi_lora_forward`).
 
 Only for inference: the packed op has no autograd formula, so callers fall back to
 `F.linear` whenever gradients are enabled (and for batches over `PACKED_MAX_ROWS` rows, where
@@ -19,12 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# The batch size oneDNN picks its packed layout for; 64 measured within 5 % of the best
-# layout for every size from 8 to 256 rows.
+# The batch size oneDNN picks its packed layout for; one layout for 64 rows serves every size
+# from 8 to 256 rows about as well as that size's own.
 DEFAULT_BATCH_HINT = 64
-# Above this many rows the packed call stops winning (measured, SmolLM2 shapes: 0.72-0.96x of
-# F.linear's time at 256 rows, 0.93-1.07x at 512, 1.00-1.13x at 1024), so bigger batches
-# (long prefill chunks) take F.linear.
+# Above this many rows the packed call stops beating F.linear on SmolLM2's shapes, so bigger
+# batches (long prefill chunks) take F.linear.
 PACKED_MAX_ROWS = 256
 
 

@@ -150,10 +150,10 @@ def seed_fresh(
     its gradient, at the layer's own scale. [R] reconstruction, not from the papers. Why:
     the [V] formula leaves zeros there, and with Adam's global step count a zero first moment
     lets only ``(1 − β1) g`` (10 %) of the gradient through, seeding the second moment with the
-    mean (the earlier rule) keeps that 10 % — either way a new direction's first singular value
-    is an order of magnitude too small to survive the truncation that follows, and
-    rank-adaptive Adam cannot grow rank (issue #21: from r0 = 1 toward a rank-4 target it
-    stayed at rank 1–2). At ``t = 1`` (no history) this is Adam's first step: ``m̂ = g``,
+    mean (``fill_fresh``, ``fresh_v="mean"``) keeps that 10 % — either way a new direction's
+    first singular value is an order of magnitude too small to survive the truncation that
+    follows, and rank-adaptive Adam cannot grow rank (from r0 = 1 toward a rank-4 target it
+    stays at rank 1–2). At ``t = 1`` (no history) this is Adam's first step: ``m̂ = g``,
     ``v̂ = g²``.
     """
     fresh = torch.ones_like(v, dtype=torch.bool)

@@ -53,7 +53,7 @@ class GeoLoRA(USVOptimizer):
         weight_decay: decoupled, on ``S`` only.
         fresh_v: Adam state of new augmented directions: ``"scaled"`` (default; their step is
             ``λ g / √v̄``, see ``_lowrank.seed_fresh`` — the only rule under which the Adam
-            form grows rank, issue #21), ``"mean"`` (second moment = the old block's mean,
+            form grows rank), ``"mean"`` (second moment = the old block's mean,
             first moment zero; ``_lowrank.fill_fresh``) or ``"zero"`` (the bare [V] formula).
         v_floor: ρ ≥ 0; Adam divides by ``√max(v, ρ·mean(v))`` ([R], see ``GeometricAdam``).
             Default 1: the truncation SVD rotates the core's coordinates at every

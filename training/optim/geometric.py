@@ -26,7 +26,7 @@ ill-conditioned test bed (κ = 100, rank 4, 200 steps, 4 seeds):
 - fresh directions' Adam state seeded so that their step is ``λ g / √v̄`` (``fresh_v =
   "scaled"``, ``_lowrank.seed_fresh``): with zeros there every new direction takes a ≈3·lr
   step whatever its gradient (the loss diverged without the floor below); with the layer's
-  mean second moment and a zero first moment (the earlier rule, ``"mean"``) a new direction
+  mean second moment and a zero first moment (``fresh_v = "mean"``) a new direction
   gets 10 % of its gradient and is truncated away again, so the method could not grow rank;
 - a floor ``v' = max(v, ρ·mean(v))`` (``v_floor = ρ``, default 1) in Adam's denominator. The
   coefficient coordinates rotate every step (re-diagonalization by the truncation SVD), and

@@ -14,8 +14,8 @@ mapped back. With an adaptive base (the authors' practice) the gradients are rew
 ``B = 0`` (the usual init) makes ``S⁻¹ = 0``: the first ``warmup_steps`` are plain base
 steps, and at any step a pair whose Grams are numerically singular falls back to ``S = I``.
 The class default is no warm-up (the fallback covers ``B = 0``); the trainer sizes it to the
-run, a tenth of its steps (``trainer.adapters.RUN_SIZED``) — the authors' fixed 100 made
-every run of ≤ 100 steps plain AdamW (issue #21).
+run, a tenth of its steps (``trainer.adapters.RUN_SIZED``): the authors' fixed 100 would make
+every run of ≤ 100 steps plain AdamW.
 
 RefLoRA-S (``scalar=True``): plain base steps, then after each step (past warm-up)
 ``c = ‖B‖_F / ‖A‖_F``, ``A ← √c A``, ``B ← B / √c`` (equal norms), and the Adam state

@@ -14,8 +14,8 @@ Per layer, with ``A' = Aᵀ`` [n, r] and ``B`` [m, r] (batched over layers of eq
     A' ← A' − η (M̄_A R_B⁻ᵀ + λ A')                      and symmetrically for B
 
 The skip rule is relative here ([R], not the authors' absolute ``rms(ḡ) > 1``): an absolute
-threshold depends on the loss scale, and on the spec's test bed it skipped every step of a run
-(f stayed at 2376 for 50 steps, issue #21). A layer's first step is never skipped; the running
+threshold depends on the loss scale, and on the spec's test bed it skips every step of a run
+(f stays where it started). A layer's first step is never skipped; the running
 rms is an EMA (0.9) of the observed rms, each observation capped at ``skip_threshold ×`` the
 EMA, so one spike does not raise the bar but a lasting change of scale is accepted after a few
 steps (at the default 10: the cap grows 1.9× per step). Every skip is logged as a warning.
