@@ -30,20 +30,9 @@ from lorafold.server.store import open_store
 logger = logging.getLogger(__name__)
 
 
-def engine_config(s: ServerSettings, model: torch.nn.Module | None = None) -> EngineConfig:
-    """The engine's configuration; the KV cache is measured on `model`'s device unless
-    `kv_blocks` is set (without a model: the EngineConfig default)."""
-    kv = {} if s.kv_blocks is None else {"num_kv_blocks": s.kv_blocks}
-    config = EngineConfig(
-        **kv, block_size=s.block_size, max_num_seqs=s.max_num_seqs,
-        max_num_batched_tokens=s.max_num_batched_tokens, max_prefill_chunk=s.max_prefill_chunk,
-        max_model_len=s.max_model_len, max_loras=s.max_loras, max_queue=s.max_queue,
-        adapter_budget_bytes=s.adapter_budget_bytes, adapter_memory_fraction=s.adapter_memory_fraction,
-        prepack_weights=s.prepack_weights, gpu_memory_utilization=s.gpu_memory_utilization,
-    )
-    if s.kv_blocks is None and model is not None:
-        config = with_measured_kv_blocks(model, config)
-    return config
+def engine_config(s: ServerSettings, model: torch.nn.Module) -> EngineConfig:
+    """`s.engine`, with the KV cache measured on `model`'s device when `s.measure_kv_blocks`."""
+    return with_measured_kv_blocks(model, s.engine) if s.measure_kv_blocks else s.engine
 
 
 def create_app(settings: ServerSettings, *, base: BaseModel | None = None) -> FastAPI:

@@ -7,6 +7,7 @@ import logging
 import os
 
 from lorafold.server.api.settings import ServerSettings
+from lorafold.server.engine.config import EngineConfig
 from lorafold.server.store import StoreError, open_store
 from lorafold.server.store.base import wait_until_reachable
 
@@ -17,30 +18,31 @@ logger = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN_S = 20
 
 
+# `lorafold serve` flag (argparse dest) -> ServerSettings field / EngineConfig field
+SERVER_FLAGS = ("model", "host", "port", "adapter_root", "state_dir", "admin_key", "max_tokens_cap", "adapter_store",
+                "store_refresh_seconds", "device", "dtype")
+ENGINE_FLAGS = {
+    "max_loras": "max_loras", "max_num_seqs": "max_num_seqs", "max_model_len": "max_model_len",
+    "kv_blocks": "num_kv_blocks", "max_queue": "max_queue", "prepack_weights": "prepack_weights",
+    "adapter_memory_fraction": "adapter_memory_fraction", "gpu_memory_utilization": "gpu_memory_utilization",
+}
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    kwargs = {}
-    mapping = {
-        "model": "model", "host": "host", "port": "port", "adapter_root": "adapter_root", "state_dir": "state_dir",
-        "admin_key": "admin_key", "max_loras": "max_loras", "max_num_seqs": "max_num_seqs",
-        "max_model_len": "max_model_len", "kv_blocks": "kv_blocks", "max_tokens_cap": "max_tokens_cap",
-        "max_queue": "max_queue", "prepack_weights": "prepack_weights",
-        "adapter_memory_fraction": "adapter_memory_fraction",
-        "adapter_store": "adapter_store", "store_refresh_seconds": "store_refresh_seconds",
-        "device": "device", "dtype": "dtype", "gpu_memory_utilization": "gpu_memory_utilization",
-    }
-    for arg, field in mapping.items():
-        value = getattr(args, arg, None)
-        if value is not None:
-            kwargs[field] = value
+    """Raises ValueError on a bad value (the engine's are checked by EngineConfig)."""
+    kwargs = {name: value for name in SERVER_FLAGS if (value := getattr(args, name, None)) is not None}
+    engine = {field: value for flag, field in ENGINE_FLAGS.items() if (value := getattr(args, flag, None)) is not None}
+    budget_mb = getattr(args, "adapter_budget_mb", None)
+    if budget_mb is not None:
+        engine["adapter_budget_bytes"] = int(budget_mb) << 20
+    kwargs["engine"] = EngineConfig(**engine)
+    kwargs["measure_kv_blocks"] = "num_kv_blocks" not in engine
     keys = list(getattr(args, "api_key", None) or [])
     if os.environ.get("LORAFOLD_API_KEYS"):
         keys += [k.strip() for k in os.environ["LORAFOLD_API_KEYS"].split(",") if k.strip()]
     kwargs["api_keys"] = tuple(keys)
     if kwargs.get("admin_key") is None and os.environ.get("LORAFOLD_ADMIN_KEY"):
         kwargs["admin_key"] = os.environ["LORAFOLD_ADMIN_KEY"]
-    budget_mb = getattr(args, "adapter_budget_mb", None)
-    if budget_mb is not None:
-        kwargs["adapter_budget_bytes"] = int(budget_mb) << 20
     cpu_mb = getattr(args, "cpu_cache_mb", None)
     if cpu_mb is not None:
         kwargs["cpu_cache_bytes"] = int(cpu_mb) << 20

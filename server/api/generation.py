@@ -99,9 +99,9 @@ async def start_generations(ctx: ServerContext, req: SamplingFields, prompt_ids:
     grammar = grammar if grammar is not None else req.grammar
     params = [sampling_params(ctx, req, logprobs=logprobs, grammar=grammar,
                               seed=None if req.seed is None else _wrap_seed(req.seed + i)) for i in range(req.n)]
-    if len(prompt_ids) >= ctx.settings.max_model_len:
+    if len(prompt_ids) >= ctx.settings.engine.max_model_len:
         raise bad_request(f"the prompt has {len(prompt_ids)} tokens but the context limit is "
-                          f"{ctx.settings.max_model_len}; shorten the prompt")
+                          f"{ctx.settings.engine.max_model_len}; shorten the prompt")
     await check_grammar(ctx, grammar)
     base_id, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
     return [Generation(base_id if req.n == 1 else f"{base_id}-{i}", model, prompt_ids, p, created,

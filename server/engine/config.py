@@ -1,4 +1,7 @@
-"""Engine configuration: one slotted dataclass, validated on construction (torch-free)."""
+"""Engine configuration: one slotted dataclass, validated on construction (torch-free).
+
+The server's settings hold one (`ServerSettings.engine`): these are the only engine defaults
+and the only place they are checked."""
 
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ class EngineConfig:
     block_size: tokens per paged KV block.
     num_kv_blocks: KV memory budget in blocks. The server measures it from free memory at
         start (`server.engine.kv_sizing.with_measured_kv_blocks`, `gpu_memory_utilization`)
-        unless `--kv-blocks` is given; the default is only for tests and hand-built engines.
+        unless `--kv-blocks` is given (`ServerSettings.measure_kv_blocks`); the default is
+        only for tests and hand-built engines.
     gpu_memory_utilization: share of the GPU's whole memory this engine may hold (weights,
         adapter budget, activations and KV cache together), as vLLM's flag; in (0, 1].
     attention_backend: "sdpa" reads each context back from its blocks and runs SDPA (the
@@ -55,20 +59,20 @@ class EngineConfig:
         requests behind it at most this many times; then it becomes a barrier (nothing
         behind it is admitted until it is), which bounds its wait.
     prepack_weights: on CPU (fp32), keep oneDNN-packed copies of the base weights for the
-        decode-sized matmuls (~20 % faster decode steps, one more copy of the weights in memory;
+        decode-sized matmuls (faster decode steps for one more copy of the weights in memory;
         `server.models.packed_linear`). Ignored where packing is unavailable.
     """
 
     block_size: int = 16
     num_kv_blocks: int = 1024
-    max_num_seqs: int = 64
+    max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     max_prefill_chunk: int = 256
     max_model_len: int = 2048
     adapter_budget_bytes: int | None = None
     adapter_memory_fraction: float = 0.1
     max_loras: int | None = None
-    max_queue: int = 1024
+    max_queue: int = 256
     max_overtakes: int = 16
     prepack_weights: bool = True
     gpu_memory_utilization: float = 0.9

@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lorafold.server.api.settings import ServerSettings
+from lorafold.server.engine.config import EngineConfig
 from tests.server.live import free_port, live_server
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "compose" / "grafana" / "dashboards" / "lorafold.json"
@@ -62,7 +63,8 @@ def test_metric_name_extraction() -> None:
 @pytest.fixture(scope="module")
 def server(smollm2, tmp_path_factory) -> Iterator[str]:  # noqa: ANN001
     tmp = tmp_path_factory.mktemp("deploy-server")
-    settings = ServerSettings(adapter_root=tmp / "adapters", state_dir=tmp / "state", kv_blocks=256)
+    settings = ServerSettings(adapter_root=tmp / "adapters", state_dir=tmp / "state",
+                              engine=EngineConfig(num_kv_blocks=256), measure_kv_blocks=False)
     (tmp / "adapters").mkdir()
     with live_server(settings, smollm2) as url:
         model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]

@@ -53,7 +53,7 @@ def test_invalid_sampling_params(kwargs: dict, match: str) -> None:
 
 def test_engine_config_defaults_are_valid() -> None:
     c = EngineConfig()
-    assert c.block_size == 16 and c.max_num_seqs == 64 and c.kv_capacity_tokens == 16 * c.num_kv_blocks
+    assert c.block_size == 16 and c.max_num_seqs == 32 and c.max_queue == 256 and c.kv_capacity_tokens == 16 * c.num_kv_blocks
 
 
 @pytest.mark.parametrize(

@@ -27,14 +27,15 @@ def _serve_settings(*argv: str) -> ServerSettings:
 
 def test_flags_reach_the_settings() -> None:
     s = _serve_settings("--device", "cpu", "--dtype", "bfloat16", "--gpu-memory-utilization", "0.5")
-    assert (s.device, s.dtype, s.gpu_memory_utilization, s.kv_blocks) == ("cpu", "bfloat16", 0.5, None)
-    assert _serve_settings("--kv-blocks", "96").kv_blocks == 96
+    assert (s.device, s.dtype, s.engine.gpu_memory_utilization, s.measure_kv_blocks) == ("cpu", "bfloat16", 0.5, True)
+    fixed = _serve_settings("--kv-blocks", "96")
+    assert fixed.engine.num_kv_blocks == 96 and not fixed.measure_kv_blocks
     d = _serve_settings()
-    assert (d.device, d.dtype, d.kv_blocks) == ("auto", "auto", None)
+    assert (d.device, d.dtype, d.measure_kv_blocks, d.engine) == ("auto", "auto", True, EngineConfig())
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--dtype", "float8"])
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
-        ServerSettings(gpu_memory_utilization=1.5)
+        _serve_settings("--gpu-memory-utilization", "1.5")
 
 
 def test_auto_resolves_to_the_cpu_in_float32_without_a_gpu() -> None:
@@ -76,7 +77,7 @@ def test_kv_blocks_measured_capped_and_refused_with_the_flags_named(tmp_path, mo
 def test_bfloat16_server_on_loopback_with_a_measured_kv_cache(tmp_path) -> None:
     folder = save_tiny_model(tmp_path / "tiny")
     settings = ServerSettings(model=str(folder), device="cpu", dtype="bfloat16", adapter_root=tmp_path / "adapters",
-                              state_dir=tmp_path / "state", max_model_len=128, max_num_seqs=4)
+                              state_dir=tmp_path / "state", engine=EngineConfig(max_model_len=128, max_num_seqs=4))
     with live_app(settings, None) as (url, app):
         runner = app.state.ctx.engine.engine.runner
         assert runner.dtype == torch.bfloat16 and runner.device.type == "cpu"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lorafold.server.api.settings import ServerSettings
+from lorafold.server.engine.config import EngineConfig
 from lorafold.server.lora.peft_format import load_adapter
 from tests.conftest import make_peft_adapter, merged_model
 from tests.server.live import live_server
@@ -30,10 +31,13 @@ def adapters(smollm2, tmp_path_factory):
 
 
 def settings_for(root: Path, state: Path, **kw) -> ServerSettings:
-    base = dict(adapter_root=root, state_dir=state, api_keys=("user-key",), admin_key="admin-secret", max_loras=4,
-                max_num_seqs=16, max_model_len=512, kv_blocks=256, max_tokens_cap=256)
+    """Test settings; keywords named like EngineConfig's fields go to `engine`."""
+    engine = dict(max_loras=4, max_num_seqs=16, max_model_len=512, num_kv_blocks=256)
+    engine.update({k: kw.pop(k) for k in list(kw) if k in EngineConfig.__dataclass_fields__})
+    base = dict(adapter_root=root, state_dir=state, api_keys=("user-key",), admin_key="admin-secret",
+                max_tokens_cap=256, measure_kv_blocks=False)
     base.update(kw)
-    return ServerSettings(**base)
+    return ServerSettings(engine=EngineConfig(**engine), **base)
 
 
 def greedy_text(model, tok, prompt: str, n: int) -> str:

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from lorafold.server.api.settings import ServerSettings
+from lorafold.server.engine.config import EngineConfig
 from tests.conftest import make_peft_adapter
 from tests.server.live import live_server
 
@@ -27,7 +28,8 @@ def test_schemathesis_finds_no_server_errors(smollm2, tmp_path):
     # the document's example registration names this folder, so the stateful phase registers it
     make_peft_adapter(smollm2.model, root / "sentiment", r=2, targets=["q_proj"])
     settings = ServerSettings(adapter_root=root, state_dir=tmp_path / "state", max_tokens_cap=16, default_max_tokens=4,
-                              max_model_len=256, kv_blocks=64, max_num_seqs=8)
+                              engine=EngineConfig(max_model_len=256, num_kv_blocks=64, max_num_seqs=8),
+                              measure_kv_blocks=False)
     with live_server(settings, smollm2) as url:
         run = subprocess.run(
             [cli, "run", f"{url}/openapi.json", "--checks", CHECKS, "--seed", "1", "--max-examples", "12",

@@ -54,12 +54,11 @@ def test_serve_flag_turns_prepacking_off_end_to_end() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorafold.server.api.app import engine_config
     from lorafold.server.api.cli_entry import settings_from_args
     from lorafold.server.engine.llama import LeanLlama
 
-    off = engine_config(settings_from_args(argparse.Namespace(prepack_weights=False)))
-    on = engine_config(settings_from_args(argparse.Namespace()))
+    off = settings_from_args(argparse.Namespace(prepack_weights=False)).engine
+    on = settings_from_args(argparse.Namespace()).engine
     assert off.prepack_weights is False and on.prepack_weights is True
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2))

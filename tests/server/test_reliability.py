@@ -279,4 +279,4 @@ def test_bad_serve_flags_are_a_message_not_a_traceback(caplog):
 
     assert settings_from_args(argparse.Namespace(max_tokens_cap=4)).default_max_tokens == 4
     assert serve_main(argparse.Namespace(max_num_seqs=0)) == 2
-    assert "max_num_seqs must be a positive integer" in caplog.text
+    assert "max_num_seqs must be >= 1" in caplog.text

@@ -8,6 +8,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from lorafold.server.api.settings import ServerSettings
+from lorafold.server.engine.config import EngineConfig
 from lorafold.server.models.loader import load_base_model
 from tests.server.live import live_server
 from tests.store.replicas import save_tiny_model
@@ -45,8 +46,9 @@ def _scrape_mid_stream(url: str) -> dict:
 
 def test_vllm_series_types_and_values(tmp_path):
     base = load_base_model(save_tiny_model(tmp_path / "tiny"), name="tiny-base")
-    settings = ServerSettings(adapter_root=tmp_path / "adapters", state_dir=tmp_path / "state", kv_blocks=64,
-                              max_model_len=256, max_num_seqs=4)
+    settings = ServerSettings(adapter_root=tmp_path / "adapters", state_dir=tmp_path / "state",
+                              engine=EngineConfig(num_kv_blocks=64, max_model_len=256, max_num_seqs=4),
+                              measure_kv_blocks=False)
     with live_server(settings, base) as url:
         prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
         for prompt in prompts:

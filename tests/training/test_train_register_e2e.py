@@ -6,6 +6,7 @@ import httpx
 import torch
 
 from lorafold.server.api.settings import ServerSettings
+from lorafold.server.engine.config import EngineConfig
 from lorafold.server.models.loader import load_base_model
 from lorafold.training.cli_entry import parse_config
 from lorafold.training.trainer import train
@@ -32,8 +33,8 @@ def test_train_register_and_serve(smollm2, tmp_path):
             {"prompt": "Review: the worst film of the year\nSentiment:", "completion": " negative"}]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     settings = ServerSettings(adapter_root=tmp_path / "adapters", state_dir=tmp_path / "state", api_keys=("user-key",),
-                              admin_key=ADMIN_KEY, max_loras=2, max_num_seqs=4, max_model_len=256, kv_blocks=64,
-                              max_tokens_cap=64)
+                              admin_key=ADMIN_KEY, max_tokens_cap=64, measure_kv_blocks=False,
+                              engine=EngineConfig(max_loras=2, max_num_seqs=4, max_model_len=256, num_kv_blocks=64))
     (tmp_path / "adapters").mkdir()
     with live_server(settings, smollm2) as url:
         cfg, _ = parse_config(["--data", str(data), "--val", str(data), "--out", str(tmp_path / "run"),
