@@ -110,7 +110,7 @@ def engine_section(device: torch.device, *, smoke: bool) -> dict:
     hf32 = random_llama(device, torch.float32, seed=11, **dims)
     probe = LLMEngine(copy.deepcopy(hf32), IdTokenizer(), cfg)
     specs = probe.runner.base_modules()
-    backends = {"attention": probe.runner.attention_backend, "lora": cfg.lora_backend}
+    backends = {"attention": probe.runner.attention_backend, "lora": probe.runner.lora_backend}
     del probe
     adapters = [random_adapter(specs, r, seed=50 + i) for i, r in enumerate(ranks)]
     requests = []
@@ -279,7 +279,7 @@ def throughput_section(device: torch.device, *, smoke: bool) -> dict:
 def lora_vs_gemm(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[dict]:
     """Triton shrink+expand (64 distinct rank-16 adapters) vs the layer's base GEMM at decode."""
     from lorafold.kernels.meta import build_lora_meta
-    from lorafold.kernels.ops import expand, force_backend, shrink
+    from lorafold.kernels.ops import expand, shrink
 
     groups = ([("qkv", [48, 16, 16], 48), ("down", [48], 64)] if smoke else
               [("qkv", [4096, 1024, 1024], 4096), ("o", [4096], 4096), ("gate_up", [14336, 14336], 4096),
@@ -291,13 +291,12 @@ def lora_vs_gemm(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[
             case = make_case(widths, d_in, dtype, device, num_adapters=n_adapters, tokens=tokens, ranks=(16,),
                              mix="blocks", seed=2, base_fraction=0.0)
             weight = torch.randn(sum(widths), d_in, device=device, dtype=dtype) * 0.02
-            meta = build_lora_meta(case.slots, case.row_start, case.alloc, with_cpu_plan=False)
+            meta = build_lora_meta(case.slots, case.row_start, case.alloc, backend="triton")
             out = case.out0.clone()
 
             def lora() -> None:
-                with force_backend("triton"):
-                    y = shrink(case.x, case.a_pool, case.row_start, case.ranks, meta)
-                    expand(y, case.b_pool, case.row_start, case.ranks, case.slice_offsets, meta, out)
+                y = shrink(case.x, case.a_pool, case.row_start, case.ranks, meta)
+                expand(y, case.b_pool, case.row_start, case.ranks, case.slice_offsets, meta, out)
 
             reps = 1 if smoke else 50
             gemm_s = timed(lambda: F.linear(case.x, weight), device, reps)

@@ -78,16 +78,15 @@ def make_case(widths: list[int], d_in: int, dtype: torch.dtype, device: torch.de
 
 
 def run_lora(case: Case) -> torch.Tensor:
-    """The serving path: batch metadata as the engine builds it on a GPU (no CPU plan), then
+    """The serving path: batch metadata as the engine builds it on a GPU, then
     `lorafold::lora_shrink` / `lora_expand` on the Triton backend. Returns the output."""
     from lorafold.kernels.meta import build_lora_meta
-    from lorafold.kernels.ops import expand, force_backend, shrink
+    from lorafold.kernels.ops import expand, shrink
 
-    meta = build_lora_meta(case.slots, case.row_start, case.alloc, with_cpu_plan=False)
+    meta = build_lora_meta(case.slots, case.row_start, case.alloc, backend="triton")
     out = case.out0.clone()
-    with force_backend("triton"):
-        y = shrink(case.x, case.a_pool, case.row_start, case.ranks, meta)
-        expand(y, case.b_pool, case.row_start, case.ranks, case.slice_offsets, meta, out)
+    y = shrink(case.x, case.a_pool, case.row_start, case.ranks, meta)
+    expand(y, case.b_pool, case.row_start, case.ranks, case.slice_offsets, meta, out)
     return out
 
 

@@ -11,6 +11,11 @@ import torch
 from lorafold.kernels import cpu_ext
 
 
+def available() -> bool:
+    """True when the compiled kernels are built (or can be, once) and loaded."""
+    return cpu_ext.available()
+
+
 def usable(*tensors: torch.Tensor) -> bool:
     """True when the compiled kernels are loaded and take these tensors as they are."""
     f32 = torch.float32

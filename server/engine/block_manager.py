@@ -82,13 +82,7 @@ class BlockManager:
 
     def slot_mapping(self, seq: Sequence, start: int, count: int) -> list[int]:
         """Flat cache slots of positions start .. start+count-1 of `seq`."""
-        end = start + count
-        if start < 0 or count < 0 or end > len(seq.block_table) * self.block_size:
-            raise BlockAccountingError(
-                f"{seq.request_id}: positions [{start}, {end}) exceed its {len(seq.block_table)} blocks"
-            )
-        bs, table = self.block_size, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+        return slot_mapping(seq, self.block_size, start, count)
 
     def check_invariants(self, live: Iterable[Sequence]) -> None:
         """Every block is either free or owned by exactly one live sequence, never both."""
@@ -109,3 +103,13 @@ class BlockManager:
         if len(free) + len(seen) != self.num_blocks:
             leaked = [b for b in range(self.num_blocks) if b not in free and b not in seen]
             raise BlockAccountingError(f"leaked blocks (neither free nor in a live table): {leaked[:5]}")
+
+
+def slot_mapping(seq: Sequence, block_size: int, start: int, count: int) -> list[int]:
+    """Flat cache slots of positions start .. start+count-1 of `seq` (the model runner's
+    KV write addresses)."""
+    end = start + count
+    if start < 0 or count < 0 or end > len(seq.block_table) * block_size:
+        raise BlockAccountingError(f"{seq.request_id}: positions [{start}, {end}) exceed its {len(seq.block_table)} blocks")
+    table = seq.block_table
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]

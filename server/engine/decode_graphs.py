@@ -24,10 +24,8 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from lorafold.kernels.meta import LoRABatchMeta
-from lorafold.kernels.ops import force_backend
 from lorafold.server.engine.attention import AttentionMetadata
 from lorafold.server.engine.flex_paged import Q_BLOCK, FlexBatch, FlexMetadata
-from lorafold.server.lora.context import lora_batch
 from lorafold.server.lora.layers import MultiLoRALinear
 
 logger = logging.getLogger(__name__)
@@ -45,9 +43,9 @@ def buckets_for(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list, *, num_blocks: int, block_size: int,
-                 max_num_seqs: int, max_blocks_per_seq: int, lora_backend: str, capture: bool) -> None:
+                 max_num_seqs: int, max_blocks_per_seq: int, capture: bool) -> None:
         """num_blocks: cache blocks including the scratch block (the last one)."""
-        self.model, self.kv_caches, self.lora_backend = model, kv_caches, lora_backend
+        self.model, self.kv_caches = model, kv_caches
         self.block_size, self.scratch = block_size, num_blocks - 1
         self.buckets = buckets_for(max_num_seqs)
         dev = kv_caches[0][0].device
@@ -98,13 +96,13 @@ class DecodeGraphs:
         attn = AttentionMetadata(slot_mapping=self.slots[:b], decode_rows=empty, decode_blocks=empty,
                                  decode_mask=empty.float(), decode_lens=empty, prefills=(), block_size=bs, flex=flex)
         lora = LoRABatchMeta(sorted_tokens=self.sorted_tokens[:b], seg_slots=self.seg_slots[:b],
-                             seg_starts=self.seg_starts[: b + 1], max_seg_len=b, max_rank=GRAPH_MAX_RANK, num_tokens=b)
+                             seg_starts=self.seg_starts[: b + 1], max_seg_len=b, max_rank=GRAPH_MAX_RANK, num_tokens=b,
+                             backend="triton")
         return attn, lora
 
     def _forward(self, b: int) -> torch.Tensor:
         attn, lora = self._metadata(b)
-        with lora_batch(lora), force_backend(self.lora_backend):
-            return self.model(self.ids[:b], self.positions[:b], self.kv_caches, attn)
+        return self.model(self.ids[:b], self.positions[:b], self.kv_caches, attn, lora)
 
     def _capture_all(self) -> None:
         """Capture from the largest bucket down, sharing one memory pool (as vLLM does)."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorafold.kernels.meta import LoRABatchMeta
+from lorafold.kernels.ops import choose_backend
 from lorafold.server.engine.attention import AttentionMetadata, paged_attention
 from lorafold.server.lora.layers import MultiLoRALinear
 from lorafold.server.lora.slots import AdapterSlots, Target
@@ -71,19 +73,20 @@ class LeanDecoderLayer(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv: tuple[torch.Tensor, torch.Tensor],
         attn_meta: AttentionMetadata,
+        lora_meta: LoRABatchMeta | None,
     ) -> torch.Tensor:
         n = h.shape[0]
         x = self.input_layernorm(h)
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv(x, lora_meta).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         q, k = _rotate(q, k, *cos_sin)
         attn = paged_attention(q, k, v, kv[0], kv[1], attn_meta, self.scale)
-        h = h + self.o_proj(attn.reshape(n, -1))
+        h = h + self.o_proj(attn.reshape(n, -1), lora_meta)
         x = self.post_attention_layernorm(h)
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return h + self.down_proj(self.act(gate).mul_(up))
+        gate, up = self.gate_up(x, lora_meta).chunk(2, dim=-1)
+        return h + self.down_proj(self.act(gate).mul_(up), lora_meta)
 
 
 def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,9 +103,12 @@ def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 class LeanLlama(nn.Module):
     """Flat-batch decoder over a paged KV cache, with multi-LoRA fused projections."""
 
-    def __init__(self, hf_model: nn.Module, *, num_slots: int, rows: int, prepack: bool = True) -> None:
+    def __init__(self, hf_model: nn.Module, *, num_slots: int, rows: int, prepack: bool = True,
+                 lora_backend: str = "auto") -> None:
         """prepack: keep oneDNN-packed copies of the base weights for inference (fp32 CPU
-        only; one more copy of the weights in memory; see `server.models.packed_linear`)."""
+        only; one more copy of the weights in memory; see `server.models.packed_linear`).
+        lora_backend: the LoRA ops' implementation, resolved once here for the model's device
+        and dtype (`kernels.ops.choose_backend`)."""
         super().__init__()
         config = hf_model.config
         inner = hf_model.model
@@ -115,7 +121,9 @@ class LeanLlama(nn.Module):
         targets: dict[str, Target] = {}
         for i, layer in enumerate(self.layers):
             targets.update(layer.targets(f"model.layers.{i}"))
-        self.slots = AdapterSlots(targets, num_slots=num_slots, rows=rows)
+        weight = self.lm_head.weight
+        backend = choose_backend(lora_backend, weight.device, weight.dtype)
+        self.slots = AdapterSlots(targets, num_slots=num_slots, rows=rows, backend=backend)
         if prepack and can_prepack(self.lm_head.weight):
             for layer in self.layers:
                 for proj in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj):
@@ -136,17 +144,18 @@ class LeanLlama(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         attn_meta: AttentionMetadata,
+        lora_meta: LoRABatchMeta | None = None,
         logits_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [N]. Returns logits [len(logits_rows) or N, vocab].
 
-        LoRA slots per token come from `server.lora.context.lora_batch`.
+        lora_meta: each token's adapter slot (`AdapterSlots.meta`); None: the base alone.
         """
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(h[None], positions[None])
         cos_sin = (cos[0], sin[0])
         for layer, kv in zip(self.layers, kv_caches):
-            h = layer(h, cos_sin, kv, attn_meta)
+            h = layer(h, cos_sin, kv, attn_meta, lora_meta)
         if logits_rows is not None:
             h = h.index_select(0, logits_rows)  # only the rows that sample: skip the LM head elsewhere
         return self.lm_head(self.norm(h))

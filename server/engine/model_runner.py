@@ -15,18 +15,17 @@ import torch
 from torch import nn
 
 from lorafold.kernels import cpu_ext
-from lorafold.kernels.ops import force_backend
 from lorafold.server.engine.attention import build_attention_metadata
+from lorafold.server.engine.block_manager import slot_mapping
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.decode_graphs import DecodeGraphs
 from lorafold.server.engine.flex_paged import check_block_size
 from lorafold.server.engine.host_memory import keep_freed_memory
 from lorafold.server.engine.llama import LeanLlama
 from lorafold.server.engine.scheduler import ScheduledChunk
-from lorafold.server.lora.context import lora_batch
 from lorafold.server.lora.peft_format import LoRAAdapter, ModuleSpec
 from lorafold.server.lora.slots import StagedAdapter
-from lorafold.server.models.loader import LLAMA_TARGETS
+from lorafold.server.models.loader import module_specs
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +52,8 @@ def available_memory(device: torch.device) -> int:
 
 def adapter_row_bytes(hf_model: nn.Module) -> int:
     """Bytes of one rank row in every LoRA pool: sum of (in + out) over the target linears."""
-    linears = [m for name, m in hf_model.named_modules()
-               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in LLAMA_TARGETS]
     itemsize = next(hf_model.parameters()).element_size()
-    return sum(m.in_features + m.out_features for m in linears) * itemsize
+    return sum(spec.in_features + spec.out_features for spec in module_specs(hf_model).values()) * itemsize
 
 
 def adapter_budget_bytes(config: EngineConfig, device: torch.device) -> int:
@@ -73,11 +70,10 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def resolve_decode_graphs(config: EngineConfig, device: torch.device, attention_backend: str) -> str:
+def resolve_decode_graphs(config: EngineConfig, device: torch.device, attention_backend: str, lora_backend: str) -> str:
     """"capture" (CUDA graphs), "eager" (the same buffers, no capture: CPU tests) or "off".
-    The buffer path needs FlexAttention and the Triton LoRA kernels (no per-step CPU plan)."""
-    gpu_path = attention_backend == "flex" and (
-        config.lora_backend == "triton" or (config.lora_backend == "auto" and device.type == "cuda"))
+    The buffer path needs FlexAttention and the Triton LoRA kernels (no host-side LoRA work)."""
+    gpu_path = attention_backend == "flex" and lora_backend == "triton"
     if config.decode_graphs == "off" or not gpu_path:
         if config.decode_graphs == "eager":
             raise ValueError("decode_graphs='eager' needs attention_backend='flex' and the Triton LoRA kernels "
@@ -90,18 +86,6 @@ def resolve_decode_graphs(config: EngineConfig, device: torch.device, attention_
     return config.decode_graphs
 
 
-def check_lora_backend(name: str, device: torch.device) -> None:
-    """Refuse at start a LoRA backend that cannot run on `device`, rather than on a request."""
-    if name == "triton" and device.type != "cuda":
-        from lorafold.kernels.triton_lora import INTERPRET
-
-        if not INTERPRET:
-            raise ValueError("lora_backend='triton' on the CPU runs only under Triton's interpreter: set "
-                             "TRITON_INTERPRET=1 before lorafold is imported (tests), or use 'auto'")
-    if name == "cpp" and device.type != "cpu":
-        raise ValueError(f"lora_backend='cpp' is the compiled CPU kernel; the model is on {device}: use 'auto'")
-
-
 class ModelRunner:
     def __init__(self, hf_model: nn.Module, config: EngineConfig, *, lora_rows_per_slot: int = 16) -> None:
         self.config = config
@@ -112,7 +96,6 @@ class ModelRunner:
         self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
         if self.attention_backend == "flex" and self.device.type == "cuda":
             check_block_size(config.block_size)
-        check_lora_backend(config.lora_backend, self.device)
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults on every step's temporaries (see host_memory)
             # build (first run on this machine, ~15 s) or load the compiled CPU kernels now,
@@ -133,7 +116,9 @@ class ModelRunner:
         self.model = LeanLlama(
             hf_model, num_slots=self.num_adapter_slots,
             rows=min(self.adapter_budget_rows, (config.max_loras or 8) * lora_rows_per_slot), prepack=config.prepack_weights,
+            lora_backend=config.lora_backend,
         )
+        self.lora_backend = self.model.slots.backend
         self.model.slots.limit_rows(self.adapter_budget_rows)
         if self.model.slots.row_bytes != row_bytes:
             raise RuntimeError(f"LoRA pools hold {self.model.slots.row_bytes} bytes per row, expected {row_bytes}")
@@ -141,7 +126,7 @@ class ModelRunner:
                     self.adapter_budget_bytes / 2**20, self.adapter_budget_rows, self.adapter_budget_rows // 16,
                     self.num_adapter_slots)
         # decode steps on preallocated buffers (CUDA graphs on the GPU path; see decode_graphs)
-        graphs = resolve_decode_graphs(config, self.device, self.attention_backend)
+        graphs = resolve_decode_graphs(config, self.device, self.attention_backend, self.lora_backend)
         # one scratch block past the budget for the buffer path's padding rows
         self.num_cache_blocks = config.num_kv_blocks + (1 if graphs != "off" else 0)
         shape = (self.num_cache_blocks * config.block_size, self.model.num_kv_heads, self.model.head_dim)
@@ -159,7 +144,7 @@ class ModelRunner:
                 self.decode_graphs = DecodeGraphs(
                     self.model, self.kv_caches, num_blocks=self.num_cache_blocks, block_size=config.block_size,
                     max_num_seqs=config.max_num_seqs, max_blocks_per_seq=-(-config.max_model_len // config.block_size),
-                    lora_backend=config.lora_backend, capture=graphs == "capture",
+                    capture=graphs == "capture",
                 )
             except RuntimeError:  # a capture the driver or a kernel refuses: serve without graphs
                 if graphs != "capture":
@@ -175,7 +160,7 @@ class ModelRunner:
         given them later overwrites before it reads them."""
         t0 = time.perf_counter()
         launches = 0
-        if self.config.lora_backend in ("auto", "triton"):
+        if self.lora_backend == "triton":
             from lorafold.kernels import triton_lora
 
             layer = self.model.layers[0]
@@ -193,8 +178,7 @@ class ModelRunner:
                 meta = build_attention_metadata(positions, seqs, bs, self.device, dtype=self.dtype,
                                                 backend=self.attention_backend, num_blocks=self.num_cache_blocks)
                 pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
-                with lora_batch(None), force_backend(self.config.lora_backend):
-                    self.model(torch.zeros_like(pos), pos, self.kv_caches, meta)
+                self.model(torch.zeros_like(pos), pos, self.kv_caches, meta)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         logger.info("warm-up: %d Triton LoRA launches and %d forwards in %.1f s", launches, len(shapes),
@@ -231,52 +215,31 @@ class ModelRunner:
         bs = self.config.block_size
         ids: list[int] = []
         positions: list[int] = []
-        slot_mapping: list[int] = []
+        slots: list[int] = []
         token_slots: list[int] = []
         seqs: list[tuple[int, int, int, list[int]]] = []
         rows: list[int] = []
-        # Run sequences grouped by adapter, their adapters packed together in the pools where
-        # the torch CPU path reads them (it then reads views instead of gathering; the GPU
-        # kernels and the compiled CPU kernel read any layout); logits are put back in the
-        # callers' chunk order below.
-        if self.model.slots.needs_cpu_plan:
-            self.model.slots.pack_active({c.seq.lora_slot for c in chunks if c.seq.lora_slot >= 0})
-        order = self.model.slots.batch_order([c.seq.lora_slot for c in chunks], [c.num_tokens for c in chunks])
-        sampled_in_order: list[int] = []
-        for idx in order:
-            chunk = chunks[idx]
-            seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
-            q_start = len(ids)
-            ids.extend(seq.token_ids(start, start + n))
-            positions.extend(range(start, start + n))
-            table = seq.block_table
-            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            token_slots.extend([seq.lora_slot] * n)
-            seqs.append((q_start, n, start + n, table))
+        for chunk in chunks:
+            seq, n = chunk.seq, chunk.num_tokens
+            seqs.append((len(ids), n, chunk.start + n, seq.block_table))
+            ids += chunk.token_ids
+            positions += chunk.positions
+            slots += slot_mapping(seq, bs, chunk.start, n)
+            token_slots += [seq.lora_slot] * n
             if chunk.sample:
                 rows.append(len(ids) - 1)
-                sampled_in_order.append(idx)
-        with force_backend(self.config.lora_backend):
-            lora_meta = self.model.slots.meta(token_slots) if any(s >= 0 for s in token_slots) else None
-        bucket = None
+        lora_meta = self.model.slots.meta(token_slots) if any(s >= 0 for s in token_slots) else None
         if self.decode_graphs is not None and len(rows) == len(ids) == len(chunks):  # pure decode
             bucket = self.decode_graphs.bucket(len(ids), lora_meta.max_rank if lora_meta is not None else 0)
-        if bucket is not None:
-            logits = self.decode_graphs.run(ids, positions, slot_mapping, [s[3] for s in seqs], lora_meta, bucket)
-            back = sorted(range(len(sampled_in_order)), key=sampled_in_order.__getitem__)
-            return logits if back == list(range(len(back))) else logits[torch.tensor(back, device=logits.device)]
-        attn_meta = build_attention_metadata(slot_mapping, seqs, bs, self.device, dtype=self.dtype,
+            if bucket is not None:
+                return self.decode_graphs.run(ids, positions, slots, [s[3] for s in seqs], lora_meta, bucket)
+        attn_meta = build_attention_metadata(slots, seqs, bs, self.device, dtype=self.dtype,
                                              backend=self.attention_backend, num_blocks=self.num_cache_blocks)
-        with lora_batch(lora_meta), force_backend(self.config.lora_backend):
-            logits = self.model(
-                torch.tensor(ids, device=self.device),
-                torch.tensor(positions, device=self.device),
-                self.kv_caches,
-                attn_meta,
-                torch.tensor(rows, dtype=torch.int64, device=self.device),
-            )
-        # row k of `logits` belongs to chunk sampled_in_order[k]; callers expect chunk order
-        back = sorted(range(len(sampled_in_order)), key=sampled_in_order.__getitem__)
-        if back == list(range(len(back))):
-            return logits
-        return logits[torch.tensor(back, device=logits.device)]
+        return self.model(
+            torch.tensor(ids, device=self.device),
+            torch.tensor(positions, device=self.device),
+            self.kv_caches,
+            attn_meta,
+            lora_meta,
+            logits_rows=torch.tensor(rows, dtype=torch.int64, device=self.device),
+        )

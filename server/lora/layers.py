@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafold.kernels.meta import LoRABatchMeta
 from lorafold.kernels.ops import apply
-from lorafold.server.lora.context import current_meta
 from lorafold.server.lora.rows import Move
 from lorafold.server.models.packed_linear import DEFAULT_BATCH_HINT, can_prepack, packed_linear, prepack, use_packed
 
@@ -66,14 +66,15 @@ class MultiLoRALinear(nn.Module):
         self._packed = prepack(self.base.weight, batch_hint)
         return True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: LoRABatchMeta | None = None) -> torch.Tensor:
+        """x [T, in] (or [..., in] flattening to T rows); `meta` says which slot each row
+        uses (None: the base alone)."""
         # F.linear on the base's parameters rather than calling the base module: one nn.Module
-        # dispatch less per layer (210 per SmolLM2 forward; measurable at decode sizes).
+        # dispatch less per layer, which shows at decode sizes.
         if self._packed is not None and use_packed(x):
             out = packed_linear(x, self._packed, self.base.bias)
         else:
             out = F.linear(x, self.base.weight, self.base.bias)
-        meta = current_meta()
         if meta is None or not meta.has_lora:
             return out
         flat_x = x.reshape(-1, x.shape[-1])
@@ -101,16 +102,14 @@ class MultiLoRALinear(nn.Module):
         self.ranks[slice_idx, slot] = r
 
     def relayout_rows(self, rows: int, moves: list[Move]) -> None:
-        """Put every owned range where `moves` says (each read before any is written, so the
-        moves may overlap in any order). New pools only when `rows` grows them; otherwise the
-        moved ranges are copied in place and the rows they leave keep stale values.
+        """Put every owned range where `moves` says, in pools of `rows` rows (new pools when
+        that grows them, else in place). Each moved range is read before any is written, so
+        overlapping moves are safe.
 
-        Rows no slot owns are never read: every path reads only the rows of the slots in its
-        batch, and `write_slot` writes every row of a slot's range (the adapter's rows, zeros
-        past each module's rank) before the slot is used. So grown pools
-        are allocated uninitialised and only the moved ranges are written: zero-filling them
-        touched every page of pools that reach gigabytes (SmolLM2, 64 adapters of ranks 8-128:
-        8192 rows, 10 GB over all layers), measured as seconds-long stalls while adapters load."""
+        Rows no slot owns are never read (every op reads only the rows of the slots in its
+        batch, and `write_slot` / `AdapterSlots.fill` write every row of a slot's range before
+        the slot is used), so grown pools are left uninitialised past the moved ranges:
+        zero-filling pools that reach gigabytes would touch every page while adapters load."""
         if rows == self.a_pool.shape[1]:
             moved = [(m, self.a_pool[:, m.src : m.src + m.rows].clone(), self.b_pool[m.src : m.src + m.rows].clone())
                      for m in moves if m.src != m.dst]

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafold.kernels.meta import SHORT_SEGMENT, LoRABatchMeta, build_lora_meta
-from lorafold.kernels.ops import compiled_cpu_covers
+from lorafold.kernels.meta import LoRABatchMeta, build_lora_meta
 from lorafold.server.lora.layers import MultiLoRALinear
 from lorafold.server.lora.peft_format import AdapterError, LoRAAdapter, ModuleLoRA, ModuleSpec
 from lorafold.server.lora.rows import Move, RowAllocator
@@ -51,14 +50,17 @@ class Target:
 
 
 class AdapterSlots:
-    def __init__(self, targets: dict[str, Target], num_slots: int, rows: int) -> None:
+    def __init__(self, targets: dict[str, Target], num_slots: int, rows: int, backend: str = "torch") -> None:
+        """backend: the LoRA ops' implementation every forward of these pools runs (see
+        `kernels.ops.choose_backend`); it travels in each batch's metadata."""
         if num_slots <= 0:
             raise ValueError("num_slots must be positive")
         self.targets = targets
         self.num_slots = num_slots
+        self.backend = backend
         self.layers: list[MultiLoRALinear] = list({id(t.layer): t.layer for t in targets.values()}.values())
         device = self.layers[0].a_pool.device if self.layers else torch.device("cpu")
-        self.allocator = RowAllocator(rows, max_owners=num_slots)
+        self.allocator = RowAllocator(rows)
         self.row_start = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.slot_alloc = torch.zeros(num_slots, dtype=torch.int32, device=device)
         for layer in self.layers:
@@ -90,10 +92,10 @@ class AdapterSlots:
         start = self.allocator.allocate(slot, rows)
         if start is not None:
             return start
-        # No free range of this size: re-lay the pools (zones packed by rank, room for more
-        # ranges of this one, grown when that does not fit), one pass over each layer.
+        # No gap holds it: pack the ranges to the front (growing the pools when that leaves
+        # too little room), one pass over each layer.
         old_capacity = self.allocator.capacity
-        moves = self.allocator.relayout(rows, self.allocator.zone_slots(rows))
+        moves = self.allocator.relayout(rows)
         if self.allocator.capacity != old_capacity:
             logger.info("growing LoRA row pools from %d to %d rows", old_capacity, self.allocator.capacity)
         self._apply_moves(moves)
@@ -106,23 +108,6 @@ class AdapterSlots:
             layer.relayout_rows(self.allocator.capacity, moves)
         for move in moves:
             self.row_start[move.owner] = move.dst
-
-    @torch.no_grad()
-    def pack_active(self, active: set[int]) -> int:
-        """Move the `active` slots' rows to the front of their rank zones (see
-        `RowAllocator.pack`); returns how many ranges moved (0 when they already are).
-
-        For the CPU LoRA path, which reads a rank group's weights in place only when the
-        batch's adapters sit evenly spaced in the pool, and otherwise copies them in every
-        layer. In serving, sequences finish at random, so the adapters still decoding end up
-        scattered through their zones. Measured on SmolLM2 (decode step, 35 of 64 resident
-        rank-16 adapters active): 0.295 s scattered against 0.212 s packed (0.159 s base
-        only); a move costs one copy of the slot's rows per layer, once."""
-        moves = self.allocator.pack(active)
-        if moves:
-            self._apply_moves(moves)
-            logger.debug("packed %d adapter ranges to the front of their zones", len(moves))
-        return len(moves)
 
     @torch.no_grad()
     def stage(self, adapter: LoRAAdapter) -> StagedAdapter:
@@ -191,44 +176,13 @@ class AdapterSlots:
         self.slot_alloc[slot] = 0
         self.occupant[slot] = None
 
-    def batch_order(self, token_slots: list[int], num_tokens: list[int] | None = None) -> list[int]:
-        """A stable order of `token_slots` (e.g. one entry per sequence) that groups the batch
-        as the CPU LoRA path reads it fastest: base first, then by (allocated rank, short or
-        long, first pool row). Tokens of one adapter then form one run, each of the CPU plan's
-        groups one contiguous block, and its adapters' weights are read in pool order (views,
-        not copies; see kernels/meta.py).
-
-        num_tokens: tokens of each entry (default 1). An adapter whose entries add up to more
-        than `SHORT_SEGMENT` tokens (a prefill chunk) is "long": the plan chunks those apart
-        from the short ones (decode tokens), and this order keeps both blocks contiguous."""
-        alloc, start = self.slot_alloc.tolist(), self.row_start.tolist()
-        totals: dict[int, int] = {}
-        for i, s in enumerate(token_slots):
-            totals[s] = totals.get(s, 0) + (1 if num_tokens is None else num_tokens[i])
-
-        def key(i: int) -> tuple[int, bool, int]:
-            s = token_slots[i]
-            return (-1, False, -1) if s < 0 else (alloc[s], totals[s] > SHORT_SEGMENT, start[s])
-
-        return sorted(range(len(token_slots)), key=key)
-
     def meta(self, token_slots: torch.Tensor | list[int]) -> LoRABatchMeta:
         """Batch metadata for a forward whose token t uses slot token_slots[t] (-1: base)."""
         slots = torch.as_tensor(token_slots, dtype=torch.int64, device=self.row_start.device)
         for s in torch.unique(slots).tolist():
             if s >= 0 and (s >= self.num_slots or self.occupant[s] is None):
                 raise ValueError(f"slot {s} holds no adapter")
-        return build_lora_meta(slots, self.row_start, self.slot_alloc, with_cpu_plan=self.needs_cpu_plan)
-
-    @property
-    def needs_cpu_plan(self) -> bool:
-        """Whether forwards read the pools through the torch path's chunk plan: on CPU, unless
-        the compiled kernel covers them (it reads any layout, so neither the plan nor
-        `pack_active` is needed; see `kernels.ops.apply`)."""
-        if not self.layers:
-            return False
-        pool = self.layers[0].a_pool
-        return pool.device.type == "cpu" and not compiled_cpu_covers(pool.dtype)
+        return build_lora_meta(slots, self.row_start, self.slot_alloc, backend=self.backend)
 
     @property
     def pool_bytes(self) -> int:

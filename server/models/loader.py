@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from lorafold.server.lora.peft_format import ModuleSpec
 from lorafold.server.models.assets import DEFAULT_MODEL, cache_root, default_model_dir, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -21,6 +22,14 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 
 #: The seven linear layers of a Llama-family decoder layer, the usual LoRA targets.
 LLAMA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def module_specs(hf_model: torch.nn.Module) -> dict[str, ModuleSpec]:
+    """What the model offers adapters: every target linear by its transformers path
+    (`model.layers.3.self_attn.k_proj`), with its shape; what `load_adapter` validates against."""
+    return {name: ModuleSpec(in_features=m.in_features, out_features=m.out_features)
+            for name, m in hf_model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LLAMA_TARGETS}
 
 
 class UnsupportedModelError(ValueError):

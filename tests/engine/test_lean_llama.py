@@ -10,7 +10,6 @@ import torch
 
 from lorafold.server.engine.attention import build_attention_metadata
 from lorafold.server.engine.llama import LeanLlama
-from lorafold.server.lora.context import lora_batch
 from lorafold.server.lora.peft_format import load_adapter
 from tests.conftest import build_tiny_llama, make_peft_adapter
 
@@ -43,8 +42,8 @@ def run_steps(model, caches, seqs_tokens, steps, slots_per_seq=None):
             done[j] += n
         meta = build_attention_metadata(slot_map, seqs, BLOCK, torch.device("cpu"))
         lmeta = model.slots.meta(lora) if any(s >= 0 for s in lora) else None
-        with torch.no_grad(), lora_batch(lmeta):
-            logits = model(torch.tensor(ids), torch.tensor(pos), caches, meta, torch.tensor(rows))
+        with torch.no_grad():
+            logits = model(torch.tensor(ids), torch.tensor(pos), caches, meta, lmeta, torch.tensor(rows))
         outputs.append(logits)
     return outputs
 

@@ -12,7 +12,7 @@ import torch
 
 from lorafold.kernels import cpu_ext, cpu_ops
 from lorafold.kernels.meta import build_lora_meta
-from lorafold.kernels.ops import apply, force_backend
+from lorafold.kernels.ops import apply, choose_backend
 
 from tests.conftest import require_cpu_kernels
 
@@ -43,9 +43,9 @@ def test_lora_apply_matches_loop(mix: str, slice_widths: list[int], d_in: int) -
     x = torch.randn(num_tokens, d_in, generator=gen)
     base = torch.randn(num_tokens, sum(slice_widths), generator=gen)
     out = base.clone()
-    meta = build_lora_meta(slots, row_start, alloc, with_cpu_plan=False)
+    meta = build_lora_meta(slots, row_start, alloc, backend="cpp")
     offsets = [0, *torch.tensor(slice_widths).cumsum(0).tolist()]
-    with torch.no_grad(), force_backend("cpp"):
+    with torch.no_grad():
         apply(x, a_pool, b_pool, row_start, ranks.to(torch.int32), offsets, meta, out)
     _, delta = loop_reference(x, a_pool, b_pool, row_start, ranks, slice_widths, slots)
     torch.testing.assert_close(out.double(), base.double() + delta, rtol=1e-5, atol=1e-5)
@@ -65,9 +65,9 @@ def test_lora_apply_reads_each_slice_at_its_own_rank() -> None:
     slots = torch.tensor([0, 1, 1, 0, 1, 0, 0, 0, 0])
     x = torch.randn(9, 24, generator=gen)
     out = torch.zeros(9, 16)
-    with torch.no_grad(), force_backend("cpp"):
+    with torch.no_grad():
         apply(x, a_pool, b_pool, row_start, ranks.to(torch.int32), [0, 8, 16],
-              build_lora_meta(slots, row_start, alloc, with_cpu_plan=False), out)
+              build_lora_meta(slots, row_start, alloc, backend="cpp"), out)
     _, delta = loop_reference(x, a_pool.nan_to_num(0.0), b_pool, row_start, ranks, [8, 8], slots)
     torch.testing.assert_close(out.double(), delta, rtol=1e-5, atol=1e-5)
 
@@ -76,7 +76,7 @@ def test_lora_apply_rejects_inconsistent_metadata() -> None:
     gen = torch.Generator().manual_seed(0)
     ranks = torch.tensor([[4, 4]])
     a_pool, b_pool, row_start, alloc = make_pools(ranks, 16, [8], torch.float32, gen)
-    meta = build_lora_meta(torch.tensor([0, 1, 1]), row_start, alloc, with_cpu_plan=False)
+    meta = build_lora_meta(torch.tensor([0, 1, 1]), row_start, alloc, backend="cpp")
     x, out = torch.randn(3, 16), torch.zeros(3, 8)
     bad_tokens = meta.sorted_tokens.clone()
     bad_tokens[0] = 7
@@ -92,14 +92,17 @@ def test_lora_apply_rejects_inconsistent_metadata() -> None:
     assert torch.equal(out, torch.zeros(3, 8)), "a refused call writes nothing"
 
 
-def test_forced_cpp_backend_refuses_what_it_cannot_run() -> None:
-    gen = torch.Generator().manual_seed(0)
-    ranks = torch.tensor([[4]])
-    a_pool, b_pool, row_start, alloc = make_pools(ranks, 16, [8], torch.bfloat16, gen)
-    meta = build_lora_meta(torch.tensor([0, 0]), row_start, alloc)
-    with torch.no_grad(), force_backend("cpp"), pytest.raises(RuntimeError, match="contiguous float32"):
-        apply(torch.randn(2, 16).bfloat16(), a_pool, b_pool, row_start, ranks.to(torch.int32), [0, 8], meta,
-              torch.zeros(2, 8, dtype=torch.bfloat16))
+def test_backend_choice_is_made_once_and_checked() -> None:
+    """'auto' picks the compiled kernel for float32 CPU pools and the reference for bf16; a
+    named backend that cannot run is refused when the model is built, not on a request."""
+    cpu = torch.device("cpu")
+    assert choose_backend("auto", cpu, torch.float32) == "cpp"
+    assert choose_backend("auto", cpu, torch.bfloat16) == "torch"
+    assert choose_backend("torch", cpu, torch.float32) == "torch"
+    with pytest.raises(ValueError, match="float32 CPU kernel"):
+        choose_backend("cpp", cpu, torch.bfloat16)
+    with pytest.raises(ValueError, match="unknown LoRA backend"):
+        choose_backend("cuda", cpu, torch.float32)
 
 
 # --- paged decode attention ------------------------------------------------------------------
@@ -180,6 +183,9 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch
         assert not cpu_ext.available()
     assert "using the slower torch path" in caplog.text
     assert not cpu_ops.usable(torch.zeros(1))
+    from lorafold.kernels.ops import choose_backend
+
+    assert choose_backend("auto", torch.device("cpu"), torch.float32) == "torch", "no kernel: the reference serves"
 
 
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafold.server.lora.peft_format import AdapterError, AdapterFileOutsideRootError, load_adapter
-from lorafold.server.lora.wrap import wrap_linears
+from lorafold.server.models.loader import module_specs
 from tests.conftest import build_tiny_llama, make_peft_adapter
 
 
@@ -18,7 +18,7 @@ from tests.conftest import build_tiny_llama, make_peft_adapter
 def good(tmp_path_factory):
     base = build_tiny_llama()
     folder = make_peft_adapter(base, tmp_path_factory.mktemp("good") / "a", r=4, seed=1)
-    specs = wrap_linears(build_tiny_llama(), num_slots=1).base_modules()
+    specs = module_specs(build_tiny_llama())
     return folder, specs
 
 

@@ -75,10 +75,9 @@ def test_register_stream_restart_swap_delete(smollm2, adapters, tmp_path):
 
         base_name = httpx.get(f"{url}/v1/models", headers=USER).json()["data"][0]["id"]
         got = asyncio.run(both())
-    from lorafold.server.lora.wrap import wrap_linears
-    import copy
+    from lorafold.server.models.loader import module_specs
 
-    specs = wrap_linears(copy.deepcopy(base), num_slots=1).base_modules()
+    specs = module_specs(base)
     ref = {m: load_adapter(adapters / m, specs) for m in ("alpha", "beta", "gamma")}
     want = [greedy_text(merged_model(base, ref["alpha"]), tok, prompt, 12),
             greedy_text(merged_model(base, ref["beta"]), tok, prompt, 12),

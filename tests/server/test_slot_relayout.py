@@ -1,7 +1,7 @@
 """Adapter slots through pool relayouts: every resident adapter's rows stay its own weights.
 
 Loading adapters of mixed ranks in turns into a small pool forces allocation misses, so the
-pools are re-laid out (rank zones packed and merged, in place or grown). After every fill
+pools are re-laid out (ranges packed to the front, in place or into grown pools). After every fill
 and clear, each resident slot's rows must still hold exactly its adapter (A, and B with the
 scale folded in, zero past each module's rank), and a mixed batch must equal the merged
 models, so a relayout that loses, mixes up or misplaces rows fails here."""
@@ -13,9 +13,8 @@ import random
 
 import torch
 
-from lorafold.server.lora.context import lora_batch
-from lorafold.server.lora.wrap import wrap_linears
-from tests.conftest import build_tiny_llama, merged_model, random_adapter
+from lorafold.server.engine.llama import LeanLlama
+from tests.conftest import build_tiny_llama, lean_logits, merged_model, random_adapter
 
 
 def _check_resident(slots) -> None:  # noqa: ANN001
@@ -26,18 +25,19 @@ def _check_resident(slots) -> None:  # noqa: ANN001
         for path, target in slots.targets.items():
             layer, mod = target.layer, adapter.modules[path]
             r = mod.lora_a.shape[0]
+            lo, hi = layer.slice_offsets[target.slice_idx], layer.slice_offsets[target.slice_idx + 1]
             a_rows = layer.a_pool[target.slice_idx, start : start + alloc]
-            b_rows = layer.b_pool[start : start + alloc]
+            b_rows = layer.b_pool[start : start + alloc, lo:hi]  # the slice's columns of a fused layer
             torch.testing.assert_close(a_rows[:r], mod.lora_a, rtol=0, atol=0)
             torch.testing.assert_close(b_rows[:r].t(), mod.lora_b * mod.scale, rtol=0, atol=0)
             assert not a_rows[r:].any() and not b_rows[r:].any(), "rows past a module's rank must stay zero"
 
 
 def _wrapped_tiny_llama(num_slots: int, rows: int):  # noqa: ANN202
-    """The tiny random base, a copy of it with adapter slots, and those slots."""
+    """The tiny random base, the serving decoder on a copy of it, and its adapter slots."""
     base = build_tiny_llama(seed=0)
-    model = copy.deepcopy(base)
-    return base, model, wrap_linears(model, num_slots=num_slots, rows=rows)
+    model = LeanLlama(copy.deepcopy(base), num_slots=num_slots, rows=rows)
+    return base, model, model.slots
 
 
 def _assert_batch_matches_merged(base, model, slots, seed: int, with_base: bool = False,  # noqa: ANN001
@@ -48,8 +48,7 @@ def _assert_batch_matches_merged(base, model, slots, seed: int, with_base: bool 
     resident = [s for s, a in enumerate(slots.occupant) if a is not None]
     row_slots = (resident if batch_slots is None else batch_slots) + ([-1] if with_base else [])
     ids = torch.randint(0, base.config.vocab_size, (len(row_slots), 5), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad(), lora_batch(slots.meta(torch.tensor(row_slots).repeat_interleave(5))):
-        mixed = model(ids).logits
+    mixed = lean_logits(model, ids, row_slots)
     assert torch.isfinite(mixed).all()
     with torch.no_grad():
         for row, s in enumerate(row_slots):
@@ -68,11 +67,19 @@ def test_mixed_rank_loads_and_evictions_survive_relayouts(monkeypatch):
         original(self, rows, moves)
 
     monkeypatch.setattr(MultiLoRALinear, "relayout_rows", spy)
-    base, model, slots = _wrapped_tiny_llama(num_slots=6, rows=128)
+    base, model, slots = _wrapped_tiny_llama(num_slots=6, rows=48)
     specs = slots.base_modules()
+    # three rank-16 adapters fill the 48 rows; two leave, so 32 rows are free in two gaps of 16:
+    # a rank-32 adapter finds no gap and the ranges are packed in place
+    for slot in range(3):
+        slots.fill(slot, random_adapter(specs, 16, seed=100 + slot, std=0.2))
+    slots.clear(0)
+    slots.clear(2)
+    slots.fill(3, random_adapter(specs, 32, seed=103, std=0.2))
+    assert set(kinds) == {"in place"}
+    _check_resident(slots)
     rng = random.Random(0)
-    # churn of ranks 2-16 (with this seed one allocation miss is re-laid out in place), then
-    # a rank-64 adapter the pools must grow for
+    # churn of ranks 2-16, then a rank-64 adapter the pools must grow for
     for i in range(41):
         rank = rng.choice([2, 4, 8, 16]) if i < 40 else 64
         slot = i % slots.num_slots
@@ -125,29 +132,3 @@ def test_rows_no_slot_owns_are_never_read():
         _check_resident(slots)
     assert _poison_unowned_rows(slots) > 0, "the churn must leave free rows to poison"
     _assert_batch_matches_merged(base, model, slots, seed=2, with_base=True)
-
-
-def test_packing_active_slots_makes_their_weights_one_view_each():
-    # The engine packs the slots a step uses to the front of their rank zones so the CPU
-    # path reads each rank group in place. Packing must keep every resident adapter's rows
-    # its own, and afterwards a decode batch of the active slots must plan one view per rank.
-    from lorafold.kernels.meta import build_lora_meta
-
-    base, model, slots = _wrapped_tiny_llama(num_slots=8, rows=256)
-    specs = slots.base_modules()
-    ranks = [4, 8, 4, 8, 4, 8, 4, 8]  # two classes, each within one zone
-    for slot, r in enumerate(ranks):
-        slots.fill(slot, _uneven_adapter(specs, r, seed=slot))
-    rng = random.Random(4)
-    moved = 0
-    for trial in range(8):
-        active = set(rng.sample(range(8), rng.randint(1, 7)))
-        moved += slots.pack_active(active)
-        assert slots.pack_active(active) == 0
-        _check_resident(slots)
-        batch = [sorted(active)[i] for i in slots.batch_order(sorted(active))]
-        meta = build_lora_meta(torch.tensor(batch), slots.row_start, slots.slot_alloc)
-        assert len(meta.groups) == len({ranks[s] for s in active})
-        assert all(g.row_first >= 0 and g.full for g in meta.groups), "a packed decode batch must be all views"
-        _assert_batch_matches_merged(base, model, slots, seed=trial, batch_slots=batch)
-    assert moved > 0, "the random active sets must make packing move rows"

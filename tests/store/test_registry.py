@@ -3,7 +3,6 @@ into the file store once, and weights fetched from the store are checked before 
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 
@@ -12,7 +11,7 @@ import torch
 
 from lorafold.server.api.registry import AdapterRegistry
 from lorafold.server.lora.peft_format import load_adapter
-from lorafold.server.lora.wrap import wrap_linears
+from lorafold.server.models.loader import module_specs
 from lorafold.server.store import StoreIntegrityError, open_store
 from tests.conftest import build_tiny_llama, make_peft_adapter
 
@@ -20,7 +19,7 @@ from tests.conftest import build_tiny_llama, make_peft_adapter
 @pytest.fixture()
 def setup(tmp_path):
     model = build_tiny_llama()
-    specs = wrap_linears(copy.deepcopy(model), num_slots=1).base_modules()
+    specs = module_specs(model)
     folder = make_peft_adapter(model, tmp_path / "root" / "old", r=4, seed=3, targets=["q_proj", "v_proj"])
     return specs, folder, tmp_path
 

@@ -13,7 +13,6 @@ starts from the catalogue the previous ones left, so run the file, not a single 
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ STORE = "s3://adapters/cluster"
 @pytest.fixture(scope="module")
 def cluster(s3_server, tmp_path_factory):
     from lorafold.server.lora.peft_format import load_adapter
-    from lorafold.server.lora.wrap import wrap_linears
+    from lorafold.server.models.loader import module_specs
     from lorafold.server.models.loader import load_base_model
 
     tmp = tmp_path_factory.mktemp("cluster")
@@ -45,7 +44,7 @@ def cluster(s3_server, tmp_path_factory):
                                        targets=["q_proj", "v_proj", "up_proj", "down_proj"])
                for name, r, seed in (("alpha", 4, 1), ("beta1", 8, 2), ("beta2", 8, 3), ("gamma", 4, 4), ("delta", 2, 5))}
     replicas = [start_replica(model_dir, root, tmp / f"r{i}", STORE, s3_server.env(), REFRESH) for i in range(3)]
-    specs = wrap_linears(copy.deepcopy(base.model), num_slots=1).base_modules()
+    specs = module_specs(base.model)
     state = {"s3": s3_server, "tmp": tmp, "model_dir": model_dir, "root": root, "base": base, "specs": specs,
              "folders": folders, "replicas": [wait_ready(r) for r in replicas], "load": load_adapter}
     try:

@@ -24,10 +24,10 @@ Design choices:
   parameter with per-subject views would instead give absent subjects zero gradients,
   which AdamW would still decay and move by its momentum.
 - The per-row path is the server's: ``kernels.ops.shrink`` / ``expand`` with
-  ``build_lora_meta`` (the torch gather-matmul path, differentiable).
+  ``build_lora_meta`` (under autograd they run the differentiable reference).
 - Per-forward routing travels in a context variable set by :func:`subject_batch` (reset
-  even when the forward raises), like the server's ``lora_batch``: a transformers forward
-  cannot carry extra arguments down to its linears. A layer may see ``N = B · k`` rows (e.g.
+  even when the forward raises): a transformers forward cannot carry extra arguments down
+  to its linears. A layer may see ``N = B · k`` rows (e.g.
   ``k`` tokens per sequence); each sample's subject is repeated over its ``k`` rows.
 """
 
@@ -78,8 +78,7 @@ class SubjectBatch:
         key = (num_rows, rank, str(device))
         if key not in self._metas:
             slots = self._slot_of[self.sample_subjects].repeat_interleave(num_rows // self.num_samples)
-            # the chunk plan is what makes the ops differentiable (also on GPU)
-            self._metas[key] = build_lora_meta(slots.to(device), row_start, alloc, with_cpu_plan=True)
+            self._metas[key] = build_lora_meta(slots.to(device), row_start, alloc)
         return self._metas[key], row_start, alloc.to(torch.int32)[None]
 
 
