@@ -26,6 +26,7 @@ from benchmarks._common import machine_rates, write_json
 from benchmarks.bench_engine import make_requests, random_adapter
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.engine import LLMEngine
+from lorafold.server.engine.host_memory import keep_freed_memory
 from lorafold.server.engine.sampling_params import SamplingParams
 from lorafold.server.models.loader import load_base_model
 
@@ -62,6 +63,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/decode_step.json")
     args = parser.parse_args()
+    keep_freed_memory()  # as `lorafold serve` does at start (process-wide malloc settings)
     torch.manual_seed(0)
     rates = machine_rates()
     bm = load_base_model()

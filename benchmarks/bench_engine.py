@@ -38,6 +38,7 @@ import torch
 from benchmarks._common import machine_rates, percentile, write_json
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.engine import LLMEngine
+from lorafold.server.engine.host_memory import keep_freed_memory
 from lorafold.server.engine.sampling_params import SamplingParams
 from lorafold.server.lora.peft_format import LoRAAdapter, ModuleLoRA
 from lorafold.server.models.loader import load_base_model
@@ -174,6 +175,7 @@ def main() -> int:
     parser.add_argument("--scenarios", default="a,b,c,d,e,f")
     parser.add_argument("--out", default="benchmarks/results/engine.json")
     args = parser.parse_args()
+    keep_freed_memory()  # as `lorafold serve` does at start (process-wide malloc settings)
     torch.manual_seed(0)
     rates = machine_rates()
     bm = load_base_model()

@@ -23,6 +23,8 @@ import httpx
 
 from benchmarks._common import percentile, write_json
 from lorafold.server.api.settings import ServerSettings
+from lorafold.server.engine.config import EngineConfig
+from lorafold.server.engine.host_memory import keep_freed_memory
 from lorafold.server.models.loader import LLAMA_TARGETS, load_base_model
 from tests.conftest import make_peft_adapter
 from tests.server.live import live_server
@@ -108,14 +110,16 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--out", default="benchmarks/results/http.json")
     args = parser.parse_args()
+    keep_freed_memory()  # as `lorafold serve` does at start (process-wide malloc settings)
     bm = load_base_model()
     root = Path(tempfile.mkdtemp(prefix="lorafold-http-"))
     names = [f"ad{i}" for i in range(args.adapters)]
     for i, name in enumerate(names):
         make_peft_adapter(bm.model, root / "adapters" / name, r=16, alpha=32, seed=i, targets=LLAMA_TARGETS, strength=0.3)
     settings = ServerSettings(adapter_root=root / "adapters", state_dir=root / "state", api_keys=("user",),
-                              admin_key="admin", max_loras=min(16, args.adapters), max_num_seqs=32,
-                              max_model_len=512, kv_blocks=512, max_queue=512)
+                              admin_key="admin", measure_kv_blocks=False,
+                              engine=EngineConfig(max_loras=min(16, args.adapters), max_num_seqs=32, max_model_len=512,
+                                                  num_kv_blocks=512, max_queue=512))
     with live_server(settings, bm) as url:
         reg = asyncio.run(register_then_request(url, names[:4]))
         for name in names[4:]:

@@ -40,6 +40,7 @@ import torch
 from benchmarks._common import percentile, write_json
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.engine import LLMEngine
+from lorafold.server.engine.host_memory import keep_freed_memory
 from lorafold.server.engine.sampling_params import SamplingParams
 from lorafold.server.lora.peft_format import LoRAAdapter, ModuleLoRA
 from lorafold.server.lora.slots import AdapterSlots
@@ -161,6 +162,7 @@ def main() -> int:
                         "machine's drift then hits every scenario alike)")
     parser.add_argument("--out", default="benchmarks/results/many_adapters.json")
     args = parser.parse_args()
+    keep_freed_memory()  # as `lorafold serve` does at start (process-wide malloc settings)
     if args.threads:
         torch.set_num_threads(args.threads)
     bm = load_base_model()

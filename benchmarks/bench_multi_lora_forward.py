@@ -4,8 +4,9 @@
 
 Shapes: decode-shaped (64 sequences x 1 token) and prefill-shaped (8 x 128 tokens), rank-16
 adapters on all seven projections, N distinct adapters in the batch (tokens spread evenly).
-All three run the same transformers forward; ours swaps the target linears for
-`MultiLoRALinear` (base weights shared), PEFT uses `adapter_names=[...]`.
+Ours is the serving decoder (`LeanLlama`: fused q/k/v and gate/up, paged KV cache, the LoRA
+backend serving picks: the compiled kernel for fp32 on the CPU); the base and PEFT run the
+transformers forward, PEFT with `adapter_names=[...]`.
 
 Next to each measurement: the roofline bound of that forward, max(bytes read / measured
 read bandwidth, FLOPs / measured matmul rate), with bytes = base weights + the distinct
@@ -37,11 +38,10 @@ import torch
 from benchmarks._common import machine_rates as measure_rates
 from benchmarks._common import interleaved_medians, timeit
 from lorafold.server.engine.attention import build_attention_metadata
+from lorafold.server.engine.host_memory import keep_freed_memory
 from lorafold.server.engine.llama import LeanLlama
-from lorafold.server.lora.context import lora_batch
 from lorafold.server.lora.peft_format import load_adapter
-from lorafold.server.lora.wrap import wrap_linears
-from lorafold.server.models.loader import LLAMA_TARGETS, load_base_model
+from lorafold.server.models.loader import LLAMA_TARGETS, load_base_model, module_specs
 from tests.conftest import make_peft_adapter
 
 
@@ -113,14 +113,9 @@ def base_bytes_flops(model, tokens: int) -> tuple[int, int]:
     return linear_params * 4, 2 * tokens * linear_params
 
 
-def _run_wrapped(model, slots, token_slots: torch.Tensor, ids: torch.Tensor) -> None:  # noqa: ANN001
-    with lora_batch(slots.meta(token_slots)):
-        model(ids)
-
-
 def _run_lean(lean: LeanLlama, token_slots: torch.Tensor, inputs: tuple) -> None:
-    with lora_batch(lean.slots.meta(token_slots)):
-        lean(*inputs)
+    ids, positions, caches, attn, _ = inputs
+    lean(ids, positions, caches, attn, lean.slots.meta(token_slots))  # metadata built per forward, as served
 
 
 def main() -> int:
@@ -133,6 +128,7 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=128,
                         help="also time one decode step over this many cached tokens per sequence (0: skip)")
     args = parser.parse_args()
+    keep_freed_memory()  # as `lorafold serve` does at start (process-wide malloc settings)
     torch.manual_seed(0)
     bw, rate = machine_rates()
     base = load_base_model().model
@@ -140,11 +136,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="lorafold-bench-"))
     paths = make_adapters(base, max_n, args.rank, tmp)
 
-    ours = copy.deepcopy(base)
-    slots = wrap_linears(ours, num_slots=max_n, rows=max_n * args.rank)
-    adapters = [load_adapter(p, slots.base_modules()) for p in paths]
-    for i, ad in enumerate(adapters):
-        slots.fill(i, ad)
+    adapters = [load_adapter(p, module_specs(base)) for p in paths]
     adapter_bytes = sum(m.lora_a.numel() + m.lora_b.numel() for m in adapters[0].modules.values()) * 4
 
     # The serving path: the lean decoder with fused q/k/v and gate/up slices over a paged KV cache.
@@ -175,19 +167,10 @@ def main() -> int:
         bounds = {0: max(wbytes / bw, wflops / rate)}
         peft_names: dict[int, list[str]] = {}
         for n in args.adapters:
-            # Sequences ordered by adapter, as the engine's model runner orders every step
-            # (`AdapterSlots.batch_order`); the same ordered batch is given to PEFT. The
-            # "lean unordered" row shows the round-robin batch (gather/scatter fallback).
-            # The LoRA metadata is built inside every timed forward, as the engine does.
-            round_robin = torch.arange(batch) % n
-            per_row = round_robin[torch.tensor(lean.slots.batch_order(round_robin.tolist()))]
-            token_slots = per_row.repeat_interleave(seq)
-            unordered_slots = round_robin.repeat_interleave(seq)
+            # sequences round-robin over the adapters (the kernels read any order)
+            per_row = torch.arange(batch) % n
             bounds[n] = max((wbytes + n * adapter_bytes) / bw, wflops / rate)
-            jobs[("lorafold", n)] = partial(_run_wrapped, ours, slots, token_slots, ids)
-            jobs[("lean", n)] = partial(_run_lean, lean, token_slots, lean_inputs)
-            if n > 1:
-                jobs[("lean unordered", n)] = partial(_run_lean, lean, unordered_slots, lean_inputs)
+            jobs[("lean", n)] = partial(_run_lean, lean, per_row.repeat_interleave(seq), lean_inputs)
             peft_names[n] = [f"a{int(s)}" for s in per_row]
         with torch.no_grad():
             medians = interleaved_medians(jobs, args.reps)
@@ -211,7 +194,7 @@ def main() -> int:
     speedups = {}
     for r in rows:
         if r["method"] == "peft":
-            mine = min((x for x in rows if x["method"] in ("lorafold", "lean") and x["shape"] == r["shape"]
+            mine = min((x for x in rows if x["method"] == "lean" and x["shape"] == r["shape"]
                         and x["adapters"] == r["adapters"]), key=lambda x: x["seconds"])
             speedups[f"{r['shape']} / {r['adapters']} adapters"] = r["seconds"] / mine["seconds"]
     print(f"machine: read bandwidth {bw / 1e9:.1f} GB/s, fp32 matmul {rate / 1e9:.0f} GFLOP/s, "

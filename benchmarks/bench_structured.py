@@ -23,6 +23,7 @@ from benchmarks._common import write_json
 from lorafold.server.engine import structured
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.engine import LLMEngine
+from lorafold.server.engine.host_memory import keep_freed_memory
 from lorafold.server.engine.sampling_params import GrammarSpec, SamplingParams
 from lorafold.server.models.loader import load_base_model
 
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/structured.json")
     args = parser.parse_args()
+    keep_freed_memory()  # as `lorafold serve` does at start (process-wide malloc settings)
     base = load_base_model()
     # one engine for every run: both modes see the same weights, caches and allocator state
     engine = LLMEngine(base.model, base.tokenizer, EngineConfig(

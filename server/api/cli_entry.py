@@ -8,6 +8,7 @@ import os
 
 from lorafold.server.api.settings import ServerSettings
 from lorafold.server.engine.config import EngineConfig
+from lorafold.server.engine.host_memory import keep_freed_memory
 from lorafold.server.store import StoreError, open_store
 from lorafold.server.store.base import wait_until_reachable
 
@@ -78,6 +79,7 @@ def serve_main(args: argparse.Namespace) -> int:
         else:
             logger.warning("no API key or admin key configured: serving on %s only", host)
     settings.adapter_root.mkdir(parents=True, exist_ok=True)
+    keep_freed_memory()  # process-wide, once: the step's temporaries stay mapped (host_memory)
     # A bounded drain on SIGTERM: open requests get GRACEFUL_SHUTDOWN_S to finish, then the
     # process exits whatever they do (a stuck client or engine must not keep a pod alive).
     uvicorn.run(create_app(settings), host=host, port=settings.port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,

@@ -6,7 +6,7 @@ each sequence then attends over its whole context, read back through its block t
 Decode tokens (one query each) run the compiled paged-attention kernel where it is built
 (`kernels.cpu_ops`, float32 CPU): it reads each sequence's K/V rows straight from their
 blocks, once. Elsewhere, and for prefill chunks, contexts are read back a whole block at a
-time (one `index_select` row = block_size tokens x all KV heads, measured ~2x cheaper than
+time (one `index_select` row = block_size tokens x all KV heads: fewer, larger copies than
 gathering token by token); decode sequences are then batched into one SDPA call (padded to
 the longest context in blocks and masked), and prefill chunks run one SDPA call each (a
 handful per step). That is the "sdpa" backend; the "flex" backend (the GPU path,
@@ -129,8 +129,8 @@ def _decode_attention(
     """One query token per decode sequence, q [B, H, D] -> [B, H, D], over its cached context.
 
     The query heads sharing a KV head attend as one group of queries ([B, Hkv, H/Hkv, D]
-    against [B, Hkv, L, D]), the layout of transformers' `repeat_kv` without its copy;
-    measured ~20% faster than SDPA's enable_gqa on short contexts. The compiled kernel, where
+    against [B, Hkv, L, D]), the layout of transformers' `repeat_kv` without its copy
+    (faster than SDPA's enable_gqa on short contexts). The compiled kernel, where
     it takes the tensors, reads the blocks in place instead."""
     bs = meta.block_size
     if not q.is_contiguous():

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flex")
-LORA_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cpp")  # as kernels.ops.force_backend
+LORA_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cpp")  # as kernels.ops.choose_backend
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -34,9 +34,10 @@ class EngineConfig:
         compiled paged-decode kernel where built: float32 CPU); "flex" runs FlexAttention
         with a block mask over the paged cache (the GPU path; eager, and so testable, on the
         CPU); "auto": flex on CUDA, sdpa elsewhere. Chosen once, at start.
-    lora_backend: the multi-LoRA ops' backend for every forward (`kernels.ops.force_backend`):
-        "auto" (Triton on CUDA, the compiled kernel or torch on the CPU), "torch", "triton"
-        (on the CPU only under TRITON_INTERPRET=1: how CI runs the GPU path), "cpp".
+    lora_backend: the multi-LoRA ops' implementation, resolved once when the model is built
+        (`kernels.ops.choose_backend`): "auto" (Triton on CUDA; on the CPU the compiled kernel
+        for float32, else the torch reference), "torch" (the reference), "triton" (on the CPU
+        only under TRITON_INTERPRET=1: how CI runs the GPU path), "cpp".
     decode_graphs: pure decode steps on preallocated buffers, one forward per batch-size
         bucket (`server.engine.decode_graphs`): "auto" captures them as CUDA graphs on the GPU
         path (flex + Triton on CUDA), "capture" likewise, "eager" runs the buffers without

@@ -4,11 +4,13 @@ Every CPU forward allocates and frees the same large temporaries (the paged-KV g
 LoRA weight gathers, matmul outputs: 1-30 MB each, ~100 per decode step). glibc's malloc
 hands the top of its heap back to the kernel whenever more than M_TRIM_THRESHOLD is free
 and serves blocks over M_MMAP_THRESHOLD from fresh mmaps, so each step re-faults those
-pages in, 4 KiB at a time. Measured on SmolLM2 (2 cores, 64-sequence decode step with 64
-resident rank-16 adapters): the KV gather, a 14 MB `index_select`, took 5.5 ms per call
-instead of 0.7 ms, and the step 0.8 s instead of 0.4 s. A server holds its peak working set
-anyway (as PyTorch's CUDA caching allocator does on a GPU), so we trim only past 2 GiB and
-keep blocks up to glibc's largest mmap threshold on the heap.
+pages in, 4 KiB at a time, which can cost as much as the step's compute. A server holds its
+peak working set anyway (as PyTorch's CUDA caching allocator does on a GPU), so we trim only
+past 2 GiB and keep blocks up to glibc's largest mmap threshold on the heap.
+
+A process-wide setting: `lorafold serve` applies it once at start (and the benchmarks of the
+serving path do, to measure what the server runs); a library user who builds an engine in
+their own process decides for their process.
 
 Elsewhere (musl, macOS, Windows) this is a no-op.
 """

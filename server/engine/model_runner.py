@@ -20,7 +20,6 @@ from lorafold.server.engine.block_manager import slot_mapping
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.decode_graphs import DecodeGraphs
 from lorafold.server.engine.flex_paged import check_block_size
-from lorafold.server.engine.host_memory import keep_freed_memory
 from lorafold.server.engine.llama import LeanLlama
 from lorafold.server.engine.scheduler import ScheduledChunk
 from lorafold.server.lora.peft_format import LoRAAdapter, ModuleSpec
@@ -97,9 +96,8 @@ class ModelRunner:
         if self.attention_backend == "flex" and self.device.type == "cuda":
             check_block_size(config.block_size)
         if self.device.type == "cpu":
-            keep_freed_memory()  # no page faults on every step's temporaries (see host_memory)
-            # build (first run on this machine, ~15 s) or load the compiled CPU kernels now,
-            # not inside the first request's step
+            # build (first run on this machine) or load the compiled CPU kernels now, not
+            # inside the first request's step
             cpu_ext.available()
         # Adapter memory: a byte budget in rank rows, filled by as many adapters as fit
         # (AdapterSlotTable keeps the resident rows within it, the pools never grow past it).
