@@ -10,6 +10,7 @@ no slot owns are never read). Base weights are never touched and the model is ne
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -66,6 +67,11 @@ class AdapterSlots:
         for layer in self.layers:
             layer.row_start = self.row_start  # one shared tensor: moves update every layer at once
         self.occupant: list[LoRAAdapter | None] = [None] * num_slots
+        # On CUDA, adapter copies run on a side stream from page-locked staging blocks, so a
+        # load overlaps the GPU work queued before it (the previous step's forward); the next
+        # forward that reads the pools waits for them (`wait_copies`), not the host.
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._pending: list[torch.cuda.Event] = []
 
     @property
     def row_bytes(self) -> int:
@@ -104,10 +110,21 @@ class AdapterSlots:
         return start
 
     def _apply_moves(self, moves: list[Move]) -> None:
+        self.wait_copies()  # the moves read rows a pending copy may still be writing
         for layer in self.layers:
             layer.relayout_rows(self.allocator.capacity, moves)
         for move in moves:
             self.row_start[move.owner] = move.dst
+        if self._copy_stream is not None:  # later copies write the re-laid-out pools
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.row_start.device))
+
+    def wait_copies(self) -> None:
+        """Make the current stream wait for the adapter copies issued so far (CUDA; a no-op
+        elsewhere, where copies are synchronous). Called before any forward reads the pools."""
+        stream = torch.cuda.current_stream(self.row_start.device) if self._pending else None
+        for event in self._pending:
+            stream.wait_event(event)
+        self._pending.clear()
 
     @torch.no_grad()
     def stage(self, adapter: LoRAAdapter) -> StagedAdapter:
@@ -133,13 +150,27 @@ class AdapterSlots:
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
         direct = not isinstance(adapter, StagedAdapter) and self.layers[0].a_pool.device.type == "cpu"
-        staged = adapter if isinstance(adapter, StagedAdapter) or direct else self.stage(adapter)
+        staged = None if direct else adapter if isinstance(adapter, StagedAdapter) else self.stage(adapter)
         mods = self._modules_by_layer(adapter) if direct else None  # validates before the slot changes
         self.clear(slot)
         rows = adapter.max_rank if direct else staged.rows
         start = self._reserve(slot, rows)
         self.row_start[slot] = start
         self.slot_alloc[slot] = rows
+        side = self._copy_stream
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            self._write_rows(slot, start, rows, staged, mods)
+        if side is not None:
+            event = torch.cuda.Event()
+            event.record(side)
+            self._pending.append(event)
+        self.occupant[slot] = adapter if direct else staged.adapter
+
+    def _write_rows(self, slot: int, start: int, rows: int, staged: StagedAdapter | None,
+                    mods: list[tuple[MultiLoRALinear, dict[int, ModuleLoRA]]] | None) -> None:
+        """Every row of the slot's range in every layer: laid out from the factors (`mods`,
+        CPU) or copied from `staged`'s blocks, zeros where a layer is not adapted."""
+        direct = mods is not None
         for i, layer in enumerate(self.layers):
             a_dst, b_dst = layer.a_pool[:, start : start + rows], layer.b_pool[start : start + rows]
             block = None if direct else staged.blocks[i]
@@ -154,7 +185,6 @@ class AdapterSlots:
                 a_dst.zero_()
                 b_dst.zero_()
                 layer.ranks[:, slot] = 0
-        self.occupant[slot] = adapter if direct else staged.adapter
 
     def _modules_by_layer(self, adapter: LoRAAdapter) -> list[tuple[MultiLoRALinear, dict[int, ModuleLoRA]]]:
         """Each layer with the adapter's modules on it, by slice (empty: none)."""
@@ -182,6 +212,7 @@ class AdapterSlots:
         for s in torch.unique(slots).tolist():
             if s >= 0 and (s >= self.num_slots or self.occupant[s] is None):
                 raise ValueError(f"slot {s} holds no adapter")
+        self.wait_copies()
         return build_lora_meta(slots, self.row_start, self.slot_alloc, backend=self.backend)
 
     @property
