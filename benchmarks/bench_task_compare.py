@@ -89,8 +89,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     a("--max-length", type=int, default=64)
     a("--threads", type=int, default=1, help="torch intra-op threads (1: the machine is shared)")
     a("--out", default=str(RESULTS / "task_compare.json"))
-    a("--resume", help="an earlier JSON of this benchmark with the same settings: its runs are reused, "
-                       "only missing (method, lr, seed) runs are trained")
+    a("--resume", nargs="+", default=[], metavar="JSON",
+      help="earlier JSONs of this benchmark with the same settings: their runs are reused, "
+           "only missing (task, method, lr, seed) runs are trained")
     args = p.parse_args(argv)
     unknown = [m for m in args.methods.split(",") if m not in GRIDS]
     if unknown:
@@ -338,13 +339,17 @@ _RUN_SETTINGS = ("steps", "eval_every", "train_rows", "test_samples", "top_layer
 
 
 def _resumable(args: argparse.Namespace) -> dict[tuple[str, str, float, int], dict]:
-    """The runs of `args.resume` by (task, method, lr, seed); SystemExit when its settings differ."""
-    old = json.loads(Path(args.resume).read_text())
-    differ = [k for k in _RUN_SETTINGS if old["config"].get(k) != getattr(args, k)]
-    if differ:
-        raise SystemExit(f"--resume {args.resume}: its runs used other settings ({', '.join(differ)}); "
-                         "rerun them or match the settings")
-    return {(r["task"], r["method"], r["lr"], r["seed"]): r for r in old["runs"]}
+    """The runs of the `args.resume` files by (task, method, lr, seed); SystemExit when one's
+    settings differ from this invocation's."""
+    runs = {}
+    for path in args.resume:
+        old = json.loads(Path(path).read_text())
+        differ = [k for k in _RUN_SETTINGS if old["config"].get(k) != getattr(args, k)]
+        if differ:
+            raise SystemExit(f"--resume {path}: its runs used other settings ({', '.join(differ)}); "
+                             "rerun them or match the settings")
+        runs.update({(r["task"], r["method"], r["lr"], r["seed"]): r for r in old["runs"]})
+    return runs
 
 
 def _write(out: Path, command: str, args: argparse.Namespace, runs: list[dict], chosen: dict, t_start: float) -> list[dict]:
