@@ -63,7 +63,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # 40 steps the Adam types prefer rates near 1e-2, well above the 2e-4 of `lorafold train`).
 ADAM_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 SGD_GRID = (3e-2, 1e-1, 3e-1, 1.0)
-GRIDS = {"adamw": ADAM_GRID, "scaled_adamw": ADAM_GRID, "reflora": ADAM_GRID, "loraplus": ADAM_GRID,
+GRIDS = {"adamw": ADAM_GRID, "scaled_adamw": ADAM_GRID, "reflora": ADAM_GRID, "reflora_s": ADAM_GRID,
+         "loraplus": ADAM_GRID,
          "lora_pro": ADAM_GRID, "adaprelora": ADAM_GRID, "lora_rite": ADAM_GRID, "geolora": ADAM_GRID,
          "geo_adam": ADAM_GRID, "sgd": SGD_GRID, "scaled_gd": SGD_GRID, "lora_pro_sgd": SGD_GRID,
          "dlrt": SGD_GRID, "geo_heavy_ball": SGD_GRID}
