@@ -23,7 +23,7 @@ import time
 import torch
 
 from benchmarks._common import machine_rates, write_json
-from benchmarks.bench_engine import make_requests, random_adapter
+from benchmarks.bench_engine import ENGINE_CONFIG, make_requests, random_adapter
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.engine import LLMEngine
 from lorafold.server.engine.host_memory import keep_freed_memory
@@ -33,19 +33,10 @@ from lorafold.server.models.loader import load_base_model
 LABELS = {"a": "all on the base", "c": "64 distinct rank-16 adapters", "d": "64 adapters, ranks 8-128"}
 
 
-# A fixed adapter budget, room for all 64 adapters of every scenario (ranks 8-128: ~4 GB),
-# so the results do not depend on how much RAM happens to be free (the default budget is a
-# fraction of it).
-ADAPTER_BUDGET = 6 * 2**30
-
-
 def decode_step_seconds(base, tokenizer, adapters, steps: int) -> list[float]:  # noqa: ANN001
     """Fresh engine, the 64 requests (request i on adapters[i % 64], or the base), prefill,
     then `steps` timed full-batch decode steps."""
-    cfg = EngineConfig(block_size=16, num_kv_blocks=2304, max_num_seqs=64, max_num_batched_tokens=512,
-                       max_prefill_chunk=256, max_model_len=1024, max_loras=64, max_queue=1024,
-                       adapter_budget_bytes=ADAPTER_BUDGET)
-    engine = LLMEngine(base, tokenizer, cfg)
+    engine = LLMEngine(base, tokenizer, ENGINE_CONFIG)
     requests = make_requests(64, base.config.vocab_size, seed=0)
     for i, (prompt, _) in enumerate(requests):
         adapter = adapters[i % len(adapters)] if adapters else None

@@ -44,10 +44,12 @@ from lorafold.server.lora.peft_format import LoRAAdapter, ModuleLoRA
 from lorafold.server.models.loader import load_base_model
 
 
-# A fixed adapter budget, room for all 64 adapters of every scenario (ranks 8-128: ~4 GB),
-# so the results do not depend on how much RAM happens to be free (the default budget is a
-# fraction of it).
-ADAPTER_BUDGET = 6 * 2**30
+# The engine of every scenario (and of `bench_decode_step`), with a fixed adapter budget:
+# room for all 64 adapters of every scenario (ranks 8-128: ~4 GB), so the results do not
+# depend on how much RAM happens to be free (the default budget is a fraction of it).
+ENGINE_CONFIG = EngineConfig(block_size=16, num_kv_blocks=2304, max_num_seqs=64, max_num_batched_tokens=512,
+                             max_prefill_chunk=256, max_model_len=1024, max_loras=64, max_queue=1024,
+                             adapter_budget_bytes=6 * 2**30)
 
 
 def random_adapter(specs, r: int, seed: int) -> LoRAAdapter:  # noqa: ANN001
@@ -188,10 +190,7 @@ def main() -> int:
     base = bm.model
     vocab = base.config.vocab_size
     requests = make_requests(args.requests, vocab, seed=0)
-    cfg = EngineConfig(block_size=16, num_kv_blocks=2304, max_num_seqs=64, max_num_batched_tokens=512,
-                       max_prefill_chunk=256, max_model_len=1024, max_loras=64, max_queue=1024,
-                       adapter_budget_bytes=ADAPTER_BUDGET)
-    engine = LLMEngine(copy.deepcopy(base), bm.tokenizer, cfg)
+    engine = LLMEngine(copy.deepcopy(base), bm.tokenizer, ENGINE_CONFIG)
     specs = engine.runner.base_modules()
     base_params = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear))
     kv_per_token = 2 * base.config.num_hidden_layers * base.config.num_key_value_heads * (base.config.hidden_size // base.config.num_attention_heads) * 4

@@ -42,7 +42,7 @@ from lorafold.server.engine.host_memory import keep_freed_memory
 from lorafold.server.engine.llama import LeanLlama
 from lorafold.server.lora.peft_format import load_adapter
 from lorafold.server.models.loader import LLAMA_TARGETS, load_base_model, module_specs
-from tests.conftest import make_peft_adapter
+from tests.conftest import lean_prefill_inputs, make_peft_adapter
 
 
 def machine_rates() -> tuple[float, float]:
@@ -55,24 +55,6 @@ def make_adapters(base, n: int, rank: int, folder: Path) -> list[Path]:  # noqa:
     """n random rank-`rank` PEFT adapters on all seven projections, saved by PEFT itself."""
     return [make_peft_adapter(base, folder / f"a{i}", r=rank, alpha=2 * rank, seed=i, targets=LLAMA_TARGETS,
                               strength=0.05) for i in range(n)]
-
-
-def lean_batch(lean: LeanLlama, ids: torch.Tensor) -> tuple:
-    """Flat-batch inputs of the lean decoder for `ids` [batch, seq]: one sequence per row, its
-    tokens a prefill chunk (seq > 1) or a decode token (seq == 1), logits for every token."""
-    batch, seq = ids.shape
-    block = 16
-    per_seq = (seq + block - 1) // block
-    shape = (batch * per_seq * block, lean.num_kv_heads, lean.head_dim)
-    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in lean.layers]
-    seqs, slot_mapping = [], []
-    for b in range(batch):
-        table = list(range(b * per_seq, (b + 1) * per_seq))
-        seqs.append((b * seq, seq, seq, table))
-        slot_mapping += [table[p // block] * block + p % block for p in range(seq)]
-    meta = build_attention_metadata(slot_mapping, seqs, block, torch.device("cpu"))
-    positions = torch.arange(seq).repeat(batch)
-    return ids.reshape(-1), positions, caches, meta, None
 
 
 def decode_with_context_rows(base, lean: LeanLlama, batch: int, context: int, reps: int, bound: float) -> list[dict]:  # noqa: ANN001
@@ -114,8 +96,7 @@ def base_bytes_flops(model, tokens: int) -> tuple[int, int]:
 
 
 def _run_lean(lean: LeanLlama, token_slots: torch.Tensor, inputs: tuple) -> None:
-    ids, positions, caches, attn, _ = inputs
-    lean(ids, positions, caches, attn, lean.slots.meta(token_slots))  # metadata built per forward, as served
+    lean(*inputs, lean.slots.meta(token_slots))  # metadata built per forward, as served
 
 
 def main() -> int:
@@ -157,7 +138,7 @@ def main() -> int:
         ids = torch.randint(0, base.config.vocab_size, (batch, seq))
         tokens = batch * seq
         wbytes, wflops = base_bytes_flops(base, tokens)
-        lean_inputs = lean_batch(lean, ids)
+        lean_inputs = lean_prefill_inputs(lean, ids, block=16)
         # Every configuration of this shape is timed in the same interleaved rounds, so the
         # "x base" ratios compare runs taken side by side (see `interleaved_medians`).
         jobs: dict[tuple[str, int], Callable[[], None]] = {

@@ -1,7 +1,8 @@
 """Typed entry points of the compiled CPU kernels (`csrc/cpu_ops.cpp`, built by `cpu_ext`).
 
-Callers ask `usable(...)` first: the kernels take contiguous float32 CPU tensors only, and
-exist only where `cpu_ext` could build or load them; everything else keeps the torch path.
+Callers ask `available()` (or `usable(...)` for given tensors) first: the kernels take
+contiguous float32 CPU tensors only, and exist only where `cpu_ext` could build or load them;
+everything else keeps the torch path.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def usable(*tensors: torch.Tensor) -> bool:
     for t in tensors:  # `is_cpu` and `dtype` are plain attributes; `t.device` builds an object
         if not t.is_cpu or t.dtype != f32 or not t.is_contiguous():
             return False
-    return cpu_ext.available()
+    return available()
 
 
 def paged_decode_attention(

@@ -21,7 +21,7 @@ import torch
 
 from lorafold.kernels import cpu_ops
 from lorafold.kernels.meta import BACKENDS, LoRABatchMeta
-from lorafold.kernels.reference import lora_apply_ref, lora_expand_ref, lora_shrink_ref
+from lorafold.kernels.reference import lora_expand_ref, lora_shrink_ref
 
 
 def choose_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -152,14 +152,12 @@ def apply(
     meta: LoRABatchMeta,
     out: torch.Tensor,
 ) -> None:
-    """out[t, slice i cols] += (x[t] A_{i,s}ᵀ) B_{i,s} for every token t of slot s, in place."""
+    """out[t, slice i cols] += (x[t] A_{i,s}ᵀ) B_{i,s} for every token t of slot s, in place:
+    one call of the compiled CPU kernel, else `shrink` then `expand` (Triton or the reference)."""
     if not meta.has_lora:
         return
     if meta.backend == "cpp" and not _needs_grad(x, a_pool, b_pool, out):
         cpu_ops.lora_apply(x.contiguous(), a_pool, b_pool, row_start, ranks, meta.sorted_tokens, meta.seg_slots,
                            meta.seg_starts, slice_offsets, out)
         return
-    if meta.backend == "triton" and not _needs_grad(x, a_pool, b_pool, out):
-        expand(shrink(x, a_pool, row_start, ranks, meta), b_pool, row_start, ranks, slice_offsets, meta, out)
-        return
-    lora_apply_ref(x, a_pool, b_pool, list(slice_offsets), meta, out)
+    expand(shrink(x, a_pool, row_start, ranks, meta), b_pool, row_start, ranks, slice_offsets, meta, out)

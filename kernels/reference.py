@@ -78,15 +78,3 @@ def lora_expand_ref(
     # index_put_ with accumulate rather than index_add_: the same sum, without index_add_'s
     # parallel-region cost per call at the small row counts of decode steps on CPU
     out.index_put_((tokens,), torch.cat(parts).to(out.dtype), accumulate=True)
-
-
-def lora_apply_ref(
-    x: torch.Tensor,
-    a_pool: torch.Tensor,
-    b_pool: torch.Tensor,
-    slice_offsets: list[int],
-    meta: LoRABatchMeta,
-    out: torch.Tensor,
-) -> None:
-    """out[t, slice i] += (x[t] A_{i,s}ᵀ) B_{i,s}: the shrink, then the expand."""
-    lora_expand_ref(lora_shrink_ref(x, a_pool, meta), b_pool, slice_offsets, meta, out)

@@ -26,9 +26,8 @@ def cpu_path(request, monkeypatch) -> str:
 
     if request.param == "torch":
         # as on a machine without a compiler: the LoRA backend resolves to the reference and
-        # attention to its torch path
+        # attention (`cpu_ops.usable`) to its torch path
         monkeypatch.setattr(cpu_ops, "available", lambda: False)
-        monkeypatch.setattr(cpu_ops, "usable", lambda *tensors: False)
     else:
         require_cpu_kernels()
     return request.param
@@ -104,13 +103,13 @@ def random_adapter(specs, r: int, seed: int, *, std: float = 0.02, targets=None)
     return LoRAAdapter(modules=mods, config={"r": r}, content_hash=f"{seed:064d}", nbytes=0, source="random")
 
 
-def lean_logits(lean, ids: torch.Tensor, row_slots: list[int]) -> torch.Tensor:
-    """Logits [B, L, vocab] of `lean` (a LeanLlama, the serving decoder) prefilling the B
-    sequences of `ids` [B, L] in one flat batch, row b on adapter slot row_slots[b] (-1: base)."""
+def lean_prefill_inputs(lean, ids: torch.Tensor, block: int = 4) -> tuple:
+    """(token ids, positions, KV caches, attention metadata) for `lean` (a LeanLlama, the
+    serving decoder) to prefill the B sequences of `ids` [B, L] in one flat batch, each in
+    its own fresh blocks."""
     from lorafold.server.engine.attention import build_attention_metadata
 
     num_seqs, length = ids.shape
-    block = 4
     per_seq = -(-length // block)
     shape = (num_seqs * per_seq * block, lean.num_kv_heads, lean.head_dim)
     dtype = lean.lm_head.weight.dtype
@@ -119,8 +118,14 @@ def lean_logits(lean, ids: torch.Tensor, row_slots: list[int]) -> torch.Tensor:
     seqs = [(b * length, length, length, tables[b]) for b in range(num_seqs)]
     slots = [tables[b][p // block] * block + p % block for b in range(num_seqs) for p in range(length)]
     attn = build_attention_metadata(slots, seqs, block, ids.device, dtype=dtype)
+    return ids.reshape(-1), torch.arange(length).repeat(num_seqs), caches, attn
+
+
+def lean_logits(lean, ids: torch.Tensor, row_slots: list[int]) -> torch.Tensor:
+    """Logits [B, L, vocab] of `lean` prefilling the B sequences of `ids` [B, L] in one flat
+    batch, row b on adapter slot row_slots[b] (-1: base)."""
+    num_seqs, length = ids.shape
     token_slots = [s for s in row_slots for _ in range(length)]
     lora = lean.slots.meta(token_slots) if any(s >= 0 for s in row_slots) else None
-    positions = torch.arange(length).repeat(num_seqs)
     with torch.no_grad():
-        return lean(ids.reshape(-1), positions, caches, attn, lora).view(num_seqs, length, -1)
+        return lean(*lean_prefill_inputs(lean, ids), lora).view(num_seqs, length, -1)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Container
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -92,14 +92,14 @@ class AdapterSlotTable:
         """Could an adapter of `rows` rows ever be resident (with everything else evicted)?"""
         return self.capacity_rows is None or rows <= self.capacity_rows
 
-    def can_acquire(self, name: str, rows: int = 1, protected: Collection[str] = ()) -> bool:
+    def can_acquire(self, name: str, rows: int = 1, protected: Container[str] = ()) -> bool:
         """Would `acquire(name, rows, protected)` succeed now (resident, room, or evictable idle
         adapters not in `protected`)?"""
         return name in self._slot_of or self._victims(rows, protected) is not None
 
     # ---- changes -------------------------------------------------------------------------
 
-    def acquire(self, name: str, rows: int = 1, protected: Collection[str] = ()) -> tuple[int, bool]:
+    def acquire(self, name: str, rows: int = 1, protected: Container[str] = ()) -> tuple[int, bool]:
         """Pin a slot for one request of `name` (an adapter of `rows` rank rows); returns
         (slot, needs_load). Evicts idle adapters not in `protected`, least recently used first,
         when it needs a slot or rows."""
@@ -173,7 +173,7 @@ class AdapterSlotTable:
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _victims(self, rows: int, protected: Collection[str]) -> list[int] | None:
+    def _victims(self, rows: int, protected: Container[str]) -> list[int] | None:
         """Idle slots to evict (LRU first, none in `protected`) so that a slot is free and
         `rows` fit; [] when nothing must go, None when no choice works."""
         need_rows = 0 if self.capacity_rows is None else self.used_rows + rows - self.capacity_rows

@@ -80,10 +80,6 @@ class BlockManager:
             self._free.append(block)
         seq.block_table.clear()
 
-    def slot_mapping(self, seq: Sequence, start: int, count: int) -> list[int]:
-        """Flat cache slots of positions start .. start+count-1 of `seq`."""
-        return slot_mapping(seq, self.block_size, start, count)
-
     def check_invariants(self, live: Iterable[Sequence]) -> None:
         """Every block is either free or owned by exactly one live sequence, never both."""
         seen: dict[int, str] = {}

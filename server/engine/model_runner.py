@@ -118,8 +118,6 @@ class ModelRunner:
         )
         self.lora_backend = self.model.slots.backend
         self.model.slots.limit_rows(self.adapter_budget_rows)
-        if self.model.slots.row_bytes != row_bytes:
-            raise RuntimeError(f"LoRA pools hold {self.model.slots.row_bytes} bytes per row, expected {row_bytes}")
         logger.info("adapter memory budget: %.0f MiB = %d rank rows (%d rank-16 adapters of all targets), %d slots",
                     self.adapter_budget_bytes / 2**20, self.adapter_budget_rows, self.adapter_budget_rows // 16,
                     self.num_adapter_slots)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter, deque
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable
 
 from lorafold.server.engine.adapter_cache import AdapterSlotTable
 from lorafold.server.engine.block_manager import BlockManager
@@ -98,12 +98,6 @@ class _NeededByOthers:
 
     def __contains__(self, name: object) -> bool:
         return name != self.own and self.needed.get(name, 0) > 0
-
-    def __iter__(self) -> Iterator[str]:
-        return (name for name, n in self.needed.items() if n > 0 and name != self.own)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
 
 
 class Scheduler:

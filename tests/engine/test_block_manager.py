@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lorafold.server.engine.block_manager import BlockAccountingError, BlockManager
+from lorafold.server.engine.block_manager import BlockAccountingError, BlockManager, slot_mapping
 from lorafold.server.engine.sequence import Sequence
 
 
@@ -35,11 +35,11 @@ def test_slot_mapping_is_block_times_size_plus_offset() -> None:
     s = seq("s", 7)
     bm.allocate(s, 7)
     b0, b1 = s.block_table
-    assert bm.slot_mapping(s, 0, 7) == [b0 * 4 + i for i in range(4)] + [b1 * 4 + i for i in range(3)]
-    assert bm.slot_mapping(s, 5, 2) == [b1 * 4 + 1, b1 * 4 + 2]
-    assert bm.slot_mapping(s, 3, 0) == []
+    assert slot_mapping(s, bm.block_size, 0, 7) == [b0 * 4 + i for i in range(4)] + [b1 * 4 + i for i in range(3)]
+    assert slot_mapping(s, bm.block_size, 5, 2) == [b1 * 4 + 1, b1 * 4 + 2]
+    assert slot_mapping(s, bm.block_size, 3, 0) == []
     with pytest.raises(BlockAccountingError):
-        bm.slot_mapping(s, 6, 3)  # position 8 is beyond its two blocks
+        slot_mapping(s, bm.block_size, 6, 3)  # position 8 is beyond its two blocks
 
 
 def test_can_allocate_and_over_allocation() -> None:

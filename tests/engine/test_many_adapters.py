@@ -37,6 +37,8 @@ def test_more_adapters_than_fit_match_merged_references(cpu_path: str) -> None:
                        max_prefill_chunk=8, max_model_len=64, adapter_budget_bytes=budget)
     engine = LLMEngine(copy.deepcopy(hf), ByteTokenizer(), cfg)
     assert engine.runner.adapter_budget_rows == BUDGET_ROWS and cfg.max_loras is None
+    # the budget is sized from the model before the pools exist: it must price a row as they hold it
+    assert engine.runner.model.slots.row_bytes == adapter_row_bytes(hf)
     specs = engine.runner.base_modules()
     ranks = [4, 8, 4, 8, 8, 4, 8, 4]
     adapters = [random_adapter(specs, r, seed=40 + i, std=0.15, targets=("q_proj", "v_proj") if i % 3 == 2 else None)

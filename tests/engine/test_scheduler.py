@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 
 from lorafold.server.engine.adapter_cache import AdapterSlotTable
-from lorafold.server.engine.block_manager import BlockManager
+from lorafold.server.engine.block_manager import BlockManager, slot_mapping
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.sampling_params import SamplingParams
 from lorafold.server.engine.scheduler import QueueFullError, Scheduler, SchedulerOutput
@@ -49,11 +49,11 @@ class FakeModel:
         sampled = {}
         for c in out.chunks:
             rid = c.seq.request_id
-            for pos, slot, tok in zip(c.positions, self.bm.slot_mapping(c.seq, c.start, c.num_tokens), c.token_ids):
+            for pos, slot, tok in zip(c.positions, slot_mapping(c.seq, self.bm.block_size, c.start, c.num_tokens), c.token_ids):
                 self.cache[slot] = (rid, pos, tok)
             if c.sample:
                 end = c.start + c.num_tokens
-                entries = [self.cache[s] for s in self.bm.slot_mapping(c.seq, 0, end)]
+                entries = [self.cache[s] for s in slot_mapping(c.seq, self.bm.block_size, 0, end)]
                 assert all(e is not None and e[:2] == (rid, p) for p, e in enumerate(entries)), f"stale KV for {rid}"
                 context = [e[2] for e in entries]
                 assert context == c.seq.token_ids(0, end)
