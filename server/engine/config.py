@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flex")
-LORA_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cpp")  # as kernels.ops.choose_backend
+# "auto" + kernels.meta.BACKENDS, spelled out: this module stays torch-free (the scheduler imports it)
+LORA_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cpp")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

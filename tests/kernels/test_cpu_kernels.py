@@ -103,6 +103,10 @@ def test_backend_choice_is_made_once_and_checked() -> None:
         choose_backend("cpp", cpu, torch.bfloat16)
     with pytest.raises(ValueError, match="unknown LoRA backend"):
         choose_backend("cuda", cpu, torch.float32)
+    from lorafold.kernels.meta import BACKENDS
+    from lorafold.server.engine.config import LORA_BACKENDS
+
+    assert LORA_BACKENDS == ("auto", *BACKENDS), "the engine config's copy of the backend names drifted"
 
 
 # --- paged decode attention ------------------------------------------------------------------
