@@ -3,7 +3,9 @@ and the Triton LoRA kernels under TRITON_INTERPRET=1 (`lora_backend="triton"`), 
 C++ kernel, no oneDNN packing; and bfloat16 on both paths. On a tiny random Llama, against
 transformers' generate on merged-weight models: float32 token for token, bfloat16 by
 teacher-forced top-1 agreement with the fp32 reference (which scores the engine's own
-prefixes): >= 99 % counting bf16-level ties (see TIE), >= 95 % strict.
+prefixes). The bf16 test runs a trained tiny model with trained adapters (confident logits,
+as real ones are) and its reference is the same bf16 weights and bf16-exact adapters computed
+in fp32, so it measures the engine's bf16 arithmetic, not the rounding of the weights.
 
 Requests are staggered so steps mix prefill chunks (several per prompt) with decodes, adapters
 of ranks 4-32 (some q/v only) share batches with the base, and two slots force evictions."""
@@ -11,6 +13,8 @@ of ranks 4-32 (some q/v only) share batches with the base, and two slots force e
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 
 import pytest
 import torch
@@ -18,6 +22,8 @@ import torch
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.engine import LLMEngine
 from lorafold.server.engine.sampling_params import SamplingParams
+from lorafold.server.lora.peft_format import LoRAAdapter, ModuleLoRA
+from lorafold.server.models.loader import module_specs
 from tests.conftest import build_tiny_llama, merged_model, random_adapter
 from tests.engine.test_engine import ByteTokenizer, hf_greedy, run_to_completion
 
@@ -25,6 +31,7 @@ GPU_PATH = dict(attention_backend="flex", lora_backend="triton", prepack_weights
 CPU_PATH = dict(attention_backend="sdpa", lora_backend="auto")
 RANKS = (4, 8, 16, 32)
 MAX_TOKENS = 12
+BF16_TOKENS = 24  # 216 tokens scored: the 99 % bar allows two misses
 
 
 def _model(dtype: torch.dtype) -> torch.nn.Module:
@@ -39,56 +46,143 @@ def _engine(hf: torch.nn.Module, path: dict, **over) -> LLMEngine:
     return LLMEngine(copy.deepcopy(hf), ByteTokenizer(), EngineConfig(**cfg))
 
 
-def _workload(engine: LLMEngine) -> tuple[dict[int, list[tuple]], list[tuple[str, list[int], int | None]], list]:
-    specs = engine.runner.base_modules()
-    adapters = [random_adapter(specs, r, seed=40 + i, std=0.08, targets=None if i % 2 == 0 else ["q_proj", "v_proj"])
-                for i, r in enumerate(RANKS)]
+def _affine_batch(gen: torch.Generator, shift: int) -> torch.Tensor:
+    """16 sequences of 48 tokens that continue x -> 5x + shift mod 256 (48: every position the
+    workload's prompts and generations reach)."""
+    seq = [torch.randint(1, 256, (16, 1), generator=gen)]
+    for _ in range(47):
+        seq.append((seq[-1] * 5 + shift) % 256)
+    return torch.cat(seq, 1)
+
+
+def _fit(model: torch.nn.Module, params: list[torch.Tensor], shift: int, steps: int, lr: float) -> None:
+    opt = torch.optim.AdamW(params, lr=lr)
+    gen = torch.Generator().manual_seed(shift)
+    for _ in range(steps):
+        ids = _affine_batch(gen, shift)
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@functools.lru_cache(maxsize=1)
+def _confident_model() -> torch.nn.Module:
+    """The tiny Llama trained (fp32, ~8 s) to continue x -> 5x + 3 mod 256: peaked logits like
+    a trained model's, so a bf16 top-1 flip means an engine error rather than a coin toss. An
+    untrained random model has near-ties everywhere: transformers' own bf16 forward agrees
+    with its fp32 forward on only 97-98 % of this workload's tokens, and strong random
+    adapters erase a trained model's margins the same way."""
+    model = _model(torch.float32).train()
+    _fit(model, list(model.parameters()), shift=3, steps=300, lr=3e-3)
+    return model.eval().requires_grad_(False)
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_adapters() -> tuple:
+    """One LoRA per rank in RANKS on every projection (the partial-target mix is the fp32
+    test's: q/v-only adapters cannot learn this task, and their near-ties would be noise), each
+    trained on the confident model to continue x -> 5x + shift for its own shift: adapters
+    that move most top-1 tokens away from the base model's, with margins of their own. The
+    factors are rounded to bf16 values afterwards (see `_bf16_exact`)."""
+    base = _confident_model()
+    adapters = []
+    for i, r in enumerate(RANKS):
+        g = torch.Generator().manual_seed(60 + i)
+        factors = {path: ((torch.randn(r, spec.in_features, generator=g) / spec.in_features ** 0.5).requires_grad_(),
+                          torch.zeros(spec.out_features, r, requires_grad=True))
+                   for path, spec in module_specs(base).items()}
+        scale = 16.0 / r
+        hooks = [base.get_submodule(path).register_forward_hook(
+                     lambda _m, inp, out, a=a, b=b: out + scale * (inp[0] @ a.T) @ b.T)
+                 for path, (a, b) in factors.items()]
+        try:
+            _fit(base, [t for ab in factors.values() for t in ab], shift=40 + 30 * i, steps=200, lr=1e-2)
+        finally:
+            for h in hooks:
+                h.remove()
+        mods = {path: ModuleLoRA(lora_a=a.detach(), lora_b=b.detach(), scale=scale) for path, (a, b) in factors.items()}
+        adapters.append(_bf16_exact(LoRAAdapter(modules=mods, config={"r": r}, content_hash=f"{i:064d}", nbytes=0,
+                                                source="trained")))
+    return tuple(adapters)
+
+
+def _workload(engine: LLMEngine, adapters: tuple | None = None, max_tokens: int = MAX_TOKENS
+              ) -> tuple[dict[int, list[tuple]], list[tuple[str, list[int], int | None]], list]:
+    """Nine staggered greedy requests over `adapters` (default: random ones of RANKS, every
+    other one q/v only) and the base model."""
+    if adapters is None:
+        specs = engine.runner.base_modules()
+        adapters = tuple(random_adapter(specs, r, seed=40 + i, std=0.08,
+                                        targets=None if i % 2 == 0 else ["q_proj", "v_proj"])
+                         for i, r in enumerate(RANKS))
     gen = torch.Generator().manual_seed(5)
     arrivals: dict[int, list[tuple]] = {}
     setup = []
     for i in range(9):
         prompt = torch.randint(1, 256, (int(torch.randint(3, 20, (1,), generator=gen)),), generator=gen).tolist()
         a = None if i % 5 == 4 else i % len(RANKS)
-        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         arrivals.setdefault(i // 2 * 2, []).append(
             (f"r{i}", prompt, params, adapters[a] if a is not None else None, f"ad{a}" if a is not None else None))
         setup.append((f"r{i}", prompt, a))
     return arrivals, setup, adapters
 
 
-# A reference logit gap below this is a tie at bfloat16's resolution (its ulp is 1/64 at
-# logits of 2-4): transformers' own bf16 merged model, greedy, agrees with the fp32 reference
-# on only 105-106 of these 108 tokens, every miss a gap under 0.03.
-TIE = 0.05
+def _bf16_exact(adapter):
+    """The adapter with factors rounded to bf16 values: the engine's bf16 pools hold them
+    exactly (the folded scales 16/r are powers of two for these ranks), so the fp32 merged
+    reference and the engine serve the same adapter."""
+    mods = {p: dataclasses.replace(m, lora_a=m.lora_a.bfloat16().float(), lora_b=m.lora_b.bfloat16().float())
+            for p, m in adapter.modules.items()}
+    return dataclasses.replace(adapter, modules=mods)
 
 
-def _teacher_forced_agreement(engine: LLMEngine, hf32: torch.nn.Module) -> tuple[float, float, int]:
-    """(top-1 agreement, agreement counting reference ties as agreeing, tokens scored)."""
-    arrivals, setup, adapters = _workload(engine)
+# A reference top-1/top-2 logit gap below this is a tie at bfloat16's resolution: the trained
+# models' logits reach 15-25, where a bf16 ulp is 1/8 to 1/4 (and the engine's logits carry a
+# few of them), so where the reference's top two are that close, either is a right answer.
+TIE = 0.15
+
+
+def _teacher_forced_scores(engine: LLMEngine, hf32: torch.nn.Module) -> dict[str, float]:
+    """Over every generated token, scored by the fp32 reference after the engine's own prefix:
+    `top1` the share that are the reference's top-1, `tie_or_top1` the share that are the
+    top-1 or within TIE of it, `moved` the share where the adapter moved the reference's top-1
+    away from the base model's (an engine that dropped the adapters would miss those)."""
+    arrivals, setup, adapters = _workload(engine, _trained_adapters(), max_tokens=BF16_TOKENS)
     got = run_to_completion(engine, arrivals)
-    strict = tied = total = 0
+    top1 = tied = moved = total = 0
     merged: dict = {}
     for rid, prompt, a in setup:
         if a not in merged:
             merged[a] = hf32 if a is None else merged_model(hf32, adapters[a])
-        assert len(got[rid]) == MAX_TOKENS
+        assert len(got[rid]) == BF16_TOKENS
+        ids = torch.tensor([prompt + got[rid][:-1]])
+        chosen_ids = torch.tensor(got[rid])
         with torch.no_grad():
-            logits = merged[a](torch.tensor([prompt + got[rid][:-1]])).logits[0, len(prompt) - 1:]
-        chosen = logits.gather(1, torch.tensor(got[rid])[:, None])[:, 0]
-        strict += int((logits.argmax(-1) == torch.tensor(got[rid])).sum())
+            logits = merged[a](ids).logits[0, len(prompt) - 1:]
+            base_top1 = hf32(ids).logits[0, len(prompt) - 1:].argmax(-1)
+        chosen = logits.gather(1, chosen_ids[:, None])[:, 0]
+        top1 += int((logits.argmax(-1) == chosen_ids).sum())
         tied += int((logits.max(-1).values - chosen <= TIE).sum())
-        total += MAX_TOKENS
-    return strict / total, tied / total, total
+        moved += int((logits.argmax(-1) != base_top1).sum())
+        total += BF16_TOKENS
+    return {"top1": top1 / total, "tie_or_top1": tied / total, "moved": moved / total, "tokens": total}
 
 
 @pytest.mark.parametrize("path", ["gpu", "cpu"])
 def test_bfloat16_teacher_forced_top1_agreement(path: str) -> None:
-    hf32 = _model(torch.float32)
-    engine = _engine(_model(torch.bfloat16), GPU_PATH if path == "gpu" else CPU_PATH)
+    """Measured (216 tokens): top-1 98.1 % (GPU path) and 98.6 % (CPU path), every other
+    token a tie; the adapters move 84-85 % of the tokens. A strict 99 % bar would fail on one near-tie more or less (the
+    misses' reference gaps are 0.001-0.11), so the bar is: every token the top-1 or tied with
+    it, and >= 97 % the top-1."""
+    hf16 = copy.deepcopy(_confident_model()).bfloat16()
+    engine = _engine(hf16, GPU_PATH if path == "gpu" else CPU_PATH)
     assert engine.runner.dtype == torch.bfloat16 and engine.runner.kv_caches[0][0].dtype == torch.bfloat16
-    strict, tied, n = _teacher_forced_agreement(engine, hf32)
-    assert tied >= 0.99, f"bf16 {path} path: {tied:.1%} of {n} tokens are the fp32 reference's top-1 or tied with it"
-    assert strict >= 0.95, f"bf16 {path} path: top-1 agreement {strict:.1%} of {n} tokens"
+    scores = _teacher_forced_scores(engine, copy.deepcopy(hf16).float())
+    assert scores["moved"] >= 0.5, f"the adapters must matter: {scores}"
+    assert scores["tie_or_top1"] == 1.0, f"bf16 {path} path: a token off the reference's top-1 by > {TIE}: {scores}"
+    assert scores["top1"] >= 0.97, f"bf16 {path} path: {scores}"
 
 
 def test_flex_and_sdpa_backends_agree_step_for_step() -> None:
