@@ -27,7 +27,7 @@ benchmarks/results/gpu_check.json (`--out`). Sections:
   adapters (decode steps replaying CUDA graphs), the 64-adapter case again without graphs,
   wall vs profiled GPU time per step, Triton compiles during and after warm-up, a cold
   adapter's first token; shrink+expand time as a fraction of each layer's base GEMM at
-  decode sizes.
+  decode sizes, and the shrink unsplit vs at the split-K the engine's start-up measured.
 Targets (figures to compare, not asserts): <= 5 % throughput loss at 64 adapters vs the base,
 shrink+expand <= 10 % of the base GEMM at decode, no compile after warm-up, cold adapter to
 first token <= 50 ms. The exit status is 1 when a correctness check fails.

@@ -14,8 +14,13 @@ Block sizes (why):
   rank tiles on the grid (more programs for decode, where M has one tile); the expand loops
   over them so that each (token, column) belongs to one program and needs no atomics.
 - BLOCK_K 64 (shrink) and BLOCK_N 64 (expand): masked tails handle odd d_in / widths.
-No split-K: (M-tiles x rank tiles, slices, segments) already gives enough programs, and
-split-K would need fp32 atomics or a second reduction pass.
+Split-K for the shrink at decode sizes: a decode step of a few adapters launches
+(1 M-tile x 1 rank tile, 3 slices, 8 segments) = 24 programs, each looping over all of d_in,
+on a GPU of 132 SMs. SPLIT_K programs then share one (tile, slice, segment), each over a
+contiguous run of d_in, writing fp32 partials that one sum reduces (deterministic, unlike
+atomics; the partials are [SPLIT_K, slices, T, rank], small at decode). How far to split is
+measured at start on the device, per layer width and segment count (`tune_split_k`), not
+guessed; prefill tiles (BLOCK_M > 16) never split.
 
 Precision: fp16/bf16 shrink dots are native with fp32 accumulation (exact products).
 fp32 data uses "ieee" dots (tf32 would miss the 1e-4 contract). The expand upcasts B to
@@ -24,6 +29,8 @@ the bf16/fp16 output) and ieee for fp32 models.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
@@ -51,7 +58,7 @@ def _segment_info(seg_starts_ptr, seg_slots_ptr, ranks_ptr, stride_rank, slice_i
 # new variant whenever one of them turns divisible by 16 or equal to 1, on the serving
 # thread. What stays specialised (the layer's widths, the block sizes) is fixed per model
 # and covered by `warm_up` at start.
-_STEP_INTS_SHRINK = ["n_rows", "max_rank", "stride_as", "stride_ys", "stride_yt", "R_TILES"]
+_STEP_INTS_SHRINK = ["n_rows", "max_rank", "stride_as", "stride_ys", "stride_yt", "stride_yk", "R_TILES"]
 _STEP_INTS_EXPAND = ["n_rows", "max_rank", "stride_ys", "stride_yt", "N_TILES"]
 
 
@@ -59,11 +66,12 @@ _STEP_INTS_EXPAND = ["n_rows", "max_rank", "stride_ys", "stride_yt", "N_TILES"]
 def _shrink_kernel(
     x_ptr, a_ptr, y_ptr, row_start_ptr, ranks_ptr, tok_ptr, seg_slots_ptr, seg_starts_ptr,
     d_in, n_rows, max_rank, stride_rank, stride_xt, stride_as, stride_ar, stride_ys, stride_yt,
-    R_TILES, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr,
+    stride_yk, R_TILES, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    m_tile = tl.program_id(0) // R_TILES
-    r_tile = tl.program_id(0) % R_TILES
+    k_split = tl.program_id(0) % SPLIT_K
+    m_tile = tl.program_id(0) // SPLIT_K // R_TILES
+    r_tile = tl.program_id(0) // SPLIT_K % R_TILES
     slice_id = tl.program_id(1)
     seg = tl.program_id(2)
     start, seg_len, slot, rank = _segment_info(
@@ -76,14 +84,18 @@ def _shrink_kernel(
     offs_r = r_tile * BLOCK_R + tl.arange(0, BLOCK_R)
     rows = tl.load(row_start_ptr + slot).to(tl.int64) + offs_r
     r_mask = (offs_r < rank) & (rows < n_rows)
+    # this program's run of d_in: whole BLOCK_K tiles, the last run possibly shorter
+    k_per_split = tl.cdiv(tl.cdiv(d_in, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = k_split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, d_in)
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
-    a_ptrs = a_ptr + slice_id.to(tl.int64) * stride_as + rows[None, :] * stride_ar + offs_k[:, None]
+    x_ptrs = x_ptr + tok[:, None] * stride_xt + (k_lo + offs_k)[None, :]
+    a_ptrs = a_ptr + slice_id.to(tl.int64) * stride_as + rows[None, :] * stride_ar + (k_lo + offs_k)[:, None]
     # tl.full, not tl.zeros: tl.zeros is a @jit helper of triton.language.standard, frozen in
     # the mode triton was first imported in; builtins let a re-imported module switch modes.
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
-    for k0 in range(0, d_in, BLOCK_K):
-        k_mask = offs_k < d_in - k0
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k_mask = offs_k < k_hi - k0
         xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)  # [K, R]
         if UPCAST:  # interpreter only: its bf16 dot multiplies raw bits (triton#11584)
@@ -93,7 +105,7 @@ def _shrink_kernel(
         acc = tl.dot(xt, at, acc, input_precision="ieee")
         x_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
-    y_ptrs = y_ptr + slice_id * stride_ys + tok[:, None] * stride_yt + offs_r[None, :]
+    y_ptrs = y_ptr + k_split * stride_yk + slice_id * stride_ys + tok[:, None] * stride_yt + offs_r[None, :]
     tl.store(y_ptrs, acc, mask=m_mask[:, None] & (offs_r < rank)[None, :])
 
 
@@ -263,6 +275,67 @@ def variant(max_seg_len: int, max_rank: int) -> tuple[int, int]:
     return _block_m(max_seg_len), _block_r(max_rank)
 
 
+# ----------------------------------------------------------------------------- split-K, measured
+
+BLOCK_K_SHRINK = 64
+SPLIT_K_CHOICES: tuple[int, ...] = (1, 2, 4, 8)
+# Decode segment counts the tuning measures; a launch uses the largest bucket <= its count.
+SEGMENT_BUCKETS: tuple[int, ...] = (1, 4, 16, 64)
+# (d_in, n_slices, BLOCK_R, segment bucket) -> SPLIT_K, filled by `tune_split_k` at start
+_SPLIT_K_TABLE: dict[tuple[int, int, int, int], int] = {}
+
+
+def chosen_split_k(d_in: int, n_slices: int, block_m: int, block_r: int, n_segments: int) -> int:
+    """The measured SPLIT_K for a decode launch (BLOCK_M 16); 1 for prefill tiles and for
+    shapes never measured (the CPU, the interpreter, or a GPU before `tune_split_k`)."""
+    if block_m != 16 or not _SPLIT_K_TABLE:
+        return 1
+    bucket = max((b for b in SEGMENT_BUCKETS if b <= n_segments), default=SEGMENT_BUCKETS[0])
+    return _SPLIT_K_TABLE.get((d_in, n_slices, block_r, bucket), 1)
+
+
+def split_k_table() -> dict[tuple[int, int, int, int], int]:
+    """A copy of the measured choices, (d_in, n_slices, BLOCK_R, segment bucket) -> SPLIT_K."""
+    return dict(_SPLIT_K_TABLE)
+
+
+def tune_split_k(a_pool: torch.Tensor, timer: Callable[[Callable[[], object]], float] | None = None,
+                 ) -> dict[tuple[int, int, int, int], dict[int, float]]:
+    """Measure the decode shrink of a layer shaped like `a_pool` ([n_slices, R, d_in]) for
+    every SPLIT_K in SPLIT_K_CHOICES, segment bucket and BLOCK_R variant, on synthetic
+    adapters at full rank (the pools hold none yet at start), and record the fastest in the
+    table `shrink` reads. Every choice is compiled here, so serving never compiles one.
+    `timer(fn)` returns a time for one call of fn (default `triton.testing.do_bench`, CUDA
+    events, shortened: 5 ms warm-up, 20 ms of repeats; 32 measurements per layer shape).
+    Returns the measurements made (shapes measured before in this process are skipped),
+    keyed as the table."""
+    if timer is None:
+        from triton.testing import do_bench
+
+        def timer(fn: Callable[[], object]) -> float:
+            return do_bench(fn, warmup=5, rep=20)
+    n_slices, _, d_in = a_pool.shape
+    device, dtype = a_pool.device, a_pool.dtype
+    gen = torch.Generator(device=device).manual_seed(0)
+    times: dict[tuple[int, int, int, int], dict[int, float]] = {}
+    for max_rank in (16, 32):  # BLOCK_R 16 and 32
+        for segments in SEGMENT_BUCKETS:
+            key = (d_in, n_slices, _block_r(max_rank), segments)
+            if key in _SPLIT_K_TABLE:  # measured by an earlier engine in this process
+                continue
+            pool = torch.randn((n_slices, segments * max_rank, d_in), generator=gen, device=device).to(dtype)
+            row_start = torch.arange(0, segments * max_rank, max_rank, dtype=torch.int32, device=device)
+            ranks = torch.full((n_slices, segments), max_rank, dtype=torch.int32, device=device)
+            x = torch.randn((segments, d_in), generator=gen, device=device).to(dtype)
+            tokens = torch.arange(segments, dtype=torch.int32, device=device)
+            meta = (row_start, ranks, tokens, tokens, torch.arange(segments + 1, dtype=torch.int32, device=device),
+                    1, max_rank)
+            times[key] = {k: float(timer(lambda k=k: shrink(x, pool, *meta, check_values=False, split_k=k)))
+                          for k in SPLIT_K_CHOICES}
+            _SPLIT_K_TABLE[key] = min(times[key], key=times[key].get)
+    return times
+
+
 def _block_m(max_seg_len: int) -> int:
     return 16 if max_seg_len <= 16 else (32 if max_seg_len <= 32 else 64)
 
@@ -276,7 +349,8 @@ def _block_r(max_rank: int) -> int:
 
 def shrink(x: torch.Tensor, a_pool: torch.Tensor, row_start: torch.Tensor, ranks: torch.Tensor,
            sorted_tokens: torch.Tensor, seg_slots: torch.Tensor, seg_starts: torch.Tensor,
-           max_seg_len: int, max_rank: int, *, check_values: bool = True) -> torch.Tensor:
+           max_seg_len: int, max_rank: int, *, check_values: bool = True,
+           split_k: int | None = None) -> torch.Tensor:
     """LoRA shrink (d_in -> rank) for every token's own adapter, all slices in one launch.
 
     Semantics:
@@ -293,6 +367,8 @@ def shrink(x: torch.Tensor, a_pool: torch.Tensor, row_start: torch.Tensor, ranks
         sorted_tokens: [T_a] int32; seg_slots: [S] int32; seg_starts: [S + 1] int32.
         max_seg_len, max_rank: host ints bounding segment lengths and active ranks.
         check_values: validate metadata values (one device->host sync).
+        split_k: d_in runs per (tile, slice, segment); None: the measured choice for this
+            layer and segment count (`tune_split_k`), 1 where none was measured or BLOCK_M > 16.
     Returns: y [n_slices, T, max_rank] float32; zero outside adapted (token, j < rank).
     """
     _check_tensor("x", x, _FLOAT_DTYPES, None, 2)
@@ -305,19 +381,24 @@ def shrink(x: torch.Tensor, a_pool: torch.Tensor, row_start: torch.Tensor, ranks
     _check_meta(x.device, n_slices, *meta)
     if check_values:
         _check_values(x.shape[0], n_rows, *meta)
-    y = torch.zeros((n_slices, x.shape[0], max_rank), dtype=torch.float32, device=x.device)
-    if seg_slots.numel() == 0 or max_rank == 0 or max_seg_len == 0 or d_in == 0:
-        return y
     block_m, block_r = _block_m(max_seg_len), _block_r(max_rank)
+    if split_k is None:
+        split_k = chosen_split_k(d_in, n_slices, block_m, block_r, seg_slots.numel())
+    if not isinstance(split_k, int) or isinstance(split_k, bool) or split_k < 1:
+        raise ValueError(f"split_k must be a positive Python int, got {split_k!r}")
+    # split_k partials [split_k, n_slices, T, max_rank], summed below (split_k 1: y itself)
+    y = torch.zeros((split_k, n_slices, x.shape[0], max_rank), dtype=torch.float32, device=x.device)
+    if seg_slots.numel() == 0 or max_rank == 0 or max_seg_len == 0 or d_in == 0:
+        return y[0]
     r_tiles = triton.cdiv(max_rank, block_r)
-    grid = (triton.cdiv(max_seg_len, block_m) * r_tiles, n_slices, seg_slots.numel())
+    grid = (triton.cdiv(max_seg_len, block_m) * r_tiles * split_k, n_slices, seg_slots.numel())
     _shrink_kernel[grid](
         x, a_pool, y, row_start, ranks, sorted_tokens, seg_slots, seg_starts,
         d_in, n_rows, max_rank, ranks.stride(0), x.stride(0), a_pool.stride(0),
-        a_pool.stride(1), y.stride(0), y.stride(1),
-        R_TILES=r_tiles, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=64,
-        UPCAST=INTERPRET and x.dtype == torch.bfloat16)
-    return y
+        a_pool.stride(1), y.stride(1), y.stride(2), y.stride(0),
+        R_TILES=r_tiles, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=BLOCK_K_SHRINK,
+        SPLIT_K=split_k, UPCAST=INTERPRET and x.dtype == torch.bfloat16)
+    return y[0] if split_k == 1 else y.sum(0)
 
 
 def expand(y: torch.Tensor, b_pool: torch.Tensor, row_start: torch.Tensor, ranks: torch.Tensor,

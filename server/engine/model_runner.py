@@ -150,7 +150,8 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Compile what the GPU path compiles lazily, before the first request: the Triton
         LoRA kernels for every block-size variant (on one decoder layer's own pools: all
-        layers share their shapes) and FlexAttention for decode and prefill batches of one
+        layers share their shapes), on a GPU after measuring the shrink's split-K per layer
+        width and decode segment count (which compiles every split), and FlexAttention for decode and prefill batches of one
         and of two sequences (torch.compile specialises sizes 0/1; dynamic shapes cover
         the rest). The warm-up forwards write K/V into the first cache blocks, which any sequence
         given them later overwrites before it reads them."""
@@ -161,6 +162,8 @@ class ModelRunner:
 
             layer = self.model.layers[0]
             for proj in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj):
+                if self.device.type == "cuda":  # timings under the CPU interpreter mean nothing
+                    triton_lora.tune_split_k(proj.a_pool)
                 launches += triton_lora.warm_up(proj.a_pool, proj.b_pool, proj.row_start, proj.ranks,
                                                 proj.slice_offsets)
         bs = self.config.block_size
@@ -179,6 +182,8 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         logger.info("warm-up: %d Triton LoRA launches and %d forwards in %.1f s", launches, len(shapes),
                     time.perf_counter() - t0)
+        if self.lora_backend == "triton" and self.device.type == "cuda":
+            logger.info("shrink split-K by (d_in, slices, BLOCK_R, segments): %s", triton_lora.split_k_table())
 
     @property
     def kv_bytes(self) -> int:

@@ -345,3 +345,59 @@ def test_warm_up_covers_every_launch_variant_and_writes_nothing() -> None:
         2 * len(tlora.WARM_UP_SHAPES)
     assert torch.equal(a_pool.nan_to_num(7), c["a_pool"].nan_to_num(7))
     assert torch.equal(b_pool.nan_to_num(7), c["b_pool"].nan_to_num(7))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("split_k", (2, 3, 4, 8))
+def test_split_k_shrink_matches_reference(split_k: int, dtype) -> None:
+    """Decode shapes (a token or two per segment) split over d_in: 257 = 5 tiles of 64, so 3 gives
+    runs of 2/2/1 tiles and 8 leaves three programs per tile without any (zero partials);
+    ranks 1-128 (BLOCK_R 32, several rank tiles) and tokens without adapter (y stays 0)."""
+    c = make_case("some_none", [96, 32, 32], 257, dtype, seed=31 + split_k, T=16, num_slots=16)
+    assert c["max_seg_len"] <= 16  # decode tiles (BLOCK_M 16)
+    y = run_shrink(c, split_k=split_k)
+    assert y.shape == (3, 16, c["max_rank"]) and y.dtype == torch.float32
+    torch.testing.assert_close(y.cpu().double(), ref_shrink(c), rtol=1e-4, atol=1e-4)
+    # the split sums the same products: equal to the unsplit launch within fp32 reassociation
+    torch.testing.assert_close(y, run_shrink(c, split_k=1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="split_k"):
+        run_shrink(c, split_k=0)
+
+
+@pytest.fixture()
+def split_k_table():
+    """`tune_split_k` writes a process-wide table: leave it as found."""
+    saved = tlora.split_k_table()
+    tlora._SPLIT_K_TABLE.clear()
+    yield
+    tlora._SPLIT_K_TABLE.clear()
+    tlora._SPLIT_K_TABLE.update(saved)
+
+
+def test_tune_split_k_records_the_fastest_measured_choice(split_k_table, monkeypatch) -> None:
+    """The tuning measures every SPLIT_K for each segment bucket and BLOCK_R (here with a
+    wall clock under the interpreter: real timings, just not a GPU's), records the fastest,
+    and decode launches read it by the largest bucket at or below their segment count;
+    prefill tiles and unmeasured widths stay unsplit."""
+    import time
+
+    def wall(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    # fewer buckets and choices than a GPU measures: the interpreter runs programs one by one
+    monkeypatch.setattr(tlora, "SEGMENT_BUCKETS", (1, 4, 8))
+    monkeypatch.setattr(tlora, "SPLIT_K_CHOICES", (1, 2, 3))
+    a_pool = torch.randn(2, 8, 130).to(DEVICE)
+    assert tlora.chosen_split_k(130, 2, 16, 16, 64) == 1  # nothing measured yet
+    times = tlora.tune_split_k(a_pool, timer=wall)
+    assert set(times) == {(130, 2, br, s) for br in (16, 32) for s in tlora.SEGMENT_BUCKETS}
+    table = tlora.split_k_table()
+    for key, by_split in times.items():
+        assert set(by_split) == set(tlora.SPLIT_K_CHOICES) and all(t > 0 for t in by_split.values())
+        assert table[key] == min(by_split, key=by_split.get)
+    assert tlora.chosen_split_k(130, 2, 16, 16, 5) == table[(130, 2, 16, 4)]
+    assert tlora.chosen_split_k(130, 2, 16, 32, 500) == table[(130, 2, 32, 8)]
+    assert tlora.chosen_split_k(130, 2, 32, 16, 64) == 1  # prefill tile
+    assert tlora.chosen_split_k(131, 2, 16, 16, 64) == 1  # another layer width
