@@ -11,7 +11,10 @@ tokens) when its last one finished, `streams x requests-per-stream` requests in 
 request's adapter is drawn from N distinct rank-16 adapters on all seven projections,
 uniformly or zipf (weight 1/k); N = 0 is the base model. Each scenario starts with no
 adapter resident (the previous scenario's are invalidated). TTFT is measured from the
-client's send to its first token. Besides wall-clock tokens/s, tokens per CPU-second of the
+client's send to its first token. Per scenario also: distinct adapters per step, and the
+bytes a step reads (base weights + those adapters' rows) against the 8-adapter run's: the
+throughput ratio a step bound by memory traffic alone would give (steps that are partly
+compute-bound lose less). Besides wall-clock tokens/s, tokens per CPU-second of the
 process (engine thread and prefetch worker): on a machine shared with other jobs the wall
 clock measures their load as much as ours, CPU time much less.
 
@@ -41,6 +44,7 @@ from benchmarks._common import percentile, write_json
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.engine import LLMEngine
 from lorafold.server.engine.host_memory import keep_freed_memory
+from lorafold.server.engine.model_runner import adapter_row_bytes
 from lorafold.server.engine.sampling_params import SamplingParams
 from lorafold.server.lora.peft_format import LoRAAdapter, ModuleLoRA
 from lorafold.server.lora.slots import AdapterSlots
@@ -79,6 +83,7 @@ def run_scenario(engine: LLMEngine, adapters: list[LoRAAdapter], popularity: str
     sent_at: dict[str, float] = {}
     ttft: list[float] = []
     load_seconds = 0.0
+    steps = seqs = distinct = 0
     start, cpu_start = time.perf_counter(), time.process_time()
     while sent < total or engine.has_unfinished():
         while len(busy) < streams and sent < total:
@@ -91,6 +96,9 @@ def run_scenario(engine: LLMEngine, adapters: list[LoRAAdapter], popularity: str
             sent += 1
         outs = engine.step()
         load_seconds += engine.last_step.adapter_load_seconds
+        steps += 1
+        seqs += engine.last_step.num_seqs
+        distinct += engine.last_step.num_adapters
         now = time.perf_counter()
         for o in outs:
             if o.token_ids and o.num_output_tokens == len(o.token_ids):  # its first token
@@ -105,6 +113,7 @@ def run_scenario(engine: LLMEngine, adapters: list[LoRAAdapter], popularity: str
             "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
             "loads_per_request": loads / total, "evictions_per_request": evictions / total,
             "loads_staged_ahead": ahead, "load_seconds": load_seconds,
+            "steps": steps, "seqs_per_step": seqs / max(steps, 1), "adapters_per_step": distinct / max(steps, 1),
             "resident_at_end": len(engine.adapter_table.resident())}
 
 
@@ -199,6 +208,13 @@ def main() -> int:
             med = {k: statistics.median(r[k] for r in results) for k in results[0]}
             rows.append({"streams": s, "adapters": n, "popularity": pop, "max_loras": cap, **med,
                          "rounds": results})
+    # What a decode step must read: every base weight once, plus every distinct adapter's rows
+    # in the batch once (the kernels gather them per segment). A step bound by memory traffic
+    # alone takes time in proportion: bytes_vs_8_adapters is the vs_8_adapters it would give.
+    base_bytes = sum(p.nbytes for p in engine.runner.model.parameters())
+    adapter_bytes = 16 * adapter_row_bytes(bm.model)
+    for r in rows:
+        r["bytes_per_step"] = base_bytes + r["adapters_per_step"] * adapter_bytes
     for r in rows:  # ratios against the base and the 8-adapter run of the same streams and popularity
         base = next(b for b in rows if b["streams"] == r["streams"] and b["adapters"] == 0)
         eight = next((b for b in rows if b["streams"] == r["streams"] and b["adapters"] == 8 and b["max_loras"] is None
@@ -207,19 +223,23 @@ def main() -> int:
         r["cpu_vs_8_adapters"] = r["tokens_per_cpu_s"] / eight["tokens_per_cpu_s"] if eight else None
         r["vs_8_adapters"] = r["tokens_per_s"] / eight["tokens_per_s"] if eight else None
         r["ttft_p99_vs_8_adapters"] = r["ttft_p99"] / eight["ttft_p99"] if eight else None
+        r["bytes_vs_8_adapters"] = eight["bytes_per_step"] / r["bytes_per_step"] if eight else None
     print(f"adapter budget {engine.runner.adapter_budget_bytes / 2**20:.0f} MiB = {engine.runner.adapter_budget_rows} rank rows "
           f"({engine.runner.adapter_budget_rows // 16} rank-16 adapters); {args.requests_per_stream} requests per stream, "
           f"{args.prompt_tokens}-token prompts, {args.max_tokens} tokens each; torch threads {torch.get_num_threads()}; "
-          f"medians of {args.rounds} interleaved round(s)")
+          f"medians of {args.rounds} interleaved round(s); a step reads {base_bytes / 2**20:.0f} MiB of base weights "
+          f"+ {adapter_bytes / 2**20:.1f} MiB per distinct adapter in it")
     print(f"{'streams':>7} {'N':>4} {'pop':<8} {'cap':>4} {'tok/s':>7} {'vs base':>7} {'vs N=8':>6} {'TTFT p50':>8} "
-          f"{'p99':>6} {'p99/N=8':>7} {'loads/req':>9} {'evict/req':>9} {'resident':>8} {'tok/cpu-s':>9} {'vs N=8':>6}")
+          f"{'p99':>6} {'p99/N=8':>7} {'loads/req':>9} {'evict/req':>9} {'resident':>8} {'tok/cpu-s':>9} {'vs N=8':>6} "
+          f"{'ad/step':>7} {'bytes N=8/N':>11}")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
         print(f"{r['streams']:>7} {r['adapters']:>4} {r['popularity']:<8} {fmt(r['max_loras'], 'd'):>4} "
               f"{r['tokens_per_s']:>7.1f} {r['vs_base']:>7.2f} {fmt(r['vs_8_adapters'], '.2f'):>6} {r['ttft_p50']:>8.2f} "
               f"{r['ttft_p99']:>6.2f} {fmt(r['ttft_p99_vs_8_adapters'], '.2f'):>7} {r['loads_per_request']:>9.2f} "
               f"{r['evictions_per_request']:>9.2f} {r['resident_at_end']:>8} {r['tokens_per_cpu_s']:>9.1f} "
-              f"{fmt(r['cpu_vs_8_adapters'], '.2f'):>6}")
+              f"{fmt(r['cpu_vs_8_adapters'], '.2f'):>6} {r['adapters_per_step']:>7.1f} "
+              f"{fmt(r['bytes_vs_8_adapters'], '.2f'):>11}")
     print("one load, by rank: before (a copy per module) | now, nothing staged (laid out straight into the slot) | "
           "now, prefetched: staging on the worker, then one copy per pool on the engine thread")
     print(f"{'rank':>5} {'MiB':>6} {'before':>9} {'unstaged':>9} {'stage':>9} {'copy':>9} {'before/copy':>11}")
