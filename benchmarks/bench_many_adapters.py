@@ -10,7 +10,8 @@ each sending its next request (fixed-length random prompt, greedy, exactly `max-
 tokens) when its last one finished, `streams x requests-per-stream` requests in all. A
 request's adapter is drawn from N distinct rank-16 adapters on all seven projections,
 uniformly or zipf (weight 1/k); N = 0 is the base model. Each scenario starts with no
-adapter resident (the previous scenario's are invalidated). TTFT is measured from the
+adapter resident (the previous scenario's are invalidated), or with `--warm` with all of
+them loaded (as many as fit). TTFT is measured from the
 client's send to its first token. Per scenario also: distinct adapters per step, and the
 bytes a step reads (base weights + those adapters' rows) against the 8-adapter run's: the
 throughput ratio a step bound by memory traffic alone would give (steps that are partly
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import random
 import statistics
 import sys
@@ -68,10 +70,19 @@ def make_adapters(bank: list[dict[str, ModuleLoRA]], n: int, tag: str) -> list[L
 
 
 def run_scenario(engine: LLMEngine, adapters: list[LoRAAdapter], popularity: str, streams: int, per_stream: int,
-                 prompt_tokens: int, max_tokens: int, seed: int) -> dict:
-    """Closed loop of `streams` clients; returns throughput, TTFT and adapter-cache counts."""
+                 prompt_tokens: int, max_tokens: int, seed: int, warm: bool = False) -> dict:
+    """Closed loop of `streams` clients; returns throughput, TTFT and adapter-cache counts.
+    Cold: no adapter resident at the start. Warm: every adapter that fits the budget loaded
+    first (a one-token request each, untimed), the steady state of a server whose adapters
+    are in use: what remains is the per-step cost of the distinct adapters."""
     for name in list(engine.adapter_table.resident()):  # start cold
         engine.adapter_table.invalidate(name)
+    if warm:
+        one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        for i, adapter in enumerate(adapters):
+            engine.add_request(f"warm{i}", [100], one, adapter, f"a{i}")
+            while engine.has_unfinished():
+                engine.step()
     rng = random.Random(seed)
     vocab = engine.runner.model.config.vocab_size
     weights = [1 / k for k in range(1, len(adapters) + 1)] if popularity == "zipf" else None
@@ -153,6 +164,35 @@ def load_costs(engine: LLMEngine, ranks: list[int], reps: int) -> list[dict]:
     return rows
 
 
+def round_ratios(rows: list[dict], row: dict) -> list[float]:
+    """tokens/s of `row` over its 8-adapter baseline's, round by round (runs of one round are
+    minutes apart, not the whole run: the machine's drift between rounds cancels)."""
+    eight = next(b for b in rows if b["streams"] == row["streams"] and b["adapters"] == 8
+                 and b["max_loras"] is None and b["popularity"] == row["popularity"])
+    return [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(row["rounds"], eight["rounds"])]
+
+
+def markdown_table(paths: list[str]) -> str:
+    """The docs' table from result JSONs of this benchmark (several: their rows in order)."""
+    lines = ["| streams | N | popularity | tokens/s | vs base | vs N=8 | per-round vs N=8 | TTFT p50 / p99 s "
+             "| TTFT p99 vs N=8 | loads / request | adapters / step | memory-bound ratio vs N=8 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+        for r in rows:
+            n = r["adapters"]
+            adapted = n not in (0, 8)
+            vs8 = "" if n == 0 else "1.00" if n == 8 else f"**{r['vs_8_adapters']:.2f}**" if n > 8 else f"{r['vs_8_adapters']:.2f}"
+            per_round = " / ".join(f"{v:.2f}" for v in round_ratios(rows, r)) if adapted else ""
+            p99 = "" if n == 0 else f"{r['ttft_p99_vs_8_adapters']:.2f}"
+            bound = "" if n == 0 else f"{r['bytes_vs_8_adapters']:.2f}"
+            lines.append(f"| {r['streams']} | {n or 'base'} | {r['popularity'] if n else ''} | {r['tokens_per_s']:.1f} "
+                         f"| {r['vs_base']:.2f} | {vs8} | {per_round} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} "
+                         f"| {p99} | {r['loads_per_request']:.2f} | {r['adapters_per_step']:.1f} | {bound} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--adapters", default="1,8,32,128,512", help="N values (the base always runs)")
@@ -169,8 +209,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every scenario this many times, interleaved, and report medians (a shared "
                         "machine's drift then hits every scenario alike)")
+    parser.add_argument("--warm", action="store_true",
+                        help="load every adapter (that fits) before each scenario's timed loop, instead of none")
     parser.add_argument("--out", default="benchmarks/results/many_adapters.json")
+    parser.add_argument("--table", nargs="+", metavar="JSON",
+                        help="run nothing: print the markdown table of docs/benchmarks.md from these result files")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(args.table))
+        return 0
     keep_freed_memory()  # as `lorafold serve` does at start (process-wide malloc settings)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,7 +241,8 @@ def main() -> int:
         for _ in range(args.rounds):
             for n, pop in plan:
                 res = run_scenario(engine, make_adapters(bank, n, f"s{s}n{n}{pop}"), pop if n else "uniform", s,
-                                   args.requests_per_stream, args.prompt_tokens, args.max_tokens, seed=s)
+                                   args.requests_per_stream, args.prompt_tokens, args.max_tokens, seed=s,
+                                   warm=args.warm)
                 runs.setdefault((n, pop, None), []).append(res)
                 print(f"  ran {s} streams, N={n} {pop}: {res['tokens_per_s']:.1f} tok/s", flush=True)
             if capped is not None:
