@@ -299,12 +299,16 @@ def split_k_table() -> dict[tuple[int, int, int, int], int]:
     return dict(_SPLIT_K_TABLE)
 
 
-def tune_split_k(a_pool: torch.Tensor, timer: Callable[[Callable[[], object]], float] | None = None,
+def tune_split_k(a_pool: torch.Tensor, ranks: torch.Tensor,
+                 timer: Callable[[Callable[[], object]], float] | None = None,
                  ) -> dict[tuple[int, int, int, int], dict[int, float]]:
-    """Measure the decode shrink of a layer shaped like `a_pool` ([n_slices, R, d_in]) for
-    every SPLIT_K in SPLIT_K_CHOICES, segment bucket and BLOCK_R variant, on synthetic
-    adapters at full rank (the pools hold none yet at start), and record the fastest in the
-    table `shrink` reads. Every choice is compiled here, so serving never compiles one.
+    """Measure the decode shrink of a layer shaped like `a_pool` ([n_slices, R, d_in]) with
+    slots like `ranks` ([n_slices, num_slots]) for every SPLIT_K in SPLIT_K_CHOICES, segment
+    bucket (up to num_slots: a step has no more distinct adapters) and BLOCK_R variant, on
+    synthetic adapters at full rank (the pools hold none yet at start), and record the
+    fastest in the table `shrink` reads. Every choice is compiled here, so serving never
+    compiles one: the synthetic tensors share the layer's shapes because Triton specialises
+    integer arguments (ranks' row stride is num_slots) and would otherwise compile again.
     `timer(fn)` returns a time for one call of fn (default `triton.testing.do_bench`, CUDA
     events, shortened: 5 ms warm-up, 20 ms of repeats; 32 measurements per layer shape).
     Returns the measurements made (shapes measured before in this process are skipped),
@@ -315,21 +319,25 @@ def tune_split_k(a_pool: torch.Tensor, timer: Callable[[Callable[[], object]], f
         def timer(fn: Callable[[], object]) -> float:
             return do_bench(fn, warmup=5, rep=20)
     n_slices, _, d_in = a_pool.shape
+    num_slots = ranks.shape[1]
     device, dtype = a_pool.device, a_pool.dtype
     gen = torch.Generator(device=device).manual_seed(0)
     times: dict[tuple[int, int, int, int], dict[int, float]] = {}
     for max_rank in (16, 32):  # BLOCK_R 16 and 32
-        for segments in SEGMENT_BUCKETS:
+        for segments in (b for b in SEGMENT_BUCKETS if b <= num_slots):
             key = (d_in, n_slices, _block_r(max_rank), segments)
             if key in _SPLIT_K_TABLE:  # measured by an earlier engine in this process
                 continue
+            # rows for the `segments` adapters only (the row count is not specialised on)
             pool = torch.randn((n_slices, segments * max_rank, d_in), generator=gen, device=device).to(dtype)
-            row_start = torch.arange(0, segments * max_rank, max_rank, dtype=torch.int32, device=device)
-            ranks = torch.full((n_slices, segments), max_rank, dtype=torch.int32, device=device)
+            row_start = torch.zeros(num_slots, dtype=torch.int32, device=device)
+            row_start[:segments] = torch.arange(0, segments * max_rank, max_rank, dtype=torch.int32, device=device)
+            slot_ranks = torch.zeros((n_slices, num_slots), dtype=torch.int32, device=device)
+            slot_ranks[:, :segments] = max_rank
             x = torch.randn((segments, d_in), generator=gen, device=device).to(dtype)
             tokens = torch.arange(segments, dtype=torch.int32, device=device)
-            meta = (row_start, ranks, tokens, tokens, torch.arange(segments + 1, dtype=torch.int32, device=device),
-                    1, max_rank)
+            meta = (row_start, slot_ranks, tokens, tokens,
+                    torch.arange(segments + 1, dtype=torch.int32, device=device), 1, max_rank)
             times[key] = {k: float(timer(lambda k=k: shrink(x, pool, *meta, check_values=False, split_k=k)))
                           for k in SPLIT_K_CHOICES}
             _SPLIT_K_TABLE[key] = min(times[key], key=times[key].get)

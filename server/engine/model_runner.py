@@ -163,7 +163,7 @@ class ModelRunner:
             layer = self.model.layers[0]
             for proj in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj):
                 if self.device.type == "cuda":  # timings under the CPU interpreter mean nothing
-                    triton_lora.tune_split_k(proj.a_pool)
+                    triton_lora.tune_split_k(proj.a_pool, proj.ranks)
                 launches += triton_lora.warm_up(proj.a_pool, proj.b_pool, proj.row_start, proj.ranks,
                                                 proj.slice_offsets)
         bs = self.config.block_size

@@ -390,14 +390,16 @@ def test_tune_split_k_records_the_fastest_measured_choice(split_k_table, monkeyp
     monkeypatch.setattr(tlora, "SEGMENT_BUCKETS", (1, 4, 8))
     monkeypatch.setattr(tlora, "SPLIT_K_CHOICES", (1, 2, 3))
     a_pool = torch.randn(2, 8, 130).to(DEVICE)
+    ranks = torch.zeros(2, 6, dtype=torch.int32, device=DEVICE)  # 6 slots: bucket 8 cannot occur
     assert tlora.chosen_split_k(130, 2, 16, 16, 64) == 1  # nothing measured yet
-    times = tlora.tune_split_k(a_pool, timer=wall)
-    assert set(times) == {(130, 2, br, s) for br in (16, 32) for s in tlora.SEGMENT_BUCKETS}
+    times = tlora.tune_split_k(a_pool, ranks, timer=wall)
+    assert set(times) == {(130, 2, br, s) for br in (16, 32) for s in (1, 4)}
     table = tlora.split_k_table()
     for key, by_split in times.items():
         assert set(by_split) == set(tlora.SPLIT_K_CHOICES) and all(t > 0 for t in by_split.values())
         assert table[key] == min(by_split, key=by_split.get)
     assert tlora.chosen_split_k(130, 2, 16, 16, 5) == table[(130, 2, 16, 4)]
-    assert tlora.chosen_split_k(130, 2, 16, 32, 500) == table[(130, 2, 32, 8)]
+    assert tlora.chosen_split_k(130, 2, 16, 32, 500) == table[(130, 2, 32, 4)]
+    assert tlora.tune_split_k(a_pool, ranks, timer=wall) == {}  # measured once per process
     assert tlora.chosen_split_k(130, 2, 32, 16, 64) == 1  # prefill tile
     assert tlora.chosen_split_k(131, 2, 16, 16, 64) == 1  # another layer width
