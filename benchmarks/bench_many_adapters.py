@@ -46,7 +46,6 @@ from benchmarks._common import percentile, write_json
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.engine import LLMEngine
 from lorafold.server.engine.host_memory import keep_freed_memory
-from lorafold.server.engine.model_runner import adapter_row_bytes
 from lorafold.server.engine.sampling_params import SamplingParams
 from lorafold.server.lora.peft_format import LoRAAdapter, ModuleLoRA
 from lorafold.server.lora.slots import AdapterSlots
@@ -164,11 +163,16 @@ def load_costs(engine: LLMEngine, ranks: list[int], reps: int) -> list[dict]:
     return rows
 
 
+def baseline_row(rows: list[dict], row: dict) -> dict | None:
+    """The 8-adapter, uncapped run of `row`'s streams and popularity (None: not run)."""
+    return next((b for b in rows if b["streams"] == row["streams"] and b["adapters"] == 8 and b["max_loras"] is None
+                 and b["popularity"] == row["popularity"]), None)
+
+
 def round_ratios(rows: list[dict], row: dict) -> list[float]:
     """tokens/s of `row` over its 8-adapter baseline's, round by round (runs of one round are
     minutes apart, not the whole run: the machine's drift between rounds cancels)."""
-    eight = next(b for b in rows if b["streams"] == row["streams"] and b["adapters"] == 8
-                 and b["max_loras"] is None and b["popularity"] == row["popularity"])
+    eight = baseline_row(rows, row)
     return [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(row["rounds"], eight["rounds"])]
 
 
@@ -183,7 +187,7 @@ def markdown_table(paths: list[str]) -> str:
         for r in rows:
             n = r["adapters"]
             adapted = n not in (0, 8)
-            vs8 = "" if n == 0 else "1.00" if n == 8 else f"**{r['vs_8_adapters']:.2f}**" if n > 8 else f"{r['vs_8_adapters']:.2f}"
+            vs8 = "" if n == 0 else f"**{r['vs_8_adapters']:.2f}**" if n > 8 else f"{r['vs_8_adapters']:.2f}"
             per_round = " / ".join(f"{v:.2f}" for v in round_ratios(rows, r)) if adapted else ""
             p99 = "" if n == 0 else f"{r['ttft_p99_vs_8_adapters']:.2f}"
             bound = "" if n == 0 else f"{r['bytes_vs_8_adapters']:.2f}"
@@ -260,13 +264,12 @@ def main() -> int:
     # in the batch once (the kernels gather them per segment). A step bound by memory traffic
     # alone takes time in proportion: bytes_vs_8_adapters is the vs_8_adapters it would give.
     base_bytes = sum(p.nbytes for p in engine.runner.model.parameters())
-    adapter_bytes = 16 * adapter_row_bytes(bm.model)
+    adapter_bytes = 16 * engine.runner.model.slots.row_bytes
     for r in rows:
         r["bytes_per_step"] = base_bytes + r["adapters_per_step"] * adapter_bytes
     for r in rows:  # ratios against the base and the 8-adapter run of the same streams and popularity
         base = next(b for b in rows if b["streams"] == r["streams"] and b["adapters"] == 0)
-        eight = next((b for b in rows if b["streams"] == r["streams"] and b["adapters"] == 8 and b["max_loras"] is None
-                      and b["popularity"] == r["popularity"]), None)
+        eight = baseline_row(rows, r)
         r["vs_base"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["cpu_vs_8_adapters"] = r["tokens_per_cpu_s"] / eight["tokens_per_cpu_s"] if eight else None
         r["vs_8_adapters"] = r["tokens_per_s"] / eight["tokens_per_s"] if eight else None

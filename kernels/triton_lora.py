@@ -288,7 +288,7 @@ _SPLIT_K_TABLE: dict[tuple[int, int, int, int], int] = {}
 def chosen_split_k(d_in: int, n_slices: int, block_m: int, block_r: int, n_segments: int) -> int:
     """The measured SPLIT_K for a decode launch (BLOCK_M 16); 1 for prefill tiles and for
     shapes never measured (the CPU, the interpreter, or a GPU before `tune_split_k`)."""
-    if block_m != 16 or not _SPLIT_K_TABLE:
+    if block_m != 16:
         return 1
     bucket = max((b for b in SEGMENT_BUCKETS if b <= n_segments), default=SEGMENT_BUCKETS[0])
     return _SPLIT_K_TABLE.get((d_in, n_slices, block_r, bucket), 1)

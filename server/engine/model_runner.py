@@ -151,8 +151,8 @@ class ModelRunner:
         """Compile what the GPU path compiles lazily, before the first request: the Triton
         LoRA kernels for every block-size variant (on one decoder layer's own pools: all
         layers share their shapes), on a GPU after measuring the shrink's split-K per layer
-        width and decode segment count (which compiles every split), and FlexAttention for decode and prefill batches of one
-        and of two sequences (torch.compile specialises sizes 0/1; dynamic shapes cover
+        width and decode segment count (which compiles every split), and FlexAttention for
+        decode and prefill batches of one and of two sequences (torch.compile specialises sizes 0/1; dynamic shapes cover
         the rest). The warm-up forwards write K/V into the first cache blocks, which any sequence
         given them later overwrites before it reads them."""
         t0 = time.perf_counter()
@@ -161,9 +161,12 @@ class ModelRunner:
             from lorafold.kernels import triton_lora
 
             layer = self.model.layers[0]
-            for proj in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj):
-                if self.device.type == "cuda":  # timings under the CPU interpreter mean nothing
+            projections = (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)
+            if self.device.type == "cuda":  # timings under the CPU interpreter mean nothing
+                for proj in projections:
                     triton_lora.tune_split_k(proj.a_pool, proj.ranks)
+                logger.info("shrink split-K by (d_in, slices, BLOCK_R, segments): %s", triton_lora.split_k_table())
+            for proj in projections:
                 launches += triton_lora.warm_up(proj.a_pool, proj.b_pool, proj.row_start, proj.ranks,
                                                 proj.slice_offsets)
         bs = self.config.block_size
@@ -182,8 +185,6 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         logger.info("warm-up: %d Triton LoRA launches and %d forwards in %.1f s", launches, len(shapes),
                     time.perf_counter() - t0)
-        if self.lora_backend == "triton" and self.device.type == "cuda":
-            logger.info("shrink split-K by (d_in, slices, BLOCK_R, segments): %s", triton_lora.split_k_table())
 
     @property
     def kv_bytes(self) -> int:
