@@ -146,12 +146,14 @@ TIE = 0.15
 
 def _teacher_forced_scores(engine: LLMEngine, hf32: torch.nn.Module) -> dict[str, float]:
     """Over every generated token, scored by the fp32 reference after the engine's own prefix:
-    `top1` the share that are the reference's top-1, `tie_or_top1` the share that are the
-    top-1 or within TIE of it, `moved` the share where the adapter moved the reference's top-1
-    away from the base model's (an engine that dropped the adapters would miss those)."""
+    `top1` the share that are the reference's top-1, `worst_gap` the largest amount by which
+    the reference's top-1 logit exceeds the chosen token's, `moved` the share where the
+    adapter moved the reference's top-1 away from the base model's (an engine that dropped
+    the adapters would miss those)."""
     arrivals, setup, adapters = _workload(engine, _trained_adapters(), max_tokens=BF16_TOKENS)
     got = run_to_completion(engine, arrivals)
-    top1 = tied = moved = total = 0
+    top1 = moved = total = 0
+    worst_gap = 0.0
     merged: dict = {}
     for rid, prompt, a in setup:
         if a not in merged:
@@ -164,24 +166,26 @@ def _teacher_forced_scores(engine: LLMEngine, hf32: torch.nn.Module) -> dict[str
             base_top1 = hf32(ids).logits[0, len(prompt) - 1:].argmax(-1)
         chosen = logits.gather(1, chosen_ids[:, None])[:, 0]
         top1 += int((logits.argmax(-1) == chosen_ids).sum())
-        tied += int((logits.max(-1).values - chosen <= TIE).sum())
+        worst_gap = max(worst_gap, float((logits.max(-1).values - chosen).max()))
         moved += int((logits.argmax(-1) != base_top1).sum())
         total += BF16_TOKENS
-    return {"top1": top1 / total, "tie_or_top1": tied / total, "moved": moved / total, "tokens": total}
+    return {"top1": top1 / total, "worst_gap": worst_gap, "moved": moved / total, "tokens": total}
 
 
 @pytest.mark.parametrize("path", ["gpu", "cpu"])
 def test_bfloat16_teacher_forced_top1_agreement(path: str) -> None:
-    """Measured (216 tokens): top-1 98.1 % (GPU path) and 98.6 % (CPU path), every other
-    token a tie; the adapters move 84-85 % of the tokens. A strict 99 % bar would fail on one near-tie more or less (the
-    misses' reference gaps are 0.001-0.11), so the bar is: every token the top-1 or tied with
-    it, and >= 97 % the top-1."""
+    """Measured (216 tokens; `pytest -s` prints the scores): top-1 98.6 % (GPU path) and
+    98.1 % (CPU path), every other token within 0.04 / 0.07 of the top-1 logit (a tie); the
+    adapters move 84-85 % of the tokens. A
+    strict 99 % bar would pass or fail on one near-tie more or less, so the bar is: every
+    token the top-1 or tied with it (worst_gap <= TIE), and >= 97 % the top-1."""
     hf16 = copy.deepcopy(_confident_model()).bfloat16()
     engine = _engine(hf16, GPU_PATH if path == "gpu" else CPU_PATH)
     assert engine.runner.dtype == torch.bfloat16 and engine.runner.kv_caches[0][0].dtype == torch.bfloat16
     scores = _teacher_forced_scores(engine, copy.deepcopy(hf16).float())
+    print(f"bf16 {path} path: {scores}")  # the figures the docstring quotes
     assert scores["moved"] >= 0.5, f"the adapters must matter: {scores}"
-    assert scores["tie_or_top1"] == 1.0, f"bf16 {path} path: a token off the reference's top-1 by > {TIE}: {scores}"
+    assert scores["worst_gap"] <= TIE, f"bf16 {path} path: a token off the reference's top-1 by > {TIE}: {scores}"
     assert scores["top1"] >= 0.97, f"bf16 {path} path: {scores}"
 
 
