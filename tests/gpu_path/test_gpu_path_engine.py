@@ -46,21 +46,24 @@ def _engine(hf: torch.nn.Module, path: dict, **over) -> LLMEngine:
     return LLMEngine(copy.deepcopy(hf), ByteTokenizer(), EngineConfig(**cfg))
 
 
-def _affine_batch(gen: torch.Generator, shift: int) -> torch.Tensor:
-    """16 sequences of 48 tokens that continue x -> 5x + shift mod 256 (48: every position the
-    workload's prompts and generations reach)."""
-    seq = [torch.randint(1, 256, (16, 1), generator=gen)]
-    for _ in range(47):
-        seq.append((seq[-1] * 5 + shift) % 256)
-    return torch.cat(seq, 1)
+def _affine_batch(gen: torch.Generator, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """16 sequences of 48 tokens (every position the workload reaches): a random prefix of 1-20
+    tokens, as the workload's prompts are, then x -> 5x + shift mod 256 from its last token.
+    Returns (ids, labels); the prefix is unpredictable, so its labels are masked: the model
+    learns to continue any context, not only contexts that already follow the map."""
+    ids = torch.randint(1, 256, (16, 48), generator=gen)
+    in_map = torch.arange(48) >= torch.randint(1, 21, (16, 1), generator=gen)
+    for t in range(1, 48):
+        ids[:, t] = torch.where(in_map[:, t], (ids[:, t - 1] * 5 + shift) % 256, ids[:, t])
+    return ids, ids.masked_fill(~in_map, -100)
 
 
 def _fit(model: torch.nn.Module, params: list[torch.Tensor], shift: int, steps: int, lr: float) -> None:
     opt = torch.optim.AdamW(params, lr=lr)
     gen = torch.Generator().manual_seed(shift)
     for _ in range(steps):
-        ids = _affine_batch(gen, shift)
-        loss = model(ids, labels=ids).loss
+        ids, labels = _affine_batch(gen, shift)
+        loss = model(ids, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -68,11 +71,12 @@ def _fit(model: torch.nn.Module, params: list[torch.Tensor], shift: int, steps: 
 
 @functools.lru_cache(maxsize=1)
 def _confident_model() -> torch.nn.Module:
-    """The tiny Llama trained (fp32, ~8 s) to continue x -> 5x + 3 mod 256: peaked logits like
-    a trained model's, so a bf16 top-1 flip means an engine error rather than a coin toss. An
-    untrained random model has near-ties everywhere: transformers' own bf16 forward agrees
-    with its fp32 forward on only 97-98 % of this workload's tokens, and strong random
-    adapters erase a trained model's margins the same way."""
+    """The tiny Llama trained (fp32) to continue x -> 5x + 3 mod 256 after any prefix: peaked
+    logits like a trained model's, so a bf16 top-1 flip means an engine error rather than a
+    coin toss. An untrained random model has near-ties everywhere: transformers' own bf16
+    forward agrees with its fp32 forward on only 97-98 % of this workload's tokens. Trained on
+    map-following sequences alone, two of the adapters kept near-ties after the workload's
+    random prompts (top-1 98.1-98.6 %), hence the random prefixes in `_affine_batch`."""
     model = _model(torch.float32).train()
     _fit(model, list(model.parameters()), shift=3, steps=300, lr=3e-3)
     return model.eval().requires_grad_(False)
@@ -174,11 +178,11 @@ def _teacher_forced_scores(engine: LLMEngine, hf32: torch.nn.Module) -> dict[str
 
 @pytest.mark.parametrize("path", ["gpu", "cpu"])
 def test_bfloat16_teacher_forced_top1_agreement(path: str) -> None:
-    """Measured (216 tokens; `pytest -s` prints the scores): top-1 98.6 % (GPU path) and
-    98.1 % (CPU path), every other token within 0.04 / 0.07 of the top-1 logit (a tie); the
-    adapters move 84-85 % of the tokens. A
-    strict 99 % bar would pass or fail on one near-tie more or less, so the bar is: every
-    token the top-1 or tied with it (worst_gap <= TIE), and >= 97 % the top-1."""
+    """The issue's bar: >= 99 % of generated tokens are the fp32 reference's top-1, and none
+    is off it by more than a bf16 tie (TIE). Measured (216 tokens; `pytest -s` prints the
+    scores): 100 % on both paths, worst gap 0; the adapters move 89 % of the tokens away from
+    the base model's. The reference's top-1/top-2 margin is >= 0.6 on 99 % of the tokens, so a
+    flip takes an engine error several bf16 ulps wide, not a rounding coin toss."""
     hf16 = copy.deepcopy(_confident_model()).bfloat16()
     engine = _engine(hf16, GPU_PATH if path == "gpu" else CPU_PATH)
     assert engine.runner.dtype == torch.bfloat16 and engine.runner.kv_caches[0][0].dtype == torch.bfloat16
@@ -186,7 +190,7 @@ def test_bfloat16_teacher_forced_top1_agreement(path: str) -> None:
     print(f"bf16 {path} path: {scores}")  # the figures the docstring quotes
     assert scores["moved"] >= 0.5, f"the adapters must matter: {scores}"
     assert scores["worst_gap"] <= TIE, f"bf16 {path} path: a token off the reference's top-1 by > {TIE}: {scores}"
-    assert scores["top1"] >= 0.97, f"bf16 {path} path: {scores}"
+    assert scores["top1"] >= 0.99, f"bf16 {path} path: {scores}"
 
 
 def test_flex_and_sdpa_backends_agree_step_for_step() -> None:
