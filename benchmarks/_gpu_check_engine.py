@@ -159,6 +159,14 @@ def triton_compiles() -> int | None:
         return None
 
 
+def dynamo_graphs() -> int:
+    """Graphs torch.compile has built in this process (the GPU path compiles FlexAttention
+    only): one more after the warm-up is a compile on the serving thread."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def gpu_busy_seconds(fn, steps: int) -> float | None:  # noqa: ANN001
     """Summed CUDA kernel time of `steps` calls of fn (torch.profiler), per call."""
     from torch.profiler import ProfilerActivity, profile
@@ -236,21 +244,22 @@ def throughput_section(device: torch.device, *, smoke: bool) -> dict:
     for n, with_graphs in runs:
         engine.runner.decode_graphs = graphs if with_graphs else None
         admit(n)
-        compiles0 = triton_compiles()
+        compiles0, graphs0 = triton_compiles(), dynamo_graphs()
         engine.step()
         while engine.last_step.num_seqs != batch or engine.last_step.num_tokens != batch:  # prefill + loads
             engine.step()
         engine.step()  # warm: every shape of this scenario's decode step seen
         compiles1 = triton_compiles()
         wall = timed(engine.step, device, steps - 2)
-        compiles2 = triton_compiles()
+        compiles2, graphs2 = triton_compiles(), dynamo_graphs()
         busy = gpu_busy_seconds(engine.step, 1) if device.type == "cuda" else None
         while engine.has_unfinished():
             engine.step()
         row = {"adapters": n, "graphs": with_graphs and graphs is not None and bool(graphs.graphs), "batch": batch, "step_ms": round(wall * 1e3, 3), "tokens_per_s": round(batch / wall, 1),
                "gpu_busy_ms": None if busy is None else round(busy * 1e3, 3),
                "compiles_in_warmup": None if compiles0 is None else compiles1 - compiles0,
-               "compiles_after_warmup": None if compiles1 is None else compiles2 - compiles1}
+               "compiles_after_warmup": None if compiles1 is None else compiles2 - compiles1,
+               "torch_compiles": graphs2 - graphs0}
         scenarios.append(row)
     engine.runner.decode_graphs = graphs
     base = scenarios[0]["tokens_per_s"]

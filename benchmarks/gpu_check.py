@@ -25,7 +25,8 @@ benchmarks/results/gpu_check.json (`--out`). Sections:
   bf16-level ties); decode throughput on a random-init model of Llama-3-8B's layer shapes
   (fewer layers, stated in the JSON) all on the base vs 8 / 64 / 512 distinct rank-16
   adapters (decode steps replaying CUDA graphs), the 64-adapter case again without graphs,
-  wall vs profiled GPU time per step, Triton compiles during and after warm-up, a cold
+  wall vs profiled GPU time per step, Triton compiles during and after warm-up and
+  torch.compile graphs (FlexAttention) built while each scenario ran, a cold
   adapter's first token; shrink+expand time as a fraction of each layer's base GEMM at
   decode sizes, and the shrink unsplit vs at the split-K the engine's start-up measured.
 Targets (figures to compare, not asserts): <= 5 % throughput loss at 64 adapters vs the base,

@@ -21,11 +21,10 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask
 
 from lorafold.kernels.meta import LoRABatchMeta
 from lorafold.server.engine.attention import AttentionMetadata
-from lorafold.server.engine.flex_paged import Q_BLOCK, FlexBatch, FlexMetadata
+from lorafold.server.engine.flex_paged import MIN_DIM, FlexBatch, FlexMetadata, paged_block_mask
 from lorafold.server.lora.layers import MultiLoRALinear
 
 logger = logging.getLogger(__name__)
@@ -34,34 +33,40 @@ GRAPH_MAX_RANK = 64
 
 
 def buckets_for(max_num_seqs: int) -> list[int]:
-    out, b = [], 1
+    """2, 4, 8, ... up to max_num_seqs: no bucket of 1, which torch.compile would specialise
+    FlexAttention for (see flex_paged.MIN_DIM); one sequence runs padded to 2."""
+    out, b = [], MIN_DIM
     while b < max_num_seqs:
         out.append(b)
         b *= 2
-    return out + [max_num_seqs]
+    return out + [max(max_num_seqs, MIN_DIM)]
 
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list, *, num_blocks: int, block_size: int,
-                 max_num_seqs: int, max_blocks_per_seq: int, capture: bool) -> None:
-        """num_blocks: cache blocks including the scratch block (the last one)."""
+                 max_num_seqs: int, max_blocks_per_seq: int) -> None:
+        """num_blocks: cache blocks including the scratch block (the last one). Nothing runs
+        until `prepare` (the runner's warm-up)."""
         self.model, self.kv_caches = model, kv_caches
         self.block_size, self.scratch = block_size, num_blocks - 1
         self.buckets = buckets_for(max_num_seqs)
         dev = kv_caches[0][0].device
         i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.int64, device=dev)
         bmax = self.buckets[-1]
-        self.ids, self.positions, self.slots = (torch.zeros(bmax, **i64) for _ in range(3))
-        self.owner = torch.full((num_blocks,), -1, **i32)
-        self.logical = torch.zeros(num_blocks, **i32)
-        self.seq_of = torch.arange(bmax, **i32)
-        self.pos = torch.zeros(bmax, 1, **i32)
-        self.kv_num = torch.zeros(bmax, 1, 1, **i32)
-        self.kv_idx = torch.zeros(bmax, 1, 1, max_blocks_per_seq, **i32)
-        self.sorted_tokens = torch.zeros(bmax, **i32)
-        self.seg_slots = torch.zeros(bmax, **i32)
-        self.seg_starts = torch.zeros(bmax + 1, **i32)
-        self.arange = torch.arange(bmax, **i64)
+        # inference tensors, as the eager path's per-step metadata is: torch.compile guards on
+        # the kind, so both paths share the compiled FlexAttention variants
+        with torch.inference_mode():
+            self.ids, self.positions, self.slots = (torch.zeros(bmax, **i64) for _ in range(3))
+            self.owner = torch.full((num_blocks,), -1, **i32)
+            self.logical = torch.zeros(num_blocks, **i32)
+            self.seq_of = torch.arange(bmax, **i32)
+            self.pos = torch.zeros(bmax, 1, **i32)
+            self.kv_num = torch.zeros(bmax, 1, 1, **i32)
+            self.kv_idx = torch.zeros(bmax, 1, 1, max(max_blocks_per_seq, MIN_DIM), **i32)
+            self.sorted_tokens = torch.zeros(bmax, **i32)
+            self.seg_slots = torch.zeros(bmax, **i32)
+            self.seg_starts = torch.zeros(bmax + 1, **i32)
+            self.arange = torch.arange(bmax, **i64)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.steps = 0  # decode steps run on the buffers (replayed or eager)
         self.captures = 0
@@ -70,8 +75,6 @@ class DecodeGraphs:
         # means the graphs must be captured again before the next replay
         self._lora_layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
         self._captured_key: tuple[int, ...] | None = None
-        if capture:
-            self._capture_all()
 
     def pools_key(self) -> tuple[int, ...]:
         return tuple(t.data_ptr() for m in self._lora_layers for t in (m.a_pool, m.b_pool, m.ranks, m.row_start))
@@ -81,20 +84,15 @@ class DecodeGraphs:
 
     # -------------------------------------------------------------------- per bucket
     def _metadata(self, b: int) -> tuple[AttentionMetadata, LoRABatchMeta]:
-        bs, owner, logical, seq_of, pos = self.block_size, self.owner, self.logical, self.seq_of, self.pos
-
-        def keep(bi: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-            block = kv // bs
-            return (owner[block] == seq_of[bi]) & (logical[block] * bs + kv % bs <= pos[bi, q])
-
-        mask = BlockMask.from_kv_blocks(self.kv_num[:b], self.kv_idx[:b], BLOCK_SIZE=(Q_BLOCK, bs), mask_mod=keep,
-                                        seq_lengths=(1, owner.numel() * bs), compute_q_blocks=False)
+        mask = paged_block_mask(self.kv_num[:b], self.kv_idx[:b], self.owner, self.logical, self.seq_of, self.pos,
+                                self.block_size, 1)
         rows = self.arange[:b]
         flex = FlexMetadata(decode=FlexBatch(q_index=rows, valid=rows, rows=rows, batch=b, q_len=1, block_mask=mask),
                             prefill=None)
         empty = self.ids[:0]
         attn = AttentionMetadata(slot_mapping=self.slots[:b], decode_rows=empty, decode_blocks=empty,
-                                 decode_mask=empty.float(), decode_lens=empty, prefills=(), block_size=bs, flex=flex)
+                                 decode_mask=empty.float(), decode_lens=empty, prefills=(), block_size=self.block_size,
+                                 flex=flex)
         lora = LoRABatchMeta(sorted_tokens=self.sorted_tokens[:b], seg_slots=self.seg_slots[:b],
                              seg_starts=self.seg_starts[: b + 1], max_seg_len=b, max_rank=GRAPH_MAX_RANK, num_tokens=b,
                              backend="triton")
@@ -104,20 +102,28 @@ class DecodeGraphs:
         attn, lora = self._metadata(b)
         return self.model(self.ids[:b], self.positions[:b], self.kv_caches, attn, lora)
 
-    def _capture_all(self) -> None:
-        """Capture from the largest bucket down, sharing one memory pool (as vLLM does)."""
+    @torch.inference_mode()
+    def prepare(self, capture: bool) -> None:
+        """Run every bucket's forward on padding rows (compiling what it compiles: the start,
+        not a request, pays for it), then with `capture` capture them, from the largest bucket
+        down, sharing one memory pool (as vLLM does)."""
         self._fill_padding(0, self.buckets[-1])
+        self._fill_lora(None, self.buckets[-1])
+        if not capture:
+            for b in reversed(self.buckets):
+                self._forward(b)
+            return
         self.graphs.clear()
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.buckets):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), torch.inference_mode():
+            with torch.cuda.stream(stream):
                 for _ in range(2):  # compile and autotune outside the capture
                     self._forward(b)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool):
                 out = self._forward(b)
             self.graphs[b] = (graph, out)
         torch.cuda.synchronize()
@@ -150,7 +156,7 @@ class DecodeGraphs:
         block table covering position + 1 tokens) in `bucket`. Returns logits [n, vocab]."""
         if self.needs_recapture():  # the adapter pools grew since the capture (before filling the buffers)
             logger.info("adapter pools reallocated: capturing the decode graphs again")
-            self._capture_all()
+            self.prepare(capture=True)
         n, bs = len(ids), self.block_size
         dev = self.ids.device
         self.ids[:n].copy_(torch.tensor(ids), non_blocking=True)

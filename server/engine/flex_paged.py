@@ -15,6 +15,11 @@ Decode tokens (one query each) run as one batch [B, H, 1, D]; prefill chunks as 
 padded to the longest chunk [P, H, Qmax, D] (a handful per step). On CUDA FlexAttention is
 compiled once per process (eager would materialise [B, H, Q, slots] scores); on the CPU it
 runs eagerly, which is how CI tests this path (`EngineConfig.attention_backend="flex"`).
+
+Shapes are kept off 1 (see `MIN_DIM`): torch.compile's dynamic shapes still specialise a
+size of 1, so a step with one sequence, one block or one query tile would compile the kernel
+again on the serving thread (and past Dynamo's recompile limit of 8 variants it falls back to
+eager FlexAttention, which materialises the scores over the whole cache).
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 # Rows of queries per block-mask row: one tile covers a whole decode batch row (Q = 1) and
 # the usual prefill chunk (<= 256 tokens: two tiles).
 Q_BLOCK = 128
+
+# The least batch rows, KV-list width and (for prefill) query tiles a FlexAttention call gets:
+# padding rows list no block (kv_num 0) and their queries see nothing; extra width and tiles
+# are never read. Then every call of a phase (decode: one query; prefill: several) has one
+# specialisation, which `ModelRunner.warm_up` compiles before the first request.
+MIN_DIM = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +84,7 @@ def build_flex_metadata(
 def _batch(seqs, members: list[int], owner: torch.Tensor, logical: torch.Tensor, block_size: int, num_blocks: int,
            num_tokens: int, device: torch.device) -> FlexBatch:
     q_len = max(seqs[i][1] for i in members)
+    batch = max(len(members), MIN_DIM)
     q_index, valid, rows, positions, tables = [], [], [], [], []
     for b, i in enumerate(members):
         q_start, n, ctx_len, table = seqs[i]
@@ -82,31 +94,61 @@ def _batch(seqs, members: list[int], owner: torch.Tensor, logical: torch.Tensor,
         rows += range(q_start, q_start + n)
         positions.append(list(range(first, ctx_len)) + [-1] * (q_len - n))  # -1: a pad query sees nothing
         tables.append(table[: (ctx_len + block_size - 1) // block_size])
+    for _ in range(batch - len(members)):  # padding rows: the zero query row, no block, nothing seen
+        q_index += [num_tokens] * q_len
+        positions.append([-1] * q_len)
+        tables.append([])
     q_tiles = (q_len + Q_BLOCK - 1) // Q_BLOCK
+    if q_len > 1:
+        q_tiles = max(q_tiles, MIN_DIM)
     kv_num = torch.tensor([len(t) for t in tables], dtype=torch.int32)
     # [B, 1, q_tiles, widest table]: a row lists its sequence's blocks; entries past its count
     # are never read (a width of num_blocks, FlexAttention's dense layout, would cost
     # B x num_blocks ints per step)
-    kv_idx = torch.zeros((len(members), max(len(t) for t in tables)), dtype=torch.int32)
+    kv_idx = torch.zeros((batch, max(MIN_DIM, *(len(t) for t in tables))), dtype=torch.int32)
     for b, t in enumerate(tables):
         kv_idx[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
     kv_num = kv_num[:, None, None].expand(-1, 1, q_tiles).contiguous().to(device)
     kv_idx = kv_idx[:, None, None, :].expand(-1, 1, q_tiles, -1).contiguous().to(device)
-    seq_of = torch.tensor(members, dtype=torch.int32, device=device)
+    # -3: no block's owner (owners are sequences >= 0, -1 for free blocks, -2 the decode
+    # graphs' scratch block)
+    seq_of = torch.tensor(members + [-3] * (batch - len(members)), dtype=torch.int32, device=device)
     pos = torch.tensor(positions, dtype=torch.int32, device=device)
+
+    mask = paged_block_mask(kv_num, kv_idx, owner, logical, seq_of, pos, block_size, q_len)
+    return FlexBatch(
+        q_index=torch.tensor(q_index, dtype=torch.int64, device=device),
+        valid=torch.tensor(valid, dtype=torch.int64, device=device),
+        rows=torch.tensor(rows, dtype=torch.int64, device=device),
+        batch=batch, q_len=q_len, block_mask=mask,
+    )
+
+
+def compiled_flex_attention(backend: str = "inductor") -> Callable[..., torch.Tensor]:
+    """FlexAttention under torch.compile with dynamic shapes, as the GPU path runs it. (The
+    tests compile with backend="eager": the same Dynamo front end and guards, no codegen.)"""
+    return torch.compile(flex_attention, dynamic=True, backend=backend)
+
+
+def paged_block_mask(kv_num: torch.Tensor, kv_idx: torch.Tensor, owner: torch.Tensor, logical: torch.Tensor,
+                     seq_of: torch.Tensor, pos: torch.Tensor, block_size: int, q_len: int) -> BlockMask:
+    """The block mask of one call (kv_num [B, 1, tiles], kv_idx [B, 1, tiles, width]) with the
+    mask function of the module docstring over owner/logical [blocks] and seq_of [B'] / pos
+    [B', Q] (B' >= B). One mask function for every caller, the decode graphs included:
+    torch.compile guards on its code object. The tensors' sizes are marked dynamic up front
+    (Dynamo otherwise compiles the first call for its exact sizes and only the second one
+    for any); sizes of 1 stay specialised, hence MIN_DIM."""
+    for t, dims in ((kv_num, (0, 2)), (kv_idx, (0, 2, 3)), (seq_of, (0,)), (pos, (0, 1))):
+        for d in dims:
+            if t.shape[d] > 1:
+                torch._dynamo.maybe_mark_dynamic(t, d)
 
     def keep(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         block = kv // block_size
         return (owner[block] == seq_of[b]) & (logical[block] * block_size + kv % block_size <= pos[b, q])
 
-    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(Q_BLOCK, block_size), mask_mod=keep,
-                                    seq_lengths=(q_len, num_blocks * block_size), compute_q_blocks=False)
-    return FlexBatch(
-        q_index=torch.tensor(q_index, dtype=torch.int64, device=device),
-        valid=torch.tensor(valid, dtype=torch.int64, device=device),
-        rows=torch.tensor(rows, dtype=torch.int64, device=device),
-        batch=len(members), q_len=q_len, block_mask=mask,
-    )
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(Q_BLOCK, block_size), mask_mod=keep,
+                                    seq_lengths=(q_len, owner.numel() * block_size), compute_q_blocks=False)
 
 
 @functools.cache
@@ -114,7 +156,7 @@ def _kernel(device_type: str) -> Callable[..., torch.Tensor]:
     """FlexAttention compiled once per process on CUDA (the fused kernel that reads only the
     listed blocks); eager elsewhere (it computes every score and masks: CPU tests only)."""
     if device_type == "cuda":
-        return torch.compile(flex_attention, dynamic=True)
+        return compiled_flex_attention()
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     return flex_attention
 
@@ -149,6 +191,15 @@ def flex_paged_attention(
         if fb is None:
             continue
         qb = q_pad.index_select(0, fb.q_index).view(fb.batch, fb.q_len, heads, dim).transpose(1, 2)
+        # Heads and head_dim are fixed: say so before the compiled kernel sees them, or Dynamo
+        # may give a head count and an equal batch size one symbol, and FlexAttention's own
+        # mark_static of the heads then pins the batch to its first value.
+        for t in (qb, kc, vc):
+            torch._dynamo.mark_static(t, 1)
+            torch._dynamo.mark_static(t, 3)
+        for t in (k_cache, v_cache):  # the views' base, which Dynamo sizes too
+            torch._dynamo.mark_static(t, 1)
+            torch._dynamo.mark_static(t, 2)
         ob = kernel(qb, kc, vc, block_mask=fb.block_mask, scale=scale, enable_gqa=True,
                     **_kernel_options(q.device.type, fb.block_mask.BLOCK_SIZE[1]))  # [B, H, Q, D]
         flat = ob.transpose(1, 2).reshape(fb.batch * fb.q_len, heads, dim)

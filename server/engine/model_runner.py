@@ -132,29 +132,25 @@ class ModelRunner:
             for _ in self.model.layers
         ]
         logger.info("KV cache: %d blocks of %d tokens, %.0f MiB", config.num_kv_blocks, config.block_size, self.kv_bytes / 2**20)
-        if self.device.type == "cuda":
-            self.warm_up()
         self.decode_graphs: DecodeGraphs | None = None
         if graphs != "off":
-            try:
-                self.decode_graphs = DecodeGraphs(
-                    self.model, self.kv_caches, num_blocks=self.num_cache_blocks, block_size=config.block_size,
-                    max_num_seqs=config.max_num_seqs, max_blocks_per_seq=-(-config.max_model_len // config.block_size),
-                    capture=graphs == "capture",
-                )
-            except RuntimeError:  # a capture the driver or a kernel refuses: serve without graphs
-                if graphs != "capture":
-                    raise
-                logger.exception("CUDA graph capture failed: decode steps run eagerly (decode_graphs='off' skips it)")
+            self.decode_graphs = DecodeGraphs(
+                self.model, self.kv_caches, num_blocks=self.num_cache_blocks, block_size=config.block_size,
+                max_num_seqs=config.max_num_seqs, max_blocks_per_seq=-(-config.max_model_len // config.block_size))
+        self._capture_graphs = graphs == "capture"
+        if self.device.type == "cuda":
+            self.warm_up()
 
     def warm_up(self) -> None:
         """Compile what the GPU path compiles lazily, before the first request: the Triton
         LoRA kernels for every block-size variant (on one decoder layer's own pools: all
         layers share their shapes), on a GPU after measuring the shrink's split-K per layer
-        width and decode segment count (which compiles every split), and FlexAttention for
-        decode and prefill batches of one and of two sequences (torch.compile specialises sizes 0/1; dynamic shapes cover
-        the rest). The warm-up forwards write K/V into the first cache blocks, which any sequence
-        given them later overwrites before it reads them."""
+        width and decode segment count (which compiles every split), and FlexAttention for a
+        decode step, a short prefill chunk and the longest one (flex_paged pads every call off
+        the sizes torch.compile specialises, so these are all the variants a step can need;
+        Inductor's FlexAttention lowering picks its decoding kernel below 128 queries). The
+        warm-up forwards write K/V into the first cache blocks, which any sequence given them
+        later overwrites before it reads them."""
         t0 = time.perf_counter()
         launches = 0
         if self.lora_backend == "triton":
@@ -170,9 +166,12 @@ class ModelRunner:
                 launches += triton_lora.warm_up(proj.a_pool, proj.b_pool, proj.row_start, proj.ranks,
                                                 proj.slice_offsets)
         bs = self.config.block_size
-        # (q_start, q_len, ctx_len): decodes of 1 and 2 sequences, prefill chunks of 1 and 2;
-        # block tables are the first blocks (0, 1, ...), so slot = position
-        shapes = ([(0, 1, 1)], [(0, 1, 1), (1, 1, 2)], [(0, 2, 2)], [(0, 2, 2), (2, 2, 3)])
+        # (q_start, q_len, ctx_len) per sequence: a decode, a 2-token chunk, the longest chunk
+        # (within the cache and the model length); block tables are the first blocks (0, 1,
+        # ...), so slot = position
+        longest = min(self.config.max_prefill_chunk, self.config.max_model_len,
+                      self.num_cache_blocks * bs - 1)
+        shapes = [[(0, 1, 1)], [(0, 2, 2)]] + ([[(0, longest, longest)]] if longest > 2 else [])
         with torch.inference_mode():
             for spec in shapes:
                 seqs = [(q0, q, ctx, list(range(-(-ctx // bs)))) for q0, q, ctx in spec]
@@ -181,6 +180,14 @@ class ModelRunner:
                                                 backend=self.attention_backend, num_blocks=self.num_cache_blocks)
                 pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
                 self.model(torch.zeros_like(pos), pos, self.kv_caches, meta)
+        if self.decode_graphs is not None:  # every bucket run (and captured, on CUDA) once
+            try:
+                self.decode_graphs.prepare(capture=self._capture_graphs)
+            except RuntimeError:  # a capture the driver or a kernel refuses: serve without graphs
+                if not self._capture_graphs:
+                    raise
+                logger.exception("CUDA graph capture failed: decode steps run eagerly (decode_graphs='off' skips it)")
+                self.decode_graphs = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         logger.info("warm-up: %d Triton LoRA launches and %d forwards in %.1f s", launches, len(shapes),

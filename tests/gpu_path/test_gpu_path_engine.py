@@ -234,7 +234,7 @@ def test_gpu_path_float32_matches_merged_reference_token_for_token() -> None:
     hf = _model(torch.float32)
     engine = _engine(hf, dict(GPU_PATH, decode_graphs="eager"))
     graphs = engine.runner.decode_graphs
-    assert graphs is not None and graphs.buckets == [1, 2, 4, 6] and not graphs.graphs
+    assert graphs is not None and graphs.buckets == [2, 4, 6] and not graphs.graphs
     assert engine.runner.attention_backend == "flex"
     arrivals, setup, adapters = _workload(engine)
     got = run_to_completion(engine, arrivals)
@@ -261,3 +261,39 @@ def test_decode_graphs_notice_reallocated_adapter_pools() -> None:
     layer = engine.runner.model.layers[1].gate_up
     layer.relayout_rows(layer.a_pool.shape[1] + 16, [])
     assert graphs.needs_recapture()
+
+
+def test_compiled_flex_attention_compiles_nothing_after_warm_up(monkeypatch) -> None:
+    """On CUDA FlexAttention runs under torch.compile with dynamic shapes, which still
+    specialises any size of 1: a step of one sequence, one cache block or one query tile would
+    compile on the serving thread (seconds), and past Dynamo's limit of 8 variants fall back to
+    eager FlexAttention over the whole cache. Here it is compiled by Dynamo with backend="eager"
+    (the same front end and guards, no code generation), warmed up as a CUDA runner is at
+    start, then serves the staggered workload (decode batches of 1-6 sequences, on the decode
+    graphs' buffers and off them; prefill chunks of 1-8 tokens alone and side by side;
+    contexts of one and two 16-token blocks): no new graph after the warm-up, and the output
+    still the merged references'."""
+    from torch._dynamo.utils import counters
+
+    from lorafold.server.engine import flex_paged
+
+    torch._dynamo.reset()
+    compiled = flex_paged.compiled_flex_attention(backend="eager")
+    monkeypatch.setattr(flex_paged, "_kernel", lambda _device_type: compiled)
+    hf = _model(torch.float32)
+    engine = _engine(hf, dict(GPU_PATH, decode_graphs="eager"), block_size=16, num_kv_blocks=40)
+    try:
+        engine.runner.warm_up()
+        warmed = counters["stats"]["unique_graphs"]
+        assert warmed >= 2, "the warm-up must compile decode and prefill"
+        arrivals, setup, adapters = _workload(engine)
+        got = run_to_completion(engine, arrivals)
+        assert counters["stats"]["unique_graphs"] == warmed, "FlexAttention compiled again after the warm-up"
+        assert engine.runner.decode_graphs.steps >= 5
+        merged: dict = {}
+        for rid, prompt, a in setup:
+            if a not in merged:
+                merged[a] = hf if a is None else merged_model(hf, adapters[a])
+            assert got[rid] == hf_greedy(merged[a], prompt, MAX_TOKENS, None), f"{rid} (adapter {a})"
+    finally:
+        torch._dynamo.reset()
