@@ -11,10 +11,11 @@ median. (a) all on the base, (c) 64 distinct rank-16 adapters, (d) 64 adapters o
 adapter i mod N). With every sequence in the step and no prefill, this isolates the per-step
 LoRA cost from scheduling and from the machine's drift over a long run; (a) is the baseline
 each adapter scenario is compared with, in the same process (`--rounds` interleaves the
-scenarios that many times). `--profile` also times the LoRA operator itself over as many
-more steps (torch.profiler): its milliseconds per step, the bytes of adapter rows the step
-reads (every distinct adapter's rows, once) and the read rate that gives, against the
-machine's measured read bandwidth: how far the adapters' cost is the memory traffic alone.
+scenarios that many times). `--profile` also profiles as many more steps (torch.profiler):
+the LoRA operator's milliseconds per step and every other operator's, the bytes of adapter
+rows the step reads (every distinct adapter's rows, once) and the read rate that gives,
+against the machine's measured read bandwidth: how far the adapters' cost is the memory
+traffic alone.
 """
 
 from __future__ import annotations
@@ -42,16 +43,18 @@ def label(key: str) -> str:
     return LABELS.get(key) or f"{key[1:]} distinct rank-16 adapters"
 
 
-def lora_op_seconds(engine: LLMEngine, steps: int) -> float:
-    """Self CPU time of the LoRA operators (`lorafold_cpu::lora_apply`, or `lorafold::lora_*`)
-    per step, over `steps` profiled steps."""
+def op_seconds(engine: LLMEngine, steps: int) -> tuple[float, float]:
+    """Per step, over `steps` profiled steps: the self CPU time of the LoRA operators
+    (`lorafold_cpu::lora_apply`, or `lorafold::lora_*`), and of every operator."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             engine.step()
-    total_us = sum(e.self_cpu_time_total for e in prof.key_averages() if "::lora_" in e.key)
-    return total_us / 1e6 / steps
+    events = prof.key_averages()
+    lora_us = sum(e.self_cpu_time_total for e in events if "::lora_" in e.key)
+    all_us = sum(e.self_cpu_time_total for e in events)
+    return lora_us / 1e6 / steps, all_us / 1e6 / steps
 
 
 def decode_step_seconds(base, tokenizer, adapters, steps: int, sequences: int = 64,  # noqa: ANN001
@@ -77,7 +80,7 @@ def decode_step_seconds(base, tokenizer, adapters, steps: int, sequences: int = 
         times.append(time.perf_counter() - t0)
     out = {"step_seconds": times, "distinct_adapters": engine.last_step.num_adapters}
     if profile:
-        out["lora_op_s"] = lora_op_seconds(engine, steps)
+        out["lora_op_s"], out["all_ops_s"] = op_seconds(engine, steps)
         # every distinct adapter's rows, once: its rank rows x the bytes of a rank row
         distinct = {id(a): a for a in adapters}.values()
         out["adapter_bytes"] = sum(a.max_rank for a in distinct) * engine.runner.model.slots.row_bytes
@@ -120,6 +123,7 @@ def main() -> int:
                "distinct_adapters": runs[key][-1]["distinct_adapters"]}
         if args.profile:
             row["lora_op_s"] = statistics.median(r["lora_op_s"] for r in runs[key])
+            row["other_ops_s"] = statistics.median(r["all_ops_s"] - r["lora_op_s"] for r in runs[key])
             row["adapter_bytes"] = runs[key][-1]["adapter_bytes"]
             row["lora_read_Bps"] = row["adapter_bytes"] / row["lora_op_s"] if row["lora_op_s"] else None
         rows.append(row)
@@ -128,7 +132,7 @@ def main() -> int:
           f"{rates['threads']} threads; {args.sequences}-sequence decode step, median of {args.steps} x "
           f"{args.rounds} round(s)")
     print(f"{'':3} {'scenario':<32} {'step s':>8} {'x (a)':>7} {'per round':>20}"
-          + (f" {'LoRA op ms':>10} {'adapter MiB':>11} {'GB/s':>6}" if args.profile else ""))
+          + (f" {'LoRA op ms':>10} {'other ops ms':>12} {'adapter MiB':>11} {'GB/s':>6}" if args.profile else ""))
     for r in rows:
         if base is not None:
             r["vs_a"] = r["median_s"] / base
@@ -136,7 +140,8 @@ def main() -> int:
                 f"{' / '.join(f'{t:.3f}' for t in r['round_medians_s']):>20}")
         if args.profile:
             gbs = f"{r['lora_read_Bps'] / 1e9:>6.1f}" if r["lora_read_Bps"] else f"{'-':>6}"
-            line += f" {r['lora_op_s'] * 1e3:>10.1f} {r['adapter_bytes'] / 2**20:>11.0f} {gbs}"
+            line += (f" {r['lora_op_s'] * 1e3:>10.1f} {r['other_ops_s'] * 1e3:>12.1f} "
+                     f"{r['adapter_bytes'] / 2**20:>11.0f} {gbs}")
         print(line)
     out = write_json(args.out, {"benchmark": "decode_step", "args": vars(args), "machine": rates, "rows": rows})
     print(f"wrote {out}")
