@@ -287,8 +287,9 @@ def throughput_section(device: torch.device, *, smoke: bool) -> dict:
 
 def lora_vs_gemm(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[dict]:
     """Triton shrink+expand (64 distinct rank-16 adapters) vs the layer's base GEMM at decode,
-    and the shrink alone unsplit vs at the SPLIT_K the engine's start-up measured (the
-    engine is built first: its warm-up fills the table for these layer shapes)."""
+    and the shrink alone at the default launch (unsplit, 4 warps) vs at the (SPLIT_K,
+    num_warps) the engine's start-up measured (the engine is built first: its warm-up fills
+    the table for these layer shapes)."""
     from lorafold.kernels import triton_lora
     from lorafold.kernels.meta import build_lora_meta
     from lorafold.kernels.ops import expand, shrink
@@ -310,18 +311,20 @@ def lora_vs_gemm(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[
                 y = shrink(case.x, case.a_pool, case.row_start, case.ranks, meta)
                 expand(y, case.b_pool, case.row_start, case.ranks, case.slice_offsets, meta, out)
 
-            def shrink_only(split_k: int) -> None:
+            def shrink_only(config: tuple[int, int]) -> None:
                 triton_lora.shrink(case.x, case.a_pool, case.row_start, case.ranks, meta.sorted_tokens, meta.seg_slots,
                                    meta.seg_starts, meta.max_seg_len, meta.max_rank, check_values=False,
-                                   split_k=split_k)
+                                   split_k=config[0], num_warps=config[1])
 
             block_m, block_r = triton_lora.variant(meta.max_seg_len, meta.max_rank)
-            split = triton_lora.chosen_split_k(d_in, len(widths), block_m, block_r, meta.seg_slots.numel())
+            chosen = triton_lora.chosen_shrink_config(d_in, len(widths), block_m, block_r, meta.seg_slots.numel())
+            default = triton_lora.DEFAULT_CONFIG
             reps = 1 if smoke else 50
             gemm_s = timed(lambda: F.linear(case.x, weight), device, reps)
             lora_s = timed(lora, device, reps)
             rows.append({"tokens": tokens, "layer": name, "adapters": n_adapters, "gemm_us": round(gemm_s * 1e6, 1),
                          "lora_us": round(lora_s * 1e6, 1), "fraction": round(lora_s / gemm_s, 3), "target": 0.10,
-                         "split_k": split, "shrink_us_split1": round(timed(lambda: shrink_only(1), device, reps) * 1e6, 1),
-                         "shrink_us_chosen": round(timed(lambda: shrink_only(split), device, reps) * 1e6, 1)})
+                         "split_k": chosen[0], "num_warps": chosen[1],
+                         "shrink_us_default": round(timed(lambda: shrink_only(default), device, reps) * 1e6, 1),
+                         "shrink_us_chosen": round(timed(lambda: shrink_only(chosen), device, reps) * 1e6, 1)})
     return rows

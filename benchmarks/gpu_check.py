@@ -28,7 +28,8 @@ benchmarks/results/gpu_check.json (`--out`). Sections:
   wall vs profiled GPU time per step, Triton compiles during and after warm-up and
   torch.compile graphs (FlexAttention) built while each scenario ran, a cold
   adapter's first token; shrink+expand time as a fraction of each layer's base GEMM at
-  decode sizes, and the shrink unsplit vs at the split-K the engine's start-up measured.
+  decode sizes, and the shrink at the default launch vs at the (split-K, warps) the engine's
+  start-up measured.
 Targets (figures to compare, not asserts): <= 5 % throughput loss at 64 adapters vs the base,
 shrink+expand <= 10 % of the base GEMM at decode, no compile after warm-up, cold adapter to
 first token <= 50 ms. The exit status is 1 when a correctness check fails.

@@ -19,8 +19,8 @@ Split-K for the shrink at decode sizes: a decode step of a few adapters launches
 on a GPU of 132 SMs. SPLIT_K programs then share one (tile, slice, segment), each over a
 contiguous run of d_in, writing fp32 partials that one sum reduces (deterministic, unlike
 atomics; the partials are [SPLIT_K, slices, T, rank], small at decode). How far to split is
-measured at start on the device, per layer width and segment count (`tune_split_k`), not
-guessed; prefill tiles (BLOCK_M > 16) never split.
+measured at start on the device, with the warps per program, per layer width and segment
+count (`tune_shrink`), not guessed; prefill tiles (BLOCK_M > 16) never split.
 
 Precision: fp16/bf16 shrink dots are native with fp32 accumulation (exact products).
 fp32 data uses "ieee" dots (tf32 would miss the 1e-4 contract). The expand upcasts B to
@@ -30,10 +30,12 @@ the bf16/fp16 output) and ieee for fp32 models.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 import triton
+import triton.errors
 import triton.language as tl
 
 # Read the same knob that `triton.jit` reads at decoration time, so the flag always matches
@@ -41,6 +43,7 @@ import triton.language as tl
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 MAX_SLICES = 4  # slice offsets travel as scalar kernel args (no per-call host->device copy)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+logger = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -275,44 +278,56 @@ def variant(max_seg_len: int, max_rank: int) -> tuple[int, int]:
     return _block_m(max_seg_len), _block_r(max_rank)
 
 
-# ----------------------------------------------------------------------------- split-K, measured
+# ----------------------------------------------------------------------------- launch config, measured
 
 BLOCK_K_SHRINK = 64
 SPLIT_K_CHOICES: tuple[int, ...] = (1, 2, 4, 8)
+# Warps per program: Triton's default is 4; a decode tile (16 tokens x 16-32 rank rows) may
+# run better on 2. Each choice is a compiled variant of its own.
+NUM_WARPS_CHOICES: tuple[int, ...] = (2, 4)
+DEFAULT_CONFIG: tuple[int, int] = (1, 4)  # (SPLIT_K, num_warps) wherever nothing was measured
 # Decode segment counts the tuning measures; a launch uses the largest bucket <= its count.
 SEGMENT_BUCKETS: tuple[int, ...] = (1, 4, 16, 64)
-# (d_in, n_slices, BLOCK_R, segment bucket) -> SPLIT_K, filled by `tune_split_k` at start
-_SPLIT_K_TABLE: dict[tuple[int, int, int, int], int] = {}
+# (d_in, n_slices, BLOCK_R, segment bucket) -> (SPLIT_K, num_warps), filled by `tune_shrink`
+_SHRINK_TABLE: dict[tuple[int, int, int, int], tuple[int, int]] = {}
 
 
-def chosen_split_k(d_in: int, n_slices: int, block_m: int, block_r: int, n_segments: int) -> int:
-    """The measured SPLIT_K for a decode launch (BLOCK_M 16); 1 for prefill tiles and for
-    shapes never measured (the CPU, the interpreter, or a GPU before `tune_split_k`)."""
+def chosen_shrink_config(d_in: int, n_slices: int, block_m: int, block_r: int, n_segments: int) -> tuple[int, int]:
+    """The measured (SPLIT_K, num_warps) of a decode launch (BLOCK_M 16); DEFAULT_CONFIG for
+    prefill tiles and for shapes never measured (the CPU, the interpreter, or a GPU before
+    `tune_shrink`)."""
     if block_m != 16:
-        return 1
-    bucket = max((b for b in SEGMENT_BUCKETS if b <= n_segments), default=SEGMENT_BUCKETS[0])
-    return _SPLIT_K_TABLE.get((d_in, n_slices, block_r, bucket), 1)
+        return DEFAULT_CONFIG
+    # the largest measured bucket at or below the count (buckets above num_slots are not
+    # measured), else the smallest
+    for bucket in sorted(SEGMENT_BUCKETS, reverse=True):
+        if bucket <= n_segments or bucket == min(SEGMENT_BUCKETS):
+            if (d_in, n_slices, block_r, bucket) in _SHRINK_TABLE:
+                return _SHRINK_TABLE[d_in, n_slices, block_r, bucket]
+    return DEFAULT_CONFIG
 
 
-def split_k_table() -> dict[tuple[int, int, int, int], int]:
-    """A copy of the measured choices, (d_in, n_slices, BLOCK_R, segment bucket) -> SPLIT_K."""
-    return dict(_SPLIT_K_TABLE)
+def shrink_table() -> dict[tuple[int, int, int, int], tuple[int, int]]:
+    """A copy of the measured choices, (d_in, n_slices, BLOCK_R, segment bucket) ->
+    (SPLIT_K, num_warps)."""
+    return dict(_SHRINK_TABLE)
 
 
-def tune_split_k(a_pool: torch.Tensor, ranks: torch.Tensor,
-                 timer: Callable[[Callable[[], object]], float] | None = None,
-                 ) -> dict[tuple[int, int, int, int], dict[int, float]]:
+def tune_shrink(a_pool: torch.Tensor, ranks: torch.Tensor,
+                timer: Callable[[Callable[[], object]], float] | None = None,
+                ) -> dict[tuple[int, int, int, int], dict[tuple[int, int], float]]:
     """Measure the decode shrink of a layer shaped like `a_pool` ([n_slices, R, d_in]) with
-    slots like `ranks` ([n_slices, num_slots]) for every SPLIT_K in SPLIT_K_CHOICES, segment
-    bucket (up to num_slots: a step has no more distinct adapters) and BLOCK_R variant, on
-    synthetic adapters at full rank (the pools hold none yet at start), and record the
-    fastest in the table `shrink` reads. Every choice is compiled here, so serving never
-    compiles one: the synthetic tensors share the layer's shapes because Triton specialises
-    integer arguments (ranks' row stride is num_slots) and would otherwise compile again.
-    `timer(fn)` returns a time for one call of fn (default `triton.testing.do_bench`, CUDA
-    events, shortened: 5 ms warm-up, 20 ms of repeats; 32 measurements per layer shape).
-    Returns the measurements made (shapes measured before in this process are skipped),
-    keyed as the table."""
+    slots like `ranks` ([n_slices, num_slots]) for every (SPLIT_K, num_warps) of
+    SPLIT_K_CHOICES x NUM_WARPS_CHOICES, segment bucket (up to num_slots: a step has no more
+    distinct adapters) and BLOCK_R variant, on synthetic adapters at full rank (the pools hold
+    none yet at start), and record the fastest in the table `shrink` reads. Every choice is
+    compiled here, so serving never compiles one: the synthetic tensors share the layer's
+    shapes because Triton specialises integer arguments (ranks' row stride is num_slots) and
+    would otherwise compile again. A choice Triton cannot compile or launch on this device
+    (out of registers or shared memory) is logged and left out. `timer(fn)` returns a time
+    for one call of fn (default `triton.testing.do_bench`, CUDA events, shortened: 5 ms
+    warm-up, 20 ms of repeats). Returns the measurements made (shapes measured before in
+    this process are skipped), keyed as the table, then by choice."""
     if timer is None:
         from triton.testing import do_bench
 
@@ -322,11 +337,11 @@ def tune_split_k(a_pool: torch.Tensor, ranks: torch.Tensor,
     num_slots = ranks.shape[1]
     device, dtype = a_pool.device, a_pool.dtype
     gen = torch.Generator(device=device).manual_seed(0)
-    times: dict[tuple[int, int, int, int], dict[int, float]] = {}
+    times: dict[tuple[int, int, int, int], dict[tuple[int, int], float]] = {}
     for max_rank in (16, 32):  # BLOCK_R 16 and 32
         for segments in (b for b in SEGMENT_BUCKETS if b <= num_slots):
             key = (d_in, n_slices, _block_r(max_rank), segments)
-            if key in _SPLIT_K_TABLE:  # measured by an earlier engine in this process
+            if key in _SHRINK_TABLE:  # measured by an earlier engine in this process
                 continue
             # rows for the `segments` adapters only (the row count is not specialised on)
             pool = torch.randn((n_slices, segments * max_rank, d_in), generator=gen, device=device).to(dtype)
@@ -338,9 +353,17 @@ def tune_split_k(a_pool: torch.Tensor, ranks: torch.Tensor,
             tokens = torch.arange(segments, dtype=torch.int32, device=device)
             meta = (row_start, slot_ranks, tokens, tokens,
                     torch.arange(segments + 1, dtype=torch.int32, device=device), 1, max_rank)
-            times[key] = {k: float(timer(lambda k=k: shrink(x, pool, *meta, check_values=False, split_k=k)))
-                          for k in SPLIT_K_CHOICES}
-            _SPLIT_K_TABLE[key] = min(times[key], key=times[key].get)
+            times[key] = {}
+            for split_k in SPLIT_K_CHOICES:
+                for num_warps in NUM_WARPS_CHOICES:
+                    try:
+                        times[key][split_k, num_warps] = float(timer(lambda k=split_k, w=num_warps: shrink(
+                            x, pool, *meta, check_values=False, split_k=k, num_warps=w)))
+                    except triton.errors.TritonError as exc:  # this device cannot run the variant
+                        logger.warning("shrink split_k=%d num_warps=%d skipped for %s: %s", split_k, num_warps, key,
+                                       exc)
+            if times[key]:
+                _SHRINK_TABLE[key] = min(times[key], key=times[key].get)
     return times
 
 
@@ -358,7 +381,7 @@ def _block_r(max_rank: int) -> int:
 def shrink(x: torch.Tensor, a_pool: torch.Tensor, row_start: torch.Tensor, ranks: torch.Tensor,
            sorted_tokens: torch.Tensor, seg_slots: torch.Tensor, seg_starts: torch.Tensor,
            max_seg_len: int, max_rank: int, *, check_values: bool = True,
-           split_k: int | None = None) -> torch.Tensor:
+           split_k: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """LoRA shrink (d_in -> rank) for every token's own adapter, all slices in one launch.
 
     Semantics:
@@ -375,8 +398,9 @@ def shrink(x: torch.Tensor, a_pool: torch.Tensor, row_start: torch.Tensor, ranks
         sorted_tokens: [T_a] int32; seg_slots: [S] int32; seg_starts: [S + 1] int32.
         max_seg_len, max_rank: host ints bounding segment lengths and active ranks.
         check_values: validate metadata values (one device->host sync).
-        split_k: d_in runs per (tile, slice, segment); None: the measured choice for this
-            layer and segment count (`tune_split_k`), 1 where none was measured or BLOCK_M > 16.
+        split_k, num_warps: d_in runs per (tile, slice, segment) and warps per program;
+            None: the measured choice for this layer and segment count (`tune_shrink`),
+            DEFAULT_CONFIG where none was measured or BLOCK_M > 16.
     Returns: y [n_slices, T, max_rank] float32; zero outside adapted (token, j < rank).
     """
     _check_tensor("x", x, _FLOAT_DTYPES, None, 2)
@@ -390,10 +414,12 @@ def shrink(x: torch.Tensor, a_pool: torch.Tensor, row_start: torch.Tensor, ranks
     if check_values:
         _check_values(x.shape[0], n_rows, *meta)
     block_m, block_r = _block_m(max_seg_len), _block_r(max_rank)
-    if split_k is None:
-        split_k = chosen_split_k(d_in, n_slices, block_m, block_r, seg_slots.numel())
-    if not isinstance(split_k, int) or isinstance(split_k, bool) or split_k < 1:
-        raise ValueError(f"split_k must be a positive Python int, got {split_k!r}")
+    chosen = chosen_shrink_config(d_in, n_slices, block_m, block_r, seg_slots.numel())
+    split_k = chosen[0] if split_k is None else split_k
+    num_warps = chosen[1] if num_warps is None else num_warps
+    for name, v in (("split_k", split_k), ("num_warps", num_warps)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive Python int, got {v!r}")
     # split_k partials [split_k, n_slices, T, max_rank], summed below (split_k 1: y itself)
     y = torch.zeros((split_k, n_slices, x.shape[0], max_rank), dtype=torch.float32, device=x.device)
     if seg_slots.numel() == 0 or max_rank == 0 or max_seg_len == 0 or d_in == 0:
@@ -405,7 +431,7 @@ def shrink(x: torch.Tensor, a_pool: torch.Tensor, row_start: torch.Tensor, ranks
         d_in, n_rows, max_rank, ranks.stride(0), x.stride(0), a_pool.stride(0),
         a_pool.stride(1), y.stride(1), y.stride(2), y.stride(0),
         R_TILES=r_tiles, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=BLOCK_K_SHRINK,
-        SPLIT_K=split_k, UPCAST=INTERPRET and x.dtype == torch.bfloat16)
+        SPLIT_K=split_k, UPCAST=INTERPRET and x.dtype == torch.bfloat16, num_warps=num_warps)
     return y[0] if split_k == 1 else y.sum(0)
 
 

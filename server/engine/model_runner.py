@@ -144,11 +144,12 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Compile what the GPU path compiles lazily, before the first request: the Triton
         LoRA kernels for every block-size variant (on one decoder layer's own pools: all
-        layers share their shapes), on a GPU after measuring the shrink's split-K per layer
-        width and decode segment count (which compiles every split), and FlexAttention for a
-        decode step, a short prefill chunk and the longest one (flex_paged pads every call off
-        the sizes torch.compile specialises, so these are all the variants a step can need;
-        Inductor's FlexAttention lowering picks its decoding kernel below 128 queries). The
+        layers share their shapes), on a GPU after measuring the shrink's split-K and warps
+        per layer width and decode segment count (which compiles every choice);
+        FlexAttention for a decode step, a short prefill chunk and the longest one
+        (flex_paged pads every call off the sizes torch.compile specialises, so these are all
+        the variants a step can need; Inductor's FlexAttention lowering picks its decoding
+        kernel below 128 queries); then the decode graphs' buckets (captured on CUDA). The
         warm-up forwards write K/V into the first cache blocks, which any sequence given them
         later overwrites before it reads them."""
         t0 = time.perf_counter()
@@ -160,8 +161,9 @@ class ModelRunner:
             projections = (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)
             if self.device.type == "cuda":  # timings under the CPU interpreter mean nothing
                 for proj in projections:
-                    triton_lora.tune_split_k(proj.a_pool, proj.ranks)
-                logger.info("shrink split-K by (d_in, slices, BLOCK_R, segments): %s", triton_lora.split_k_table())
+                    triton_lora.tune_shrink(proj.a_pool, proj.ranks)
+                logger.info("shrink (split-K, warps) by (d_in, slices, BLOCK_R, segments): %s",
+                            triton_lora.shrink_table())
             for proj in projections:
                 launches += triton_lora.warm_up(proj.a_pool, proj.b_pool, proj.row_start, proj.ranks,
                                                 proj.slice_offsets)

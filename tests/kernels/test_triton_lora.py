@@ -365,21 +365,24 @@ def test_split_k_shrink_matches_reference(split_k: int, dtype) -> None:
 
 
 @pytest.fixture()
-def split_k_table():
-    """`tune_split_k` writes a process-wide table: leave it as found."""
-    saved = tlora.split_k_table()
-    tlora._SPLIT_K_TABLE.clear()
+def shrink_table():
+    """`tune_shrink` writes a process-wide table: leave it as found."""
+    saved = tlora.shrink_table()
+    tlora._SHRINK_TABLE.clear()
     yield
-    tlora._SPLIT_K_TABLE.clear()
-    tlora._SPLIT_K_TABLE.update(saved)
+    tlora._SHRINK_TABLE.clear()
+    tlora._SHRINK_TABLE.update(saved)
 
 
-def test_tune_split_k_records_the_fastest_measured_choice(split_k_table, monkeypatch) -> None:
-    """The tuning measures every SPLIT_K for each segment bucket and BLOCK_R (here with a
-    wall clock under the interpreter: real timings, just not a GPU's), records the fastest,
-    and decode launches read it by the largest bucket at or below their segment count;
-    prefill tiles and unmeasured widths stay unsplit."""
+def test_tune_shrink_records_the_fastest_measured_choice(shrink_table, monkeypatch) -> None:
+    """The tuning measures every (SPLIT_K, num_warps) for each segment bucket and BLOCK_R
+    (here with a wall clock under the interpreter: real timings, just not a GPU's), records
+    the fastest, and decode launches read it by the largest bucket at or below their segment
+    count; prefill tiles and unmeasured widths keep the default launch. A choice the device
+    cannot compile is left out, not fatal."""
     import time
+
+    from triton.runtime.errors import OutOfResources
 
     def wall(fn) -> float:
         t0 = time.perf_counter()
@@ -389,17 +392,30 @@ def test_tune_split_k_records_the_fastest_measured_choice(split_k_table, monkeyp
     # fewer buckets and choices than a GPU measures: the interpreter runs programs one by one
     monkeypatch.setattr(tlora, "SEGMENT_BUCKETS", (1, 4, 8))
     monkeypatch.setattr(tlora, "SPLIT_K_CHOICES", (1, 2, 3))
+    monkeypatch.setattr(tlora, "NUM_WARPS_CHOICES", (2, 4))
+    real = tlora._shrink_kernel
+
+    class RefusesOneVariant:  # as a device short of registers or shared memory refuses one
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                if kw["SPLIT_K"] == 3 and kw["num_warps"] == 2:
+                    raise OutOfResources(1 << 20, 1 << 16, "shared memory")
+                return real[grid](*args, **kw)
+            return run
+
+    monkeypatch.setattr(tlora, "_shrink_kernel", RefusesOneVariant())
     a_pool = torch.randn(2, 8, 130).to(DEVICE)
     ranks = torch.zeros(2, 6, dtype=torch.int32, device=DEVICE)  # 6 slots: bucket 8 cannot occur
-    assert tlora.chosen_split_k(130, 2, 16, 16, 64) == 1  # nothing measured yet
-    times = tlora.tune_split_k(a_pool, ranks, timer=wall)
+    assert tlora.chosen_shrink_config(130, 2, 16, 16, 64) == tlora.DEFAULT_CONFIG == (1, 4)  # nothing measured
+    times = tlora.tune_shrink(a_pool, ranks, timer=wall)
     assert set(times) == {(130, 2, br, s) for br in (16, 32) for s in (1, 4)}
-    table = tlora.split_k_table()
-    for key, by_split in times.items():
-        assert set(by_split) == set(tlora.SPLIT_K_CHOICES) and all(t > 0 for t in by_split.values())
-        assert table[key] == min(by_split, key=by_split.get)
-    assert tlora.chosen_split_k(130, 2, 16, 16, 5) == table[(130, 2, 16, 4)]
-    assert tlora.chosen_split_k(130, 2, 16, 32, 500) == table[(130, 2, 32, 4)]
-    assert tlora.tune_split_k(a_pool, ranks, timer=wall) == {}  # measured once per process
-    assert tlora.chosen_split_k(130, 2, 32, 16, 64) == 1  # prefill tile
-    assert tlora.chosen_split_k(131, 2, 16, 16, 64) == 1  # another layer width
+    table = tlora.shrink_table()
+    for key, by_config in times.items():
+        assert set(by_config) == {(k, w) for k in (1, 2, 3) for w in (2, 4)} - {(3, 2)}
+        assert all(t > 0 for t in by_config.values())
+        assert table[key] == min(by_config, key=by_config.get)
+    assert tlora.chosen_shrink_config(130, 2, 16, 16, 5) == table[(130, 2, 16, 4)]
+    assert tlora.chosen_shrink_config(130, 2, 16, 32, 500) == table[(130, 2, 32, 4)]
+    assert tlora.tune_shrink(a_pool, ranks, timer=wall) == {}  # measured once per process
+    assert tlora.chosen_shrink_config(130, 2, 32, 16, 64) == (1, 4)  # prefill tile
+    assert tlora.chosen_shrink_config(131, 2, 16, 16, 64) == (1, 4)  # another layer width
