@@ -68,7 +68,7 @@ WORKDIR /home/lorafold
 EXPOSE 8000
 VOLUME ["/data/adapters", "/data/state"]
 # /health answers as soon as uvicorn is up; /ready (used by Kubernetes) waits for the engine.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status == 200 else 1)"]
 # Binding 0.0.0.0 needs a key: without LORAFOLD_API_KEYS / LORAFOLD_ADMIN_KEY (or --api-key /
 # --admin-key) the server falls back to 127.0.0.1 and is unreachable from outside the container.

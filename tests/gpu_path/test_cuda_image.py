@@ -54,6 +54,10 @@ def test_deploy_doc_gpu_manifest_patch_parses_and_targets_the_deployment() -> No
     assert overlay["patches"][0]["target"]["name"] == deployment["metadata"]["name"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert "resources" in container and "args" in container  # the patched paths exist
+    # a GPU start (weights, launch tuning, compiles, CUDA graphs) gets 10 minutes, not the CPU's 2
+    probe = container["startupProbe"]
+    assert "failureThreshold" in probe
+    assert paths["/spec/template/spec/containers/0/startupProbe/failureThreshold"] * probe["periodSeconds"] >= 600
     flags = build_parser().parse_args(["serve", "--device=cuda", "--gpu-memory-utilization=0.9"])
     assert flags.device == "cuda" and flags.gpu_memory_utilization == 0.9
     assert "docker run -d --gpus all" in section
