@@ -124,9 +124,19 @@ def _batch(seqs, members: list[int], owner: torch.Tensor, logical: torch.Tensor,
     )
 
 
+# Compiled variants of FlexAttention one process may hold. Each engine compiles its own few
+# (dtype, heads and head_dim are static; decode, prefill): a server has one engine, but
+# gpu_check builds four, and past Dynamo's default of 8 per function every new variant would
+# run as eager FlexAttention, scores over the whole cache.
+RECOMPILE_LIMIT = 64
+
+
 def compiled_flex_attention(backend: str = "inductor") -> Callable[..., torch.Tensor]:
     """FlexAttention under torch.compile with dynamic shapes, as the GPU path runs it. (The
     tests compile with backend="eager": the same Dynamo front end and guards, no codegen.)"""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     return torch.compile(flex_attention, dynamic=True, backend=backend)
 
 

@@ -297,3 +297,33 @@ def test_compiled_flex_attention_compiles_nothing_after_warm_up(monkeypatch) -> 
             assert got[rid] == hf_greedy(merged[a], prompt, MAX_TOKENS, None), f"{rid} (adapter {a})"
     finally:
         torch._dynamo.reset()
+
+
+def test_compiled_flex_attention_serves_many_engines_in_one_process(monkeypatch) -> None:
+    """Every engine compiles its own FlexAttention variants (dtype, heads, head_dim are
+    static). Past Dynamo's default limit of 8 per function a new one would run eagerly (scores
+    over the whole cache): gpu_check alone builds four engines. Here six, of three shapes in
+    two dtypes (two variants each): every warm-up compiles, and Dynamo is told to fail
+    rather than fall back should the limit be hit."""
+    from torch._dynamo.utils import counters
+
+    from lorafold.server.engine import flex_paged
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # Dynamo's default
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+    compiled = flex_paged.compiled_flex_attention(backend="eager")
+    assert torch._dynamo.config.recompile_limit >= flex_paged.RECOMPILE_LIMIT
+    monkeypatch.setattr(flex_paged, "_kernel", lambda _device_type: compiled)
+    try:
+        for heads, kv_heads in ((6, 2), (4, 4), (12, 3)):
+            for dtype in (torch.float32, torch.bfloat16):
+                hf = build_tiny_llama(seed=1, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                      head_dim=72 // heads).to(dtype)
+                engine = _engine(hf, dict(attention_backend="flex", lora_backend="torch", prepack_weights=False),
+                                 block_size=16, num_kv_blocks=8)
+                before = counters["stats"]["unique_graphs"]
+                engine.runner.warm_up()
+                assert counters["stats"]["unique_graphs"] > before, f"no compile for {heads}/{kv_heads} heads, {dtype}"
+    finally:
+        torch._dynamo.reset()
