@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 from benchmarks._gpu_check_kernels import make_case
 
-TIE = 0.05  # a reference logit gap below this is a tie at bfloat16's resolution
+# A reference top-1/top-2 logit gap below this is a tie at bfloat16's resolution (the trained
+# models' logits reach 15-25, where a bf16 ulp is 1/8 to 1/4)
+TIE = 0.15
 
 
 class IdTokenizer:
@@ -113,11 +115,13 @@ def engine_section(device: torch.device, *, smoke: bool) -> dict:
     backends = {"attention": probe.runner.attention_backend, "lora": probe.runner.lora_backend}
     del probe
     adapters = [random_adapter(specs, r, seed=50 + i) for i, r in enumerate(ranks)]
-    requests = []
+    # (request id, prompt, index of its adapter or None, tokens)
+    plan = []
     for i in range(n_req):
         length = int(torch.randint(3, 20 if smoke else 60, (1,), generator=gen))
         prompt = torch.randint(1, dims["vocab_size"], (length,), generator=gen).tolist()
-        requests.append((f"r{i}", prompt, None if i % 5 == 4 else adapters[i % len(ranks)], max_tokens))
+        plan.append((f"r{i}", prompt, None if i % 5 == 4 else i % len(ranks), max_tokens))
+    requests = [(rid, prompt, None if a is None else adapters[a], n) for rid, prompt, a, n in plan]
     refs = {None: hf32, **{id(a): merged(hf32, a) for a in adapters}}
     got32 = run_engine(LLMEngine(copy.deepcopy(hf32), IdTokenizer(), cfg), requests)
     equal = 0
@@ -128,21 +132,52 @@ def engine_section(device: torch.device, *, smoke: bool) -> dict:
             want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         equal += int(got32[rid] == want)
-    got16 = run_engine(LLMEngine(copy.deepcopy(hf32).to(torch.bfloat16), IdTokenizer(), cfg), requests)
-    strict = tied = total = 0
-    for rid, prompt, adapter, _ in requests:
-        ref = refs[None if adapter is None else id(adapter)]
-        with torch.no_grad():
-            logits = ref(torch.tensor([prompt + got16[rid][:-1]], device=device)).logits[0, len(prompt) - 1:].float()
-        chosen = torch.tensor(got16[rid], device=device)
-        strict += int((logits.argmax(-1) == chosen).sum())
-        tied += int((logits.max(-1).values - logits.gather(1, chosen[:, None])[:, 0] <= TIE).sum())
-        total += len(chosen)
     result = {"backends": f"{backends['attention']}+{backends['lora']}", "requests": n_req,
-              "fp32_equal_requests": f"{equal}/{n_req}", "bf16_top1": round(strict / total, 4),
-              "bf16_top1_with_ties": round(tied / total, 4), "tokens_scored": total}
-    result["pass"] = equal == n_req and tied / total >= 0.99
+              "fp32_equal_requests": f"{equal}/{n_req}", **bf16_agreement(device, dims, cfg, plan, ranks)}
+    result["pass"] = equal == n_req and result["bf16_top1"] >= 0.99 and result["bf16_worst_gap"] <= TIE
     return result
+
+
+def bf16_agreement(device: torch.device, dims: dict, cfg, plan: list[tuple], ranks: tuple) -> dict:  # noqa: ANN001
+    """The bf16 engine teacher-forced against an fp32 reference, on a model and adapters (one
+    per rank; ranks powers of two) trained to confident predictions (`_confident_llama`: a
+    random-init model's near-ties would make the agreement a coin toss). The reference is the
+    same bf16 weights and bf16-exact adapters computed in fp32; it scores the engine's own
+    continuations of prompts like the plan's (its lengths and adapters, cut to the trained
+    length), in a 256-token vocabulary: trained as briefly, a 2,048-entry map kept near-ties,
+    and the vocabulary is not what the bf16 arithmetic is checked on. `bf16_top1`: share of tokens that are the reference's
+    top-1; `bf16_worst_gap`: the largest reference logit gap between its top-1 and the chosen
+    token; `bf16_moved`: share of tokens where the adapter moved the reference's top-1 off the
+    base model's (dropped adapters would show)."""
+    from benchmarks import _confident_llama as confident
+    from lorafold.server.engine.engine import LLMEngine
+
+    vocab = 256
+    base32 = confident.train_base(random_llama(device, torch.float32, seed=12, **{**dims, "vocab_size": vocab}))
+    # lr 3e-3 (the tests' tiny model takes 1e-2): at 1e-2 this model's rank-8 adapter did not
+    # learn its task; at 3e-3 for 300 steps every adapter did
+    adapters = confident.train_adapters(base32, ranks, steps=300, lr=3e-3)
+    base16 = copy.deepcopy(base32).to(torch.bfloat16)
+    ref_base = copy.deepcopy(base16).float()  # the bf16 weights, computed in fp32
+    refs = [merged(ref_base, a) for a in adapters]
+    gen = torch.Generator().manual_seed(4)
+    requests = [(rid, torch.randint(1, vocab, (min(len(prompt), confident.SEQ_LEN - n),), generator=gen).tolist(),
+                 None if a is None else adapters[a], n) for rid, prompt, a, n in plan]
+    got = run_engine(LLMEngine(base16, IdTokenizer(), cfg), requests)
+    top1 = moved = total = 0
+    worst = 0.0
+    for (rid, prompt, _, _), (_, _, a, _) in zip(requests, plan):
+        ids = torch.tensor([prompt + got[rid][:-1]], device=device)
+        with torch.no_grad():
+            logits = (ref_base if a is None else refs[a])(ids).logits[0, len(prompt) - 1:].float()
+            base_top1 = ref_base(ids).logits[0, len(prompt) - 1:].argmax(-1)
+        chosen = torch.tensor(got[rid], device=device)
+        top1 += int((logits.argmax(-1) == chosen).sum())
+        worst = max(worst, float((logits.max(-1).values - logits.gather(1, chosen[:, None])[:, 0]).max()))
+        moved += int((logits.argmax(-1) != base_top1).sum())
+        total += len(chosen)
+    return {"bf16_top1": round(top1 / total, 4), "bf16_worst_gap": round(worst, 4),
+            "bf16_moved": round(moved / total, 4), "tokens_scored": total}
 
 
 # ----------------------------------------------------------------------------- throughput

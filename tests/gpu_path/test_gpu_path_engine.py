@@ -13,17 +13,15 @@ of ranks 4-32 (some q/v only) share batches with the base, and two slots force e
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 
 import pytest
 import torch
 
+from benchmarks import _confident_llama as confident
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.engine import LLMEngine
 from lorafold.server.engine.sampling_params import SamplingParams
-from lorafold.server.lora.peft_format import LoRAAdapter, ModuleLoRA
-from lorafold.server.models.loader import module_specs
 from tests.conftest import build_tiny_llama, merged_model, random_adapter
 from tests.engine.test_engine import ByteTokenizer, hf_greedy, run_to_completion
 
@@ -46,69 +44,18 @@ def _engine(hf: torch.nn.Module, path: dict, **over) -> LLMEngine:
     return LLMEngine(copy.deepcopy(hf), ByteTokenizer(), EngineConfig(**cfg))
 
 
-def _affine_batch(gen: torch.Generator, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """16 sequences of 48 tokens (every position the workload reaches): a random prefix of 1-20
-    tokens, as the workload's prompts are, then x -> 5x + shift mod 256 from its last token.
-    Returns (ids, labels); the prefix is unpredictable, so its labels are masked: the model
-    learns to continue any context, not only contexts that already follow the map."""
-    ids = torch.randint(1, 256, (16, 48), generator=gen)
-    in_map = torch.arange(48) >= torch.randint(1, 21, (16, 1), generator=gen)
-    for t in range(1, 48):
-        ids[:, t] = torch.where(in_map[:, t], (ids[:, t - 1] * 5 + shift) % 256, ids[:, t])
-    return ids, ids.masked_fill(~in_map, -100)
-
-
-def _fit(model: torch.nn.Module, params: list[torch.Tensor], shift: int, steps: int, lr: float) -> None:
-    opt = torch.optim.AdamW(params, lr=lr)
-    gen = torch.Generator().manual_seed(shift)
-    for _ in range(steps):
-        ids, labels = _affine_batch(gen, shift)
-        loss = model(ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
 @functools.lru_cache(maxsize=1)
 def _confident_model() -> torch.nn.Module:
-    """The tiny Llama trained (fp32) to continue x -> 5x + 3 mod 256 after any prefix: peaked
-    logits like a trained model's, so a bf16 top-1 flip means an engine error rather than a
-    coin toss. An untrained random model has near-ties everywhere: transformers' own bf16
-    forward agrees with its fp32 forward on only 97-98 % of this workload's tokens. Trained on
-    map-following sequences alone, two of the adapters kept near-ties after the workload's
-    random prompts (top-1 98.1-98.6 %), hence the random prefixes in `_affine_batch`."""
-    model = _model(torch.float32).train()
-    _fit(model, list(model.parameters()), shift=3, steps=300, lr=3e-3)
-    return model.eval().requires_grad_(False)
+    """The tiny Llama trained (fp32) to continue x -> 5x + 3 mod 256 after any prefix
+    (`benchmarks/_confident_llama.py`: why a trained model, and the task)."""
+    return confident.train_base(_model(torch.float32))
 
 
 @functools.lru_cache(maxsize=1)
 def _trained_adapters() -> tuple:
-    """One LoRA per rank in RANKS on every projection (the partial-target mix is the fp32
-    test's: q/v-only adapters cannot learn this task, and their near-ties would be noise), each
-    trained on the confident model to continue x -> 5x + shift for its own shift: adapters
-    that move most top-1 tokens away from the base model's, with margins of their own. The
-    factors are rounded to bf16 values afterwards (see `_bf16_exact`)."""
-    base = _confident_model()
-    adapters = []
-    for i, r in enumerate(RANKS):
-        g = torch.Generator().manual_seed(60 + i)
-        factors = {path: ((torch.randn(r, spec.in_features, generator=g) / spec.in_features ** 0.5).requires_grad_(),
-                          torch.zeros(spec.out_features, r, requires_grad=True))
-                   for path, spec in module_specs(base).items()}
-        scale = 16.0 / r
-        hooks = [base.get_submodule(path).register_forward_hook(
-                     lambda _m, inp, out, a=a, b=b: out + scale * (inp[0] @ a.T) @ b.T)
-                 for path, (a, b) in factors.items()]
-        try:
-            _fit(base, [t for ab in factors.values() for t in ab], shift=40 + 30 * i, steps=200, lr=1e-2)
-        finally:
-            for h in hooks:
-                h.remove()
-        mods = {path: ModuleLoRA(lora_a=a.detach(), lora_b=b.detach(), scale=scale) for path, (a, b) in factors.items()}
-        adapters.append(_bf16_exact(LoRAAdapter(modules=mods, config={"r": r}, content_hash=f"{i:064d}", nbytes=0,
-                                                source="trained")))
-    return tuple(adapters)
+    """One LoRA per rank in RANKS on every projection, each trained on the confident model to
+    its own shift; factors rounded to bf16 values (`confident.bf16_exact`)."""
+    return confident.train_adapters(_confident_model(), RANKS)
 
 
 def _workload(engine: LLMEngine, adapters: tuple | None = None, max_tokens: int = MAX_TOKENS
@@ -131,15 +78,6 @@ def _workload(engine: LLMEngine, adapters: tuple | None = None, max_tokens: int 
             (f"r{i}", prompt, params, adapters[a] if a is not None else None, f"ad{a}" if a is not None else None))
         setup.append((f"r{i}", prompt, a))
     return arrivals, setup, adapters
-
-
-def _bf16_exact(adapter):
-    """The adapter with factors rounded to bf16 values: the engine's bf16 pools hold them
-    exactly (the folded scales 16/r are powers of two for these ranks), so the fp32 merged
-    reference and the engine serve the same adapter."""
-    mods = {p: dataclasses.replace(m, lora_a=m.lora_a.bfloat16().float(), lora_b=m.lora_b.bfloat16().float())
-            for p, m in adapter.modules.items()}
-    return dataclasses.replace(adapter, modules=mods)
 
 
 # A reference top-1/top-2 logit gap below this is a tie at bfloat16's resolution: the trained
