@@ -35,8 +35,9 @@ from collections.abc import Callable
 
 import torch
 import triton
-import triton.errors
 import triton.language as tl
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
 
 # Read the same knob that `triton.jit` reads at decoration time, so the flag always matches
 # the kind of kernel object created below (interpreted vs compiled).
@@ -359,7 +360,7 @@ def tune_shrink(a_pool: torch.Tensor, ranks: torch.Tensor,
                     try:
                         times[key][split_k, num_warps] = float(timer(lambda k=split_k, w=num_warps: shrink(
                             x, pool, *meta, check_values=False, split_k=k, num_warps=w)))
-                    except triton.errors.TritonError as exc:  # this device cannot run the variant
+                    except (OutOfResources, CompilationError) as exc:  # this device cannot run the variant
                         logger.warning("shrink split_k=%d num_warps=%d skipped for %s: %s", split_k, num_warps, key,
                                        exc)
             if times[key]:
