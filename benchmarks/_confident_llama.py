@@ -96,3 +96,27 @@ def bf16_exact(adapter: LoRAAdapter) -> LoRAAdapter:
     mods = {p: dataclasses.replace(m, lora_a=m.lora_a.bfloat16().float(), lora_b=m.lora_b.bfloat16().float())
             for p, m in adapter.modules.items()}
     return dataclasses.replace(adapter, modules=mods)
+
+
+@torch.no_grad()
+def teacher_forced_scores(scored: list[tuple[torch.nn.Module, list[int], list[int]]],
+                          base_ref: torch.nn.Module) -> dict[str, float]:
+    """Score an engine's generations teacher-forced: for each (reference model, prompt,
+    generated tokens), the reference runs on the prompt and the engine's own continuation.
+    `top1`: share of tokens that are the reference's top-1; `worst_gap`: the largest amount by
+    which the reference's top-1 logit exceeds the chosen token's; `moved`: share of tokens
+    where the reference's top-1 differs from `base_ref`'s (an engine that dropped the
+    adapters would miss those); `tokens`: how many were scored."""
+    top1 = moved = total = 0
+    worst_gap = 0.0
+    for ref, prompt, generated in scored:
+        device = next(ref.parameters()).device
+        ids = torch.tensor([prompt + generated[:-1]], device=device)
+        chosen = torch.tensor(generated, device=device)
+        logits = ref(ids).logits[0, len(prompt) - 1:].float()
+        base_top1 = base_ref(ids).logits[0, len(prompt) - 1:].argmax(-1)
+        top1 += int((logits.argmax(-1) == chosen).sum())
+        worst_gap = max(worst_gap, float((logits.max(-1).values - logits.gather(1, chosen[:, None])[:, 0]).max()))
+        moved += int((logits.argmax(-1) != base_top1).sum())
+        total += len(generated)
+    return {"top1": top1 / total, "worst_gap": worst_gap, "moved": moved / total, "tokens": total}

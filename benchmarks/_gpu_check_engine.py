@@ -164,20 +164,11 @@ def bf16_agreement(device: torch.device, dims: dict, cfg, plan: list[tuple], ran
     requests = [(rid, torch.randint(1, vocab, (min(len(prompt), confident.SEQ_LEN - n),), generator=gen).tolist(),
                  None if a is None else adapters[a], n) for rid, prompt, a, n in plan]
     got = run_engine(LLMEngine(base16, IdTokenizer(), cfg), requests)
-    top1 = moved = total = 0
-    worst = 0.0
-    for (rid, prompt, _, _), (_, _, a, _) in zip(requests, plan):
-        ids = torch.tensor([prompt + got[rid][:-1]], device=device)
-        with torch.no_grad():
-            logits = (ref_base if a is None else refs[a])(ids).logits[0, len(prompt) - 1:].float()
-            base_top1 = ref_base(ids).logits[0, len(prompt) - 1:].argmax(-1)
-        chosen = torch.tensor(got[rid], device=device)
-        top1 += int((logits.argmax(-1) == chosen).sum())
-        worst = max(worst, float((logits.max(-1).values - logits.gather(1, chosen[:, None])[:, 0]).max()))
-        moved += int((logits.argmax(-1) != base_top1).sum())
-        total += len(chosen)
-    return {"bf16_top1": round(top1 / total, 4), "bf16_worst_gap": round(worst, 4),
-            "bf16_moved": round(moved / total, 4), "tokens_scored": total}
+    scores = confident.teacher_forced_scores(
+        [(ref_base if a is None else refs[a], prompt, got[rid]) for (rid, prompt, _, _), (_, _, a, _)
+         in zip(requests, plan)], ref_base)
+    return {"bf16_top1": round(scores["top1"], 4), "bf16_worst_gap": round(scores["worst_gap"], 4),
+            "bf16_moved": round(scores["moved"], 4), "tokens_scored": scores["tokens"]}
 
 
 # ----------------------------------------------------------------------------- throughput

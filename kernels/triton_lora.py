@@ -300,11 +300,11 @@ def chosen_shrink_config(d_in: int, n_slices: int, block_m: int, block_r: int, n
     if block_m != 16:
         return DEFAULT_CONFIG
     # the largest measured bucket at or below the count (buckets above num_slots are not
-    # measured), else the smallest
-    for bucket in sorted(SEGMENT_BUCKETS, reverse=True):
-        if bucket <= n_segments or bucket == min(SEGMENT_BUCKETS):
-            if (d_in, n_slices, block_r, bucket) in _SHRINK_TABLE:
-                return _SHRINK_TABLE[d_in, n_slices, block_r, bucket]
+    # measured; SEGMENT_BUCKETS ascend)
+    for bucket in reversed(SEGMENT_BUCKETS):
+        key = (d_in, n_slices, block_r, bucket)
+        if bucket <= n_segments and key in _SHRINK_TABLE:
+            return _SHRINK_TABLE[key]
     return DEFAULT_CONFIG
 
 

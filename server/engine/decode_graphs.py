@@ -44,10 +44,11 @@ def buckets_for(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list, *, num_blocks: int, block_size: int,
-                 max_num_seqs: int, max_blocks_per_seq: int) -> None:
-        """num_blocks: cache blocks including the scratch block (the last one). Nothing runs
-        until `prepare` (the runner's warm-up)."""
-        self.model, self.kv_caches = model, kv_caches
+                 max_num_seqs: int, max_blocks_per_seq: int, capture: bool) -> None:
+        """num_blocks: cache blocks including the scratch block (the last one). capture: CUDA
+        graphs (else the same buffers run eagerly). Nothing runs until `prepare` (the
+        runner's warm-up)."""
+        self.model, self.kv_caches, self.capture = model, kv_caches, capture
         self.block_size, self.scratch = block_size, num_blocks - 1
         self.buckets = buckets_for(max_num_seqs)
         dev = kv_caches[0][0].device
@@ -103,13 +104,13 @@ class DecodeGraphs:
         return self.model(self.ids[:b], self.positions[:b], self.kv_caches, attn, lora)
 
     @torch.inference_mode()
-    def prepare(self, capture: bool) -> None:
+    def prepare(self) -> None:
         """Run every bucket's forward on padding rows (compiling what it compiles: the start,
-        not a request, pays for it), then with `capture` capture them, from the largest bucket
+        not a request, pays for it), then, when capturing, capture them, from the largest bucket
         down, sharing one memory pool (as vLLM does)."""
         self._fill_padding(0, self.buckets[-1])
         self._fill_lora(None, self.buckets[-1])
-        if not capture:
+        if not self.capture:
             for b in reversed(self.buckets):
                 self._forward(b)
             return
@@ -156,7 +157,7 @@ class DecodeGraphs:
         block table covering position + 1 tokens) in `bucket`. Returns logits [n, vocab]."""
         if self.needs_recapture():  # the adapter pools grew since the capture (before filling the buffers)
             logger.info("adapter pools reallocated: capturing the decode graphs again")
-            self.prepare(capture=True)
+            self.prepare()
         n, bs = len(ids), self.block_size
         dev = self.ids.device
         self.ids[:n].copy_(torch.tensor(ids), non_blocking=True)

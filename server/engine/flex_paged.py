@@ -76,13 +76,13 @@ def build_flex_metadata(
     decodes = [i for i, s in enumerate(seqs) if s[1] == 1]
     prefills = [i for i, s in enumerate(seqs) if s[1] > 1]
     return FlexMetadata(
-        decode=_batch(seqs, decodes, owner, logical, block_size, num_blocks, num_tokens, device) if decodes else None,
-        prefill=_batch(seqs, prefills, owner, logical, block_size, num_blocks, num_tokens, device) if prefills else None,
+        decode=_batch(seqs, decodes, owner, logical, block_size, num_tokens, device) if decodes else None,
+        prefill=_batch(seqs, prefills, owner, logical, block_size, num_tokens, device) if prefills else None,
     )
 
 
-def _batch(seqs, members: list[int], owner: torch.Tensor, logical: torch.Tensor, block_size: int, num_blocks: int,
-           num_tokens: int, device: torch.device) -> FlexBatch:
+def _batch(seqs, members: list[int], owner: torch.Tensor, logical: torch.Tensor, block_size: int, num_tokens: int,
+           device: torch.device) -> FlexBatch:
     q_len = max(seqs[i][1] for i in members)
     batch = max(len(members), MIN_DIM)
     q_index, valid, rows, positions, tables = [], [], [], [], []
@@ -201,15 +201,6 @@ def flex_paged_attention(
         if fb is None:
             continue
         qb = q_pad.index_select(0, fb.q_index).view(fb.batch, fb.q_len, heads, dim).transpose(1, 2)
-        # Heads and head_dim are fixed: say so before the compiled kernel sees them, or Dynamo
-        # may give a head count and an equal batch size one symbol, and FlexAttention's own
-        # mark_static of the heads then pins the batch to its first value.
-        for t in (qb, kc, vc):
-            torch._dynamo.mark_static(t, 1)
-            torch._dynamo.mark_static(t, 3)
-        for t in (k_cache, v_cache):  # the views' base, which Dynamo sizes too
-            torch._dynamo.mark_static(t, 1)
-            torch._dynamo.mark_static(t, 2)
         ob = kernel(qb, kc, vc, block_mask=fb.block_mask, scale=scale, enable_gqa=True,
                     **_kernel_options(q.device.type, fb.block_mask.BLOCK_SIZE[1]))  # [B, H, Q, D]
         flat = ob.transpose(1, 2).reshape(fb.batch * fb.q_len, heads, dim)

@@ -136,8 +136,8 @@ class ModelRunner:
         if graphs != "off":
             self.decode_graphs = DecodeGraphs(
                 self.model, self.kv_caches, num_blocks=self.num_cache_blocks, block_size=config.block_size,
-                max_num_seqs=config.max_num_seqs, max_blocks_per_seq=-(-config.max_model_len // config.block_size))
-        self._capture_graphs = graphs == "capture"
+                max_num_seqs=config.max_num_seqs, max_blocks_per_seq=-(-config.max_model_len // config.block_size),
+                capture=graphs == "capture")
         if self.device.type == "cuda":
             self.warm_up()
 
@@ -184,9 +184,9 @@ class ModelRunner:
                 self.model(torch.zeros_like(pos), pos, self.kv_caches, meta)
         if self.decode_graphs is not None:  # every bucket run (and captured, on CUDA) once
             try:
-                self.decode_graphs.prepare(capture=self._capture_graphs)
+                self.decode_graphs.prepare()
             except RuntimeError:  # a capture the driver or a kernel refuses: serve without graphs
-                if not self._capture_graphs:
+                if not self.decode_graphs.capture:
                     raise
                 logger.exception("CUDA graph capture failed: decode steps run eagerly (decode_graphs='off' skips it)")
                 self.decode_graphs = None

@@ -87,31 +87,13 @@ TIE = 0.15
 
 
 def _teacher_forced_scores(engine: LLMEngine, hf32: torch.nn.Module) -> dict[str, float]:
-    """Over every generated token, scored by the fp32 reference after the engine's own prefix:
-    `top1` the share that are the reference's top-1, `worst_gap` the largest amount by which
-    the reference's top-1 logit exceeds the chosen token's, `moved` the share where the
-    adapter moved the reference's top-1 away from the base model's (an engine that dropped
-    the adapters would miss those)."""
+    """The workload on the trained adapters, every generated token scored by the fp32
+    reference after the engine's own prefix (`confident.teacher_forced_scores`)."""
     arrivals, setup, adapters = _workload(engine, _trained_adapters(), max_tokens=BF16_TOKENS)
     got = run_to_completion(engine, arrivals)
-    top1 = moved = total = 0
-    worst_gap = 0.0
-    merged: dict = {}
-    for rid, prompt, a in setup:
-        if a not in merged:
-            merged[a] = hf32 if a is None else merged_model(hf32, adapters[a])
-        assert len(got[rid]) == BF16_TOKENS
-        ids = torch.tensor([prompt + got[rid][:-1]])
-        chosen_ids = torch.tensor(got[rid])
-        with torch.no_grad():
-            logits = merged[a](ids).logits[0, len(prompt) - 1:]
-            base_top1 = hf32(ids).logits[0, len(prompt) - 1:].argmax(-1)
-        chosen = logits.gather(1, chosen_ids[:, None])[:, 0]
-        top1 += int((logits.argmax(-1) == chosen_ids).sum())
-        worst_gap = max(worst_gap, float((logits.max(-1).values - chosen).max()))
-        moved += int((logits.argmax(-1) != base_top1).sum())
-        total += BF16_TOKENS
-    return {"top1": top1 / total, "worst_gap": worst_gap, "moved": moved / total, "tokens": total}
+    merged = {a: hf32 if a is None else merged_model(hf32, adapters[a]) for a in {a for _, _, a in setup}}
+    assert all(len(got[rid]) == BF16_TOKENS for rid, _, _ in setup)
+    return confident.teacher_forced_scores([(merged[a], prompt, got[rid]) for rid, prompt, a in setup], hf32)
 
 
 @pytest.mark.parametrize("path", ["gpu", "cpu"])
@@ -201,67 +183,64 @@ def test_decode_graphs_notice_reallocated_adapter_pools() -> None:
     assert graphs.needs_recapture()
 
 
-def test_compiled_flex_attention_compiles_nothing_after_warm_up(monkeypatch) -> None:
-    """On CUDA FlexAttention runs under torch.compile with dynamic shapes, which still
-    specialises any size of 1: a step of one sequence, one cache block or one query tile would
-    compile on the serving thread (seconds), and past Dynamo's limit of 8 variants fall back to
-    eager FlexAttention over the whole cache. Here it is compiled by Dynamo with backend="eager"
-    (the same front end and guards, no code generation), warmed up as a CUDA runner is at
-    start, then serves the staggered workload (decode batches of 1-6 sequences, on the decode
-    graphs' buffers and off them; prefill chunks of 1-8 tokens alone and side by side;
-    contexts of one and two 16-token blocks): no new graph after the warm-up, and the output
-    still the merged references'."""
+@pytest.fixture()
+def compiled_flex(monkeypatch):
+    """The GPU path's FlexAttention under torch.compile, compiled by Dynamo with
+    backend="eager" (the same front end and guards as on CUDA, no code generation), from
+    Dynamo's default recompile limit of 8 and told to fail rather than fall back to eager
+    should a limit be hit. Yields Dynamo's counters; resets Dynamo before and after."""
     from torch._dynamo.utils import counters
 
     from lorafold.server.engine import flex_paged
 
-    torch._dynamo.reset()
-    compiled = flex_paged.compiled_flex_attention(backend="eager")
-    monkeypatch.setattr(flex_paged, "_kernel", lambda _device_type: compiled)
-    hf = _model(torch.float32)
-    engine = _engine(hf, dict(GPU_PATH, decode_graphs="eager"), block_size=16, num_kv_blocks=40)
-    try:
-        engine.runner.warm_up()
-        warmed = counters["stats"]["unique_graphs"]
-        assert warmed >= 2, "the warm-up must compile decode and prefill"
-        arrivals, setup, adapters = _workload(engine)
-        got = run_to_completion(engine, arrivals)
-        assert counters["stats"]["unique_graphs"] == warmed, "FlexAttention compiled again after the warm-up"
-        assert engine.runner.decode_graphs.steps >= 5
-        merged: dict = {}
-        for rid, prompt, a in setup:
-            if a not in merged:
-                merged[a] = hf if a is None else merged_model(hf, adapters[a])
-            assert got[rid] == hf_greedy(merged[a], prompt, MAX_TOKENS, None), f"{rid} (adapter {a})"
-    finally:
-        torch._dynamo.reset()
-
-
-def test_compiled_flex_attention_serves_many_engines_in_one_process(monkeypatch) -> None:
-    """Every engine compiles its own FlexAttention variants (dtype, heads, head_dim are
-    static). Past Dynamo's default limit of 8 per function a new one would run eagerly (scores
-    over the whole cache): gpu_check alone builds four engines. Here six, of three shapes in
-    two dtypes (two variants each): every warm-up compiles, and Dynamo is told to fail
-    rather than fall back should the limit be hit."""
-    from torch._dynamo.utils import counters
-
-    from lorafold.server.engine import flex_paged
-
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # Dynamo's default
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     torch._dynamo.reset()
     compiled = flex_paged.compiled_flex_attention(backend="eager")
     assert torch._dynamo.config.recompile_limit >= flex_paged.RECOMPILE_LIMIT
     monkeypatch.setattr(flex_paged, "_kernel", lambda _device_type: compiled)
     try:
-        for heads, kv_heads in ((6, 2), (4, 4), (12, 3)):
-            for dtype in (torch.float32, torch.bfloat16):
-                hf = build_tiny_llama(seed=1, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                      head_dim=72 // heads).to(dtype)
-                engine = _engine(hf, dict(attention_backend="flex", lora_backend="torch", prepack_weights=False),
-                                 block_size=16, num_kv_blocks=8)
-                before = counters["stats"]["unique_graphs"]
-                engine.runner.warm_up()
-                assert counters["stats"]["unique_graphs"] > before, f"no compile for {heads}/{kv_heads} heads, {dtype}"
+        yield counters
     finally:
         torch._dynamo.reset()
+
+
+def test_compiled_flex_attention_compiles_nothing_after_warm_up(compiled_flex) -> None:
+    """On CUDA FlexAttention runs under torch.compile with dynamic shapes, which still
+    specialises any size of 1: a step of one sequence, one cache block or one query tile would
+    compile on the serving thread (seconds), and past Dynamo's limit of 8 variants fall back to
+    eager FlexAttention over the whole cache. Warmed up as a CUDA runner is at start, then
+    serving the staggered workload (decode batches of 1-6 sequences, on the decode graphs'
+    buffers and off them; prefill chunks of 1-8 tokens alone and side by side; contexts of one
+    and two 16-token blocks): no new graph after the warm-up, and the output still the merged
+    references'."""
+    hf = _model(torch.float32)
+    engine = _engine(hf, dict(GPU_PATH, decode_graphs="eager"), block_size=16, num_kv_blocks=40)
+    engine.runner.warm_up()
+    warmed = compiled_flex["stats"]["unique_graphs"]
+    assert warmed >= 2, "the warm-up must compile decode and prefill"
+    arrivals, setup, adapters = _workload(engine)
+    got = run_to_completion(engine, arrivals)
+    assert compiled_flex["stats"]["unique_graphs"] == warmed, "FlexAttention compiled again after the warm-up"
+    assert engine.runner.decode_graphs.steps >= 5
+    merged: dict = {}
+    for rid, prompt, a in setup:
+        if a not in merged:
+            merged[a] = hf if a is None else merged_model(hf, adapters[a])
+        assert got[rid] == hf_greedy(merged[a], prompt, MAX_TOKENS, None), f"{rid} (adapter {a})"
+
+
+def test_compiled_flex_attention_serves_many_engines_in_one_process(compiled_flex) -> None:
+    """Every engine compiles its own FlexAttention variants (dtype, heads, head_dim are
+    static). Past Dynamo's default limit of 8 per function a new one would run eagerly (scores
+    over the whole cache): gpu_check alone builds four engines. Here six, of three shapes in
+    two dtypes (two variants each): every warm-up compiles, and none hits the limit."""
+    for heads, kv_heads in ((6, 2), (4, 4), (12, 3)):
+        for dtype in (torch.float32, torch.bfloat16):
+            hf = build_tiny_llama(seed=1, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                  head_dim=72 // heads).to(dtype)
+            engine = _engine(hf, dict(attention_backend="flex", lora_backend="torch", prepack_weights=False),
+                             block_size=16, num_kv_blocks=8)
+            before = compiled_flex["stats"]["unique_graphs"]
+            engine.runner.warm_up()
+            assert compiled_flex["stats"]["unique_graphs"] > before, f"no compile for {heads}/{kv_heads} heads, {dtype}"
