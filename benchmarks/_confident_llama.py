@@ -106,9 +106,12 @@ def teacher_forced_scores(scored: list[tuple[torch.nn.Module, list[int], list[in
     `top1`: share of tokens that are the reference's top-1; `worst_gap`: the largest amount by
     which the reference's top-1 logit exceeds the chosen token's; `moved`: share of tokens
     where the reference's top-1 differs from `base_ref`'s (an engine that dropped the
-    adapters would miss those); `tokens`: how many were scored."""
+    adapters would miss those); `margin_q01`: the 1st percentile of the reference's top-1
+    minus top-2 logit (how confident the model is: bf16 noise below it cannot flip a token);
+    `tokens`: how many were scored."""
     top1 = moved = total = 0
     worst_gap = 0.0
+    margins = []
     for ref, prompt, generated in scored:
         device = next(ref.parameters()).device
         ids = torch.tensor([prompt + generated[:-1]], device=device)
@@ -119,4 +122,7 @@ def teacher_forced_scores(scored: list[tuple[torch.nn.Module, list[int], list[in
         worst_gap = max(worst_gap, float((logits.max(-1).values - logits.gather(1, chosen[:, None])[:, 0]).max()))
         moved += int((logits.argmax(-1) != base_top1).sum())
         total += len(generated)
-    return {"top1": top1 / total, "worst_gap": worst_gap, "moved": moved / total, "tokens": total}
+        top2 = logits.topk(2, -1).values
+        margins.append((top2[:, 0] - top2[:, 1]).cpu())
+    return {"top1": top1 / total, "worst_gap": worst_gap, "moved": moved / total,
+            "margin_q01": float(torch.cat(margins).quantile(0.01)), "tokens": total}

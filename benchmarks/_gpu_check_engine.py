@@ -148,7 +148,8 @@ def bf16_agreement(device: torch.device, dims: dict, cfg, plan: list[tuple], ran
     and the vocabulary is not what the bf16 arithmetic is checked on. `bf16_top1`: share of tokens that are the reference's
     top-1; `bf16_worst_gap`: the largest reference logit gap between its top-1 and the chosen
     token; `bf16_moved`: share of tokens where the adapter moved the reference's top-1 off the
-    base model's (dropped adapters would show)."""
+    base model's (dropped adapters would show); `bf16_margin_q01`: how confident the trained
+    model is (1st percentile of the reference's top-1 minus top-2 logit)."""
     from benchmarks import _confident_llama as confident
     from lorafold.server.engine.engine import LLMEngine
 
@@ -168,7 +169,8 @@ def bf16_agreement(device: torch.device, dims: dict, cfg, plan: list[tuple], ran
         [(ref_base if a is None else refs[a], prompt, got[rid]) for (rid, prompt, _, _), (_, _, a, _)
          in zip(requests, plan)], ref_base)
     return {"bf16_top1": round(scores["top1"], 4), "bf16_worst_gap": round(scores["worst_gap"], 4),
-            "bf16_moved": round(scores["moved"], 4), "tokens_scored": scores["tokens"]}
+            "bf16_moved": round(scores["moved"], 4), "bf16_margin_q01": round(scores["margin_q01"], 3),
+            "tokens_scored": scores["tokens"]}
 
 
 # ----------------------------------------------------------------------------- throughput
