@@ -17,6 +17,7 @@ import functools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from benchmarks import _confident_llama as confident
 from lorafold.server.engine.config import EngineConfig
@@ -24,6 +25,7 @@ from lorafold.server.engine.engine import LLMEngine
 from lorafold.server.engine.sampling_params import SamplingParams
 from tests.conftest import build_tiny_llama, merged_model, random_adapter
 from tests.engine.test_engine import ByteTokenizer, hf_greedy, run_to_completion
+from tests.gpu_path.host_sync import HostSyncLog
 
 GPU_PATH = dict(attention_backend="flex", lora_backend="triton", prepack_weights=False)
 CPU_PATH = dict(attention_backend="sdpa", lora_backend="auto")
@@ -181,6 +183,46 @@ def test_decode_graphs_notice_reallocated_adapter_pools() -> None:
     layer = engine.runner.model.layers[1].gate_up
     layer.relayout_rows(layer.a_pool.shape[1] + 16, [])
     assert graphs.needs_recapture()
+
+
+def test_decode_graph_forward_never_waits_for_the_host(monkeypatch) -> None:
+    """What a CUDA graph captures must be device work only: the decode forward on the graph
+    buffers (block mask, LoRA segments, every layer) reads no value back to the host, makes
+    no data-dependent shape and copies no Python data to the device, in every decode step of
+    a workload with adapters. Capture itself needs CUDA; this is its CPU-visible half (on CUDA
+    a violation makes capture fail, and the server then runs decode steps eagerly, host-bound).
+    FlexAttention runs outside the log: on CUDA it is one compiled kernel, on the CPU an eager
+    one that compiles its own pieces."""
+    from lorafold.server.engine import flex_paged
+
+    log = HostSyncLog()
+    with log:  # the log itself must see each kind of read-back
+        int(torch.ones(1).sum()), torch.ones(2).tolist()
+    assert [s.split()[0] for s in log.syncs] == ["aten._local_scalar_dense.default", "Tensor.tolist"], log.syncs
+    engine = _engine(_model(torch.float32), dict(GPU_PATH, decode_graphs="eager"))
+    graphs = engine.runner.decode_graphs
+    flex = flex_paged._kernel("cpu")
+    flex_calls = []
+
+    def unlogged_flex(*args, **kwargs):
+        flex_calls.append(1)
+        with _disable_current_modes():
+            return flex(*args, **kwargs)
+
+    monkeypatch.setattr(flex_paged, "_kernel", lambda _device_type: unlogged_flex)
+    log = HostSyncLog()
+    forward = graphs._forward
+
+    def logged_forward(bucket: int) -> torch.Tensor:
+        with log:
+            return forward(bucket)
+
+    monkeypatch.setattr(graphs, "_forward", logged_forward)
+    arrivals, _, _ = _workload(engine)
+    run_to_completion(engine, arrivals)
+    assert graphs.steps >= 10 and flex_calls, "the workload must run decode steps on the graph buffers"
+    assert {"lorafold.lora_shrink.default", "lorafold.lora_expand.default"} <= log.ops, sorted(log.ops)
+    assert not log.syncs, f"host synchronisation in the captured decode forward: {sorted(set(log.syncs))}"
 
 
 @pytest.fixture()
