@@ -132,7 +132,7 @@ def fill_per_module(slots: AdapterSlots, slot: int, adapter: LoRAAdapter) -> Non
     slots.clear(slot)
     alloc = adapter.max_rank
     start = slots._reserve(slot, alloc)
-    slots.row_start[slot], slots.slot_alloc[slot] = start, alloc
+    slots.row_start[slot] = start
     for path, target in slots.targets.items():
         module = adapter.modules.get(path)
         dtype = target.layer.a_pool.dtype

@@ -19,9 +19,12 @@ Layout (the contract with `reference.py`, `triton_lora.py` and `cpu_ops.lora_app
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
+
+from lorafold.kernels.transfer import host_to_device
 
 BACKENDS = ("torch", "cpp", "triton")
 
@@ -45,6 +48,65 @@ class LoRABatchMeta:
     def has_lora(self) -> bool:
         return self.num_segments > 0
 
+    def to(self, device: torch.device) -> LoRABatchMeta:
+        """The same metadata with its index tensors on `device`, in one host-to-device copy
+        (`host_to_device`); itself when they are there already."""
+        here = self.sorted_tokens.device
+        if here.type == device.type and (device.index is None or device.index == here.index):
+            return self
+        t, s = self.sorted_tokens.numel(), self.seg_slots.numel()
+        host = torch.cat([self.sorted_tokens, self.seg_slots, self.seg_starts]).cpu()
+        moved = host_to_device(host, device)
+        return replace(self, sorted_tokens=moved[:t], seg_slots=moved[t : t + s], seg_starts=moved[t + s :])
+
+
+def lora_meta_from_runs(
+    runs: Iterable[tuple[int, int, int]],
+    num_tokens: int,
+    ranges: Mapping[int, tuple[int, int]],
+    *,
+    backend: str = "torch",
+) -> LoRABatchMeta:
+    """The metadata of a forward over `num_tokens` tokens, on the host, from Python values only.
+
+    Args:
+        runs: (slot, first token, length) per run of consecutive tokens sharing a slot (-1:
+            no adapter), in token order: a serving step knows one per scheduled chunk.
+        ranges: slot -> (first pool row, allocated rows) of every active slot.
+        backend: as in `build_lora_meta`.
+
+    The index tensors are CPU int32 views of one tensor (`LoRABatchMeta.to` moves them in
+    one copy); building them reads nothing back from a device.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown LoRA backend {backend!r}; use one of {', '.join(map(repr, BACKENDS))}")
+    by_slot: dict[int, list[tuple[int, int]]] = {}
+    for slot, first, length in runs:
+        if slot >= 0 and length > 0:
+            by_slot.setdefault(slot, []).append((first, length))
+    seg_slots = sorted(by_slot)
+    tokens: list[int] = []
+    seg_starts = [0]
+    segments = []
+    for slot in seg_slots:  # a segment's tokens in token order: the stable sort by slot
+        for first, length in by_slot[slot]:
+            tokens.extend(range(first, first + length))
+        row, rows = ranges[slot]
+        segments.append((seg_starts[-1], len(tokens), row, rows))
+        seg_starts.append(len(tokens))
+    packed = torch.tensor(tokens + seg_slots + seg_starts, dtype=torch.int32)
+    t, s = len(tokens), len(seg_slots)
+    return LoRABatchMeta(
+        sorted_tokens=packed[:t],
+        seg_slots=packed[t : t + s],
+        seg_starts=packed[t + s :],
+        max_seg_len=max((hi - lo for lo, hi, _, _ in segments), default=0),
+        max_rank=max((rows for *_, rows in segments), default=0),
+        num_tokens=num_tokens,
+        backend=backend,
+        segments=tuple(segments),
+    )
+
 
 def build_lora_meta(
     token_slots: torch.Tensor,
@@ -53,44 +115,30 @@ def build_lora_meta(
     *,
     backend: str = "torch",
 ) -> LoRABatchMeta:
-    """Sort tokens by adapter slot and describe the segments.
+    """Sort tokens by adapter slot and describe the segments, on token_slots' device.
 
     Args:
-        token_slots: [T] integer slot per token, -1 for base-only tokens.
+        token_slots: [T] int slot of each token (-1: no adapter), any order.
         row_start: [num_slots] int first pool row of each slot.
         slot_alloc: [num_slots] int rows allocated to each slot (its largest module rank).
         backend: "torch" (the reference), "cpp" (the compiled CPU kernel) or "triton".
 
-    Reads the segments on the host: one sync per forward, not per layer.
+    Reads the inputs on the host once per forward, not per layer (the serving engine, which
+    knows its runs of tokens, calls `lora_meta_from_runs` and reads nothing back).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown LoRA backend {backend!r}; use one of {', '.join(map(repr, BACKENDS))}")
     if token_slots.dim() != 1:
         raise ValueError(f"token_slots must be 1-D [T], got shape {tuple(token_slots.shape)}")
-    device = token_slots.device
-    slots = token_slots.to(torch.int64)
-    num_tokens = int(slots.numel())
-    if num_tokens and int(slots.max()) >= row_start.numel():
-        raise ValueError(f"slot {int(slots.max())} out of range: only {row_start.numel()} adapter slots exist")
-    if num_tokens and int(slots.min()) < -1:
+    slots = token_slots.tolist()
+    if slots and max(slots) >= row_start.numel():
+        raise ValueError(f"slot {max(slots)} out of range: only {row_start.numel()} adapter slots exist")
+    if slots and min(slots) < -1:
         raise ValueError("token slots must be >= -1 (-1 means no adapter)")
-    active = torch.nonzero(slots >= 0).flatten()
-    sorted_tokens = active[torch.argsort(slots[active], stable=True)]
-    seg_slots, counts = torch.unique_consecutive(slots[sorted_tokens], return_counts=True)
-    seg_starts = torch.zeros(seg_slots.numel() + 1, dtype=torch.int64, device=device)
-    torch.cumsum(counts, 0, out=seg_starts[1:])
-    first_rows = row_start.to(device=device, dtype=torch.int64)[seg_slots]
-    alloc = slot_alloc.to(device=device, dtype=torch.int64)[seg_slots]
-    # one host read for everything the grids and the reference need
-    table = torch.stack([seg_starts[:-1], seg_starts[1:], first_rows, alloc], dim=1).tolist()
-    segments = tuple((lo, hi, row, rows) for lo, hi, row, rows in table)
-    return LoRABatchMeta(
-        sorted_tokens=sorted_tokens.to(torch.int32),
-        seg_slots=seg_slots.to(torch.int32),
-        seg_starts=seg_starts.to(torch.int32),
-        max_seg_len=max((hi - lo for lo, hi, _, _ in segments), default=0),
-        max_rank=max((rows for *_, rows in segments), default=0),
-        num_tokens=num_tokens,
-        backend=backend,
-        segments=segments,
-    )
+    starts, allocs = row_start.tolist(), slot_alloc.tolist()
+    runs = []
+    for t, slot in enumerate(slots):
+        if runs and runs[-1][0] == slot:
+            runs[-1][2] += 1
+        else:
+            runs.append([slot, t, 1])
+    ranges = {slot: (starts[slot], allocs[slot]) for slot in set(slots) if slot >= 0}
+    return lora_meta_from_runs(runs, len(slots), ranges, backend=backend).to(token_slots.device)

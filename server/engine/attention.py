@@ -66,10 +66,10 @@ def build_attention_metadata(
         if num_blocks is None:
             raise ValueError("the flex attention backend needs num_blocks (the KV cache's size in blocks)")
         empty = torch.zeros(0, dtype=torch.int64, device=device)
+        flex, slots = build_flex_metadata(seqs, block_size, num_blocks, len(slot_mapping), device, slot_mapping)
         return AttentionMetadata(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device), decode_rows=empty,
-            decode_blocks=empty, decode_mask=empty.to(dtype), decode_lens=empty, prefills=(), block_size=block_size,
-            flex=build_flex_metadata(seqs, block_size, num_blocks, len(slot_mapping), device),
+            slot_mapping=slots, decode_rows=empty, decode_blocks=empty, decode_mask=empty.to(dtype), decode_lens=empty,
+            prefills=(), block_size=block_size, flex=flex,
         )
     if backend != "sdpa":
         raise ValueError(f"unknown attention backend {backend!r}; use 'sdpa' or 'flex'")

@@ -23,6 +23,7 @@ import logging
 import torch
 
 from lorafold.kernels.meta import LoRABatchMeta
+from lorafold.kernels.transfer import host_to_device
 from lorafold.server.engine.attention import AttentionMetadata
 from lorafold.server.engine.flex_paged import MIN_DIM, FlexBatch, FlexMetadata, paged_block_mask
 from lorafold.server.lora.layers import MultiLoRALinear
@@ -109,7 +110,8 @@ class DecodeGraphs:
         not a request, pays for it), then, when capturing, capture them, from the largest bucket
         down, sharing one memory pool (as vLLM does)."""
         self._fill_padding(0, self.buckets[-1])
-        self._fill_lora(None, self.buckets[-1])
+        none = self.seg_slots[:0]
+        self._fill_lora(none, none, none, self.buckets[-1])
         if not self.capture:
             for b in reversed(self.buckets):
                 self._forward(b)
@@ -139,45 +141,58 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= num_seqs), None)
 
     def _fill_padding(self, n: int, b: int) -> None:
-        scratch_slot = self.scratch * self.block_size
-        self.ids[n:b] = 0
-        self.positions[n:b] = 0
-        self.slots[n:b] = scratch_slot
-        self.pos[n:b] = 0
-        self.seq_of[n:b] = -2  # the scratch block's owner
-        self.kv_num[n:b] = 1
-        self.kv_idx[n:b, 0, 0, 0] = self.scratch
-        self.owner[self.scratch] = -2
-        self.logical[self.scratch] = 0
+        # fill_ with Python numbers: a kernel each, no tensor made from host data
+        self.ids[n:b].fill_(0)
+        self.positions[n:b].fill_(0)
+        self.slots[n:b].fill_(self.scratch * self.block_size)
+        self.pos[n:b].fill_(0)
+        self.seq_of[n:b].fill_(-2)  # the scratch block's owner
+        self.kv_num[n:b].fill_(1)
+        self.kv_idx[n:b, 0, 0, 0].fill_(self.scratch)
+        self.owner[self.scratch].fill_(-2)
+        self.logical[self.scratch].fill_(0)
 
     @torch.inference_mode()
     def run(self, ids: list[int], positions: list[int], slot_mapping: list[int], tables: list[list[int]],
             lora: LoRABatchMeta | None, bucket: int) -> torch.Tensor:
         """One decode step of len(ids) sequences (row i: its token, position, cache slot and
-        block table covering position + 1 tokens) in `bucket`. Returns logits [n, vocab]."""
+        block table covering position + 1 tokens) in `bucket`; `lora` on the host. Returns
+        logits [n, vocab].
+
+        The step's values travel in one host-to-device copy (`host_to_device`) and reach the
+        buffers by device ops: no host sync, and no copy per buffer."""
         if self.needs_recapture():  # the adapter pools grew since the capture (before filling the buffers)
             logger.info("adapter pools reallocated: capturing the decode graphs again")
             self.prepare()
-        n, bs = len(ids), self.block_size
-        dev = self.ids.device
-        self.ids[:n].copy_(torch.tensor(ids), non_blocking=True)
-        self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
-        self.slots[:n].copy_(torch.tensor(slot_mapping), non_blocking=True)
+        n, bs, width = len(ids), self.block_size, self.kv_idx.shape[-1]
         used = [t[: p // bs + 1] for t, p in zip(tables, positions)]
-        blocks = torch.tensor([blk for t in used for blk in t], dtype=torch.int64)
+        blocks = [blk for t in used for blk in t]
+        m = len(blocks)
+        host = [*ids, *positions, *slot_mapping, *(len(t) for t in used)]
+        host += [blk for t in used for blk in (*t, *[0] * (width - len(t)))]  # kv_idx rows
+        host += blocks
+        host += [i for i, t in enumerate(used) for _ in t]  # the sequence owning each block
+        host += [j for t in used for j in range(len(t))]  # its index in that sequence's table
+        staged = torch.tensor(host, dtype=torch.int64)
+        if lora is not None:  # int32 values, exact in int64
+            staged = torch.cat([staged, lora.sorted_tokens, lora.seg_slots, lora.seg_starts])
+        sizes = [n, n, n, n, n * width, m, m, m]
+        moved = host_to_device(staged, self.ids.device)
+        ids_v, pos_v, slots_v, kv_num_v, kv_idx_v, blocks_v, owner_v, logical_v, lora_v = torch.split(
+            moved, [*sizes, moved.numel() - sum(sizes)])
+        self.ids[:n].copy_(ids_v)
+        self.positions[:n].copy_(pos_v)
+        self.slots[:n].copy_(slots_v)
+        self.pos[:n, 0].copy_(pos_v)
+        self.kv_num[:n, 0, 0].copy_(kv_num_v)
+        self.kv_idx[:n, 0, 0].copy_(kv_idx_v.view(n, width))
         self.owner.fill_(-1)
-        self.owner[blocks.to(dev)] = torch.tensor([i for i, t in enumerate(used) for _ in t], dtype=torch.int32,
-                                                  device=dev)
-        self.logical[blocks.to(dev)] = torch.tensor([j for t in used for j in range(len(t))], dtype=torch.int32,
-                                                    device=dev)
-        self.seq_of[:n] = self.arange[:n].to(torch.int32)
-        self.pos[:n, 0] = torch.tensor(positions, dtype=torch.int32, device=dev)
-        self.kv_num[:n, 0, 0] = torch.tensor([len(t) for t in used], dtype=torch.int32, device=dev)
-        width = self.kv_idx.shape[-1]
-        self.kv_idx[:n, 0, 0] = torch.tensor([t + [0] * (width - len(t)) for t in used], dtype=torch.int32,
-                                             device=dev)
+        self.owner.index_copy_(0, blocks_v, owner_v.to(torch.int32))
+        self.logical.index_copy_(0, blocks_v, logical_v.to(torch.int32))
+        self.seq_of[:n].copy_(self.arange[:n])
         self._fill_padding(n, bucket)
-        self._fill_lora(lora, bucket)
+        t_a, s = (0, 0) if lora is None else (lora.sorted_tokens.numel(), lora.seg_slots.numel())
+        self._fill_lora(lora_v[:t_a], lora_v[t_a : t_a + s], lora_v[t_a + s :], bucket)
         self.steps += 1
         if bucket in self.graphs:
             graph, out = self.graphs[bucket]
@@ -185,15 +200,15 @@ class DecodeGraphs:
             return out[:n]
         return self._forward(bucket)[:n]
 
-    def _fill_lora(self, lora: LoRABatchMeta | None, b: int) -> None:
-        """Segments of the step, then empty ones up to the bucket (length 0: no program works)."""
-        t_a = 0 if lora is None else lora.sorted_tokens.numel()
-        s = 0 if lora is None else lora.seg_slots.numel()
-        if lora is not None:
-            self.sorted_tokens[:t_a].copy_(lora.sorted_tokens)
-            self.seg_slots[:s].copy_(lora.seg_slots)
-            self.seg_starts[: s + 1].copy_(lora.seg_starts)
-        self.seg_slots[s:b] = 0
-        self.seg_starts[s + 1 : b + 1] = t_a
-        if lora is None:
-            self.seg_starts[0] = 0
+    def _fill_lora(self, sorted_tokens: torch.Tensor, seg_slots: torch.Tensor, seg_starts: torch.Tensor,
+                   b: int) -> None:
+        """The step's segments (seg_starts: len(seg_slots) + 1 entries, or none without an
+        adapter), then empty ones up to the bucket (length 0: no program works)."""
+        t_a, s = sorted_tokens.numel(), seg_slots.numel()
+        self.sorted_tokens[:t_a].copy_(sorted_tokens)
+        self.seg_slots[:s].copy_(seg_slots)
+        self.seg_starts[: seg_starts.numel()].copy_(seg_starts)
+        self.seg_slots[s:b].fill_(0)
+        self.seg_starts[s + 1 : b + 1].fill_(t_a)
+        if not seg_starts.numel():
+            self.seg_starts[0].fill_(0)

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from lorafold.kernels.transfer import host_to_device
+
 # Rows of queries per block-mask row: one tile covers a whole decode batch row (Q = 1) and
 # the usual prefill chunk (<= 256 tokens: two tiles).
 Q_BLOCK = 128
@@ -62,27 +64,50 @@ class FlexMetadata:
 
 
 def build_flex_metadata(
-    seqs: list[tuple[int, int, int, list[int]]], block_size: int, num_blocks: int, num_tokens: int, device: torch.device
-) -> FlexMetadata:
+    seqs: list[tuple[int, int, int, list[int]]], block_size: int, num_blocks: int, num_tokens: int, device: torch.device,
+    slot_mapping: list[int] | None = None,
+) -> tuple[FlexMetadata, torch.Tensor | None]:
     """seqs: (q_start, q_len, ctx_len, block_table) per sequence of the step (block tables
-    cover their contexts). `num_blocks`: blocks in the cache (the key length / block_size)."""
+    cover their contexts). `num_blocks`: blocks in the cache (the key length / block_size).
+    Everything is laid out on the host and reaches `device` in one copy (`host_to_device`),
+    `slot_mapping` too when given (returned as an int64 device tensor, else None)."""
     owner = torch.full((num_blocks,), -1, dtype=torch.int32)
     logical = torch.zeros(num_blocks, dtype=torch.int32)
     for i, (_, _, ctx_len, table) in enumerate(seqs):
         used = table[: (ctx_len + block_size - 1) // block_size]
         owner[used] = i
         logical[used] = torch.arange(len(used), dtype=torch.int32)
-    owner, logical = owner.to(device), logical.to(device)
     decodes = [i for i, s in enumerate(seqs) if s[1] == 1]
     prefills = [i for i, s in enumerate(seqs) if s[1] > 1]
-    return FlexMetadata(
-        decode=_batch(seqs, decodes, owner, logical, block_size, num_tokens, device) if decodes else None,
-        prefill=_batch(seqs, prefills, owner, logical, block_size, num_tokens, device) if prefills else None,
-    )
+    batches = [_host_batch(seqs, members, block_size, num_tokens) if members else None for members in (decodes, prefills)]
+    parts = [owner, logical, torch.tensor(slot_mapping or [], dtype=torch.int32)]
+    parts += [t for hb in batches if hb is not None for t in hb.arrays]
+    moved = iter(torch.split(host_to_device(torch.cat([t.flatten() for t in parts]), device),
+                             [t.numel() for t in parts]))
+    owner_d, logical_d, slots_d = next(moved), next(moved), next(moved)
+    decode, prefill = (None if hb is None else hb.on_device([next(moved).view(t.shape) for t in hb.arrays], owner_d,
+                                                            logical_d, block_size) for hb in batches)
+    return FlexMetadata(decode=decode, prefill=prefill), None if slot_mapping is None else slots_d.long()
 
 
-def _batch(seqs, members: list[int], owner: torch.Tensor, logical: torch.Tensor, block_size: int, num_tokens: int,
-           device: torch.device) -> FlexBatch:
+@dataclass(frozen=True, slots=True)
+class _HostBatch:
+    """One FlexAttention call's metadata on the host, int32: kv_num [B, 1, tiles], kv_idx
+    [B, 1, tiles, width], seq_of [B], pos [B, Q], q_index [B * Q], valid [n], rows [n]."""
+
+    arrays: tuple[torch.Tensor, ...]
+    batch: int
+    q_len: int
+
+    def on_device(self, arrays: list[torch.Tensor], owner: torch.Tensor, logical: torch.Tensor,
+                  block_size: int) -> FlexBatch:
+        kv_num, kv_idx, seq_of, pos, q_index, valid, rows = arrays
+        mask = paged_block_mask(kv_num, kv_idx, owner, logical, seq_of, pos, block_size, self.q_len)
+        return FlexBatch(q_index=q_index.long(), valid=valid.long(), rows=rows.long(), batch=self.batch,
+                         q_len=self.q_len, block_mask=mask)
+
+
+def _host_batch(seqs, members: list[int], block_size: int, num_tokens: int) -> _HostBatch:
     q_len = max(seqs[i][1] for i in members)
     batch = max(len(members), MIN_DIM)
     q_index, valid, rows, positions, tables = [], [], [], [], []
@@ -108,20 +133,14 @@ def _batch(seqs, members: list[int], owner: torch.Tensor, logical: torch.Tensor,
     kv_idx = torch.zeros((batch, max(MIN_DIM, *(len(t) for t in tables))), dtype=torch.int32)
     for b, t in enumerate(tables):
         kv_idx[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
-    kv_num = kv_num[:, None, None].expand(-1, 1, q_tiles).contiguous().to(device)
-    kv_idx = kv_idx[:, None, None, :].expand(-1, 1, q_tiles, -1).contiguous().to(device)
     # -3: no block's owner (owners are sequences >= 0, -1 for free blocks, -2 the decode
     # graphs' scratch block)
-    seq_of = torch.tensor(members + [-3] * (batch - len(members)), dtype=torch.int32, device=device)
-    pos = torch.tensor(positions, dtype=torch.int32, device=device)
-
-    mask = paged_block_mask(kv_num, kv_idx, owner, logical, seq_of, pos, block_size, q_len)
-    return FlexBatch(
-        q_index=torch.tensor(q_index, dtype=torch.int64, device=device),
-        valid=torch.tensor(valid, dtype=torch.int64, device=device),
-        rows=torch.tensor(rows, dtype=torch.int64, device=device),
-        batch=batch, q_len=q_len, block_mask=mask,
-    )
+    seq_of = torch.tensor(members + [-3] * (batch - len(members)), dtype=torch.int32)
+    arrays = (kv_num[:, None, None].expand(-1, 1, q_tiles).contiguous(),
+              kv_idx[:, None, None, :].expand(-1, 1, q_tiles, -1).contiguous(), seq_of,
+              torch.tensor(positions, dtype=torch.int32), torch.tensor(q_index, dtype=torch.int32),
+              torch.tensor(valid, dtype=torch.int32), torch.tensor(rows, dtype=torch.int32))
+    return _HostBatch(arrays=arrays, batch=batch, q_len=q_len)
 
 
 # Compiled variants of FlexAttention one process may hold. Each engine compiles its own few

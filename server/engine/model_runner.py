@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lorafold.kernels import cpu_ext
+from lorafold.kernels.transfer import host_to_device
 from lorafold.server.engine.attention import build_attention_metadata
 from lorafold.server.engine.block_manager import slot_mapping
 from lorafold.server.engine.config import EngineConfig
@@ -227,30 +228,33 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        token_slots: list[int] = []
+        runs: list[tuple[int, int, int]] = []  # (adapter slot, first token, tokens) per chunk
         seqs: list[tuple[int, int, int, list[int]]] = []
         rows: list[int] = []
         for chunk in chunks:
             seq, n = chunk.seq, chunk.num_tokens
             seqs.append((len(ids), n, chunk.start + n, seq.block_table))
+            runs.append((seq.lora_slot, len(ids), n))
             ids += chunk.token_ids
             positions += chunk.positions
             slots += slot_mapping(seq, bs, chunk.start, n)
-            token_slots += [seq.lora_slot] * n
             if chunk.sample:
                 rows.append(len(ids) - 1)
-        lora_meta = self.model.slots.meta(token_slots) if any(s >= 0 for s in token_slots) else None
+        # built on the host (nothing read back from the device); moved with the step's inputs
+        lora_meta = self.model.slots.host_meta(runs, len(ids)) if any(r[0] >= 0 for r in runs) else None
         if self.decode_graphs is not None and len(rows) == len(ids) == len(chunks):  # pure decode
             bucket = self.decode_graphs.bucket(len(ids), lora_meta.max_rank if lora_meta is not None else 0)
             if bucket is not None:
                 return self.decode_graphs.run(ids, positions, slots, [s[3] for s in seqs], lora_meta, bucket)
         attn_meta = build_attention_metadata(slots, seqs, bs, self.device, dtype=self.dtype,
                                              backend=self.attention_backend, num_blocks=self.num_cache_blocks)
+        n = len(ids)
+        inputs = host_to_device(torch.tensor(ids + positions + rows, dtype=torch.int64), self.device)
         return self.model(
-            torch.tensor(ids, device=self.device),
-            torch.tensor(positions, device=self.device),
+            inputs[:n],
+            inputs[n : 2 * n],
             self.kv_caches,
             attn_meta,
-            lora_meta,
-            logits_rows=torch.tensor(rows, dtype=torch.int64, device=self.device),
+            None if lora_meta is None else lora_meta.to(self.device),
+            logits_rows=inputs[2 * n :],
         )

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafold.kernels.transfer import host_to_device
 from lorafold.server.engine.logits_processors import SamplingContext, apply_processors
 from lorafold.server.engine.sampling_params import SamplingParams
 
@@ -61,7 +62,7 @@ def sample(
     tokens = safe.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
-        index = torch.tensor(rows, device=logits.device)
+        index = host_to_device(torch.tensor(rows), logits.device)
         probs = _filtered_probs(safe.index_select(0, index), [params[i] for i in rows])
         uniform = _uniform([generators[i] for i in rows], logits.device)
         tokens = tokens.index_copy(0, index, _inverse_cdf(probs, uniform))
@@ -85,19 +86,20 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     """softmax((logits - max) / T) restricted to each row's top-k and top-p set, [m, vocab]."""
     m, vocab = logits.shape
     device = logits.device
-    temps = torch.tensor([p.temperature for p in params], device=device)
+    # each a copy from page-locked memory that the host does not wait for (`host_to_device`)
+    temps = host_to_device(torch.tensor([p.temperature for p in params]), device)
     z = (logits - logits.max(dim=-1, keepdim=True).values) / temps[:, None]
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     if any(k < vocab for k in ks) or any(p.top_p < 1.0 for p in params):
-        top_k = torch.tensor(ks, device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
+        top_k = host_to_device(torch.tensor(ks), device)
+        top_p = host_to_device(torch.tensor([p.top_p for p in params]), device)
         sorted_z, order = torch.sort(z, dim=-1, descending=True)
         ranks = torch.arange(vocab, device=device).expand(m, vocab)
         sorted_z = sorted_z.masked_fill(ranks >= top_k[:, None], float("-inf"))
         sorted_p = torch.softmax(sorted_z, dim=-1)
         # drop a token when the mass before it already reaches top_p (the first always stays)
         drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p[:, None]
-        drop[:, 0] = False
+        drop[:, 0].fill_(False)
         sorted_z = sorted_z.masked_fill(drop, float("-inf"))
         z = torch.empty_like(z).scatter_(1, order, sorted_z)
     return torch.softmax(z, dim=-1)
@@ -109,7 +111,7 @@ def _uniform(generators: list[torch.Generator | None], device: torch.device) -> 
     u = torch.empty(len(generators), device=device)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:
-        u[unseeded] = torch.rand(len(unseeded), device=device)
+        u.index_copy_(0, host_to_device(torch.tensor(unseeded), device), torch.rand(len(unseeded), device=device))
     for i, g in enumerate(generators):
         if g is not None:
             u[i : i + 1] = torch.rand(1, device=device, generator=g)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from lorafold.kernels.meta import LoRABatchMeta, build_lora_meta
+from lorafold.kernels.meta import LoRABatchMeta, lora_meta_from_runs
 from lorafold.server.lora.layers import MultiLoRALinear
 from lorafold.server.lora.peft_format import AdapterError, LoRAAdapter, ModuleLoRA, ModuleSpec
 from lorafold.server.lora.rows import Move, RowAllocator
@@ -62,8 +63,8 @@ class AdapterSlots:
         self.layers: list[MultiLoRALinear] = list({id(t.layer): t.layer for t in targets.values()}.values())
         device = self.layers[0].a_pool.device if self.layers else torch.device("cpu")
         self.allocator = RowAllocator(rows)
+        # the kernels read each slot's first row here; the host reads the allocator's copy
         self.row_start = torch.zeros(num_slots, dtype=torch.int32, device=device)
-        self.slot_alloc = torch.zeros(num_slots, dtype=torch.int32, device=device)
         for layer in self.layers:
             layer.row_start = self.row_start  # one shared tensor: moves update every layer at once
         self.occupant: list[LoRAAdapter | None] = [None] * num_slots
@@ -114,7 +115,7 @@ class AdapterSlots:
         for layer in self.layers:
             layer.relayout_rows(self.allocator.capacity, moves)
         for move in moves:
-            self.row_start[move.owner] = move.dst
+            self.row_start[move.owner].fill_(move.dst)
         if self._copy_stream is not None:  # later copies write the re-laid-out pools
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.row_start.device))
 
@@ -155,8 +156,7 @@ class AdapterSlots:
         self.clear(slot)
         rows = adapter.max_rank if direct else staged.rows
         start = self._reserve(slot, rows)
-        self.row_start[slot] = start
-        self.slot_alloc[slot] = rows
+        self.row_start[slot].fill_(start)
         side = self._copy_stream
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             self._write_rows(slot, start, rows, staged, mods)
@@ -184,7 +184,7 @@ class AdapterSlots:
             else:  # the kernels read all `rows` rows of the range: untouched layers read zeros
                 a_dst.zero_()
                 b_dst.zero_()
-                layer.ranks[:, slot] = 0
+                layer.ranks[:, slot].fill_(0)
 
     def _modules_by_layer(self, adapter: LoRAAdapter) -> list[tuple[MultiLoRALinear, dict[int, ModuleLoRA]]]:
         """Each layer with the adapter's modules on it, by slice (empty: none)."""
@@ -203,17 +203,28 @@ class AdapterSlots:
         if slot not in self.allocator:
             return
         self.allocator.free(slot)
-        self.slot_alloc[slot] = 0
         self.occupant[slot] = None
 
     def meta(self, token_slots: torch.Tensor | list[int]) -> LoRABatchMeta:
-        """Batch metadata for a forward whose token t uses slot token_slots[t] (-1: base)."""
-        slots = torch.as_tensor(token_slots, dtype=torch.int64, device=self.row_start.device)
-        for s in torch.unique(slots).tolist():
-            if s >= 0 and (s >= self.num_slots or self.occupant[s] is None):
-                raise ValueError(f"slot {s} holds no adapter")
+        """Batch metadata, on the pools' device, for a forward whose token t uses slot
+        token_slots[t] (-1: base)."""
+        slots = torch.as_tensor(token_slots, dtype=torch.int64).tolist()
+        runs = [(slot, t, 1) for t, slot in enumerate(slots)]
+        return self.host_meta(runs, len(slots)).to(self.row_start.device)
+
+    def host_meta(self, runs: Iterable[tuple[int, int, int]], num_tokens: int) -> LoRABatchMeta:
+        """Batch metadata on the host (`LoRABatchMeta.to` moves it) for a forward of
+        `num_tokens` tokens given as runs (slot, first token, length), slot -1 for the base:
+        from the allocator's row ranges, reading nothing back from the device. Makes the
+        device's current stream wait for the adapter copies issued so far."""
+        runs = list(runs)
+        for slot in {slot for slot, _, _ in runs if slot != -1}:
+            if not 0 <= slot < self.num_slots or self.occupant[slot] is None:
+                raise ValueError(f"slot {slot} holds no adapter")
         self.wait_copies()
-        return build_lora_meta(slots, self.row_start, self.slot_alloc, backend=self.backend)
+        ranges = {slot: (self.allocator.start_of(slot), self.allocator.rows_of(slot))
+                  for slot, _, _ in runs if slot >= 0}
+        return lora_meta_from_runs(runs, num_tokens, ranges, backend=self.backend)
 
     @property
     def pool_bytes(self) -> int:
@@ -225,12 +236,12 @@ def _lay_out(layer: MultiLoRALinear, mods: dict[int, ModuleLoRA], a: torch.Tenso
     (host blocks or the pools' rows, same device as the factors): every element once, the
     factors where a slice is adapted (scale folded into B), zeros past its rank and over the
     slices it leaves alone. Returns the slices' ranks [n_slices] int32."""
-    ranks = torch.tensor([mods[i].rank if i in mods else 0 for i in range(a.shape[0])], dtype=torch.int32)
-    for i, r in enumerate(ranks.tolist()):
+    ranks = [mods[i].rank if i in mods else 0 for i in range(a.shape[0])]
+    for i, r in enumerate(ranks):
         lo, hi = layer.slice_offsets[i], layer.slice_offsets[i + 1]
         if r:
             a[i, :r].copy_(mods[i].lora_a)
             torch.mul(mods[i].lora_b.t(), mods[i].scale, out=b[:r, lo:hi])  # scale and transpose in one pass
         a[i, r:].zero_()
         b[r:, lo:hi].zero_()
-    return ranks
+    return torch.tensor(ranks, dtype=torch.int32)

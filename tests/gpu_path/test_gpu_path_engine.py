@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,31 +186,36 @@ def test_decode_graphs_notice_reallocated_adapter_pools() -> None:
     assert graphs.needs_recapture()
 
 
-def test_decode_graph_forward_never_waits_for_the_host(monkeypatch) -> None:
+@pytest.fixture()
+def flex_outside_log(monkeypatch) -> list[int]:
+    """FlexAttention runs outside a HostSyncLog: on CUDA it is one compiled kernel; on the CPU
+    an eager one that compiles its own pieces (which a dispatch mode may not watch). Yields
+    the list its calls append to."""
+    from lorafold.server.engine import flex_paged
+
+    flex, calls = flex_paged._kernel("cpu"), []
+
+    def unlogged(*args, **kwargs):
+        calls.append(1)
+        with _disable_current_modes():
+            return flex(*args, **kwargs)
+
+    monkeypatch.setattr(flex_paged, "_kernel", lambda _device_type: unlogged)
+    return calls
+
+
+def test_decode_graph_forward_never_waits_for_the_host(monkeypatch, flex_outside_log) -> None:
     """What a CUDA graph captures must be device work only: the decode forward on the graph
     buffers (block mask, LoRA segments, every layer) reads no value back to the host, makes
     no data-dependent shape and copies no Python data to the device, in every decode step of
     a workload with adapters. Capture itself needs CUDA; this is its CPU-visible half (on CUDA
-    a violation makes capture fail, and the server then runs decode steps eagerly, host-bound).
-    FlexAttention runs outside the log: on CUDA it is one compiled kernel, on the CPU an eager
-    one that compiles its own pieces."""
-    from lorafold.server.engine import flex_paged
-
+    a violation makes capture fail, and the server then runs decode steps eagerly, host-bound)."""
     log = HostSyncLog()
     with log:  # the log itself must see each kind of read-back
         int(torch.ones(1).sum()), torch.ones(2).tolist()
     assert [s.split()[0] for s in log.syncs] == ["aten._local_scalar_dense.default", "Tensor.tolist"], log.syncs
     engine = _engine(_model(torch.float32), dict(GPU_PATH, decode_graphs="eager"))
     graphs = engine.runner.decode_graphs
-    flex = flex_paged._kernel("cpu")
-    flex_calls = []
-
-    def unlogged_flex(*args, **kwargs):
-        flex_calls.append(1)
-        with _disable_current_modes():
-            return flex(*args, **kwargs)
-
-    monkeypatch.setattr(flex_paged, "_kernel", lambda _device_type: unlogged_flex)
     log = HostSyncLog()
     forward = graphs._forward
 
@@ -220,9 +226,72 @@ def test_decode_graph_forward_never_waits_for_the_host(monkeypatch) -> None:
     monkeypatch.setattr(graphs, "_forward", logged_forward)
     arrivals, _, _ = _workload(engine)
     run_to_completion(engine, arrivals)
-    assert graphs.steps >= 10 and flex_calls, "the workload must run decode steps on the graph buffers"
+    assert graphs.steps >= 10 and flex_outside_log, "the workload must run decode steps on the graph buffers"
     assert {"lorafold.lora_shrink.default", "lorafold.lora_expand.default"} <= log.ops, sorted(log.ops)
     assert not log.syncs, f"host synchronisation in the captured decode forward: {sorted(set(log.syncs))}"
+
+
+def test_gpu_path_step_reads_back_only_the_sampled_tokens(monkeypatch, flex_outside_log) -> None:
+    """A whole engine step on the GPU path (scheduling, metadata, forward, sampling, with
+    greedy, seeded and unseeded top-k/top-p requests): the one value read back from the device
+    is the sampled tokens (a transfer the scheduler needs), and the step's inputs reach the
+    device in one copy on a decode-graph step, at most three otherwise (tokens and positions,
+    attention metadata, LoRA metadata), plus the sampling parameters' (asynchronous, from
+    page-locked memory: `kernels.transfer.host_to_device`). On CUDA each read-back, and each
+    `torch.tensor(..., device=...)` (a blocking copy), stalls the host until the GPU drains;
+    the LoRA metadata used to take six read-backs per step (max, min, nonzero, unique, ...)
+    and a graph step one blocking copy per buffer."""
+    from lorafold.kernels import meta, transfer
+    from lorafold.server.engine import decode_graphs, flex_paged, model_runner, sampler
+
+    copies: list[str] = []
+
+    def counting(module: str):
+        def copy(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+            copies.append(module)
+            return transfer.host_to_device(host, device)
+        return copy
+
+    for module in (meta, decode_graphs, flex_paged, model_runner, sampler):
+        monkeypatch.setattr(module, "host_to_device", counting(module.__name__.rsplit(".", 1)[-1]))
+    engine = _engine(_model(torch.float32), dict(GPU_PATH, decode_graphs="eager"))
+    graphs, steps = engine.runner.decode_graphs, []
+    step = engine.step
+
+    def logged_step() -> list:
+        log, graph_steps, loads = HostSyncLog(), graphs.steps, engine.adapter_table.stats.misses
+        copies.clear()
+        with log:
+            outputs = step()
+        made = [s for s in log.syncs if s.startswith("aten.lift_fresh")]
+        reads = [s.split(" at ")[0] + " in " + Path(s.split(" at ")[1]).name for s in log.syncs if s not in made]
+        steps.append((graphs.steps > graph_steps, reads, list(copies),
+                      None if engine.adapter_table.stats.misses > loads else made))
+        return outputs
+
+    monkeypatch.setattr(engine, "step", logged_step)
+    arrivals, _, _ = _workload(engine)
+    sampled = {"r1": dict(seed=1, top_k=20), "r3": dict(top_p=0.9), "r6": dict(seed=6, top_p=0.8, top_k=50)}
+    for reqs in arrivals.values():
+        for j, (rid, prompt, params, adapter, name) in enumerate(reqs):
+            if rid in sampled:
+                reqs[j] = (rid, prompt, SamplingParams(temperature=0.8, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                                       **sampled[rid]), adapter, name)
+    run_to_completion(engine, arrivals)
+    on_graph = [s for s in steps if s[0]]
+    assert len(on_graph) >= 10 and len(steps) - len(on_graph) >= 5, "both kinds of step must run"
+    for graph_step, reads, all_copies, made in steps:
+        assert [r.split(":")[0] for r in reads] == ["Tensor.tolist in sampler.py"], reads
+        step_copies = [c for c in all_copies if c != "sampler"]
+        if graph_step:
+            assert step_copies == ["decode_graphs"], step_copies
+        else:
+            assert 1 <= len(step_copies) <= 3 and "decode_graphs" not in step_copies, step_copies
+        # on a graph step that loads no adapter, every tensor made from Python data travels
+        # by host_to_device (the LoRA metadata inside the staged inputs: one copy for two); a
+        # torch.tensor(..., device=...) would be one more than the copies
+        assert not graph_step or made is None or len(made) <= len(all_copies) + 1, (all_copies, made)
+    assert any("sampler" in c for *_, c, _ in steps), "the sampled requests must move their parameters"
 
 
 @pytest.fixture()

@@ -21,7 +21,9 @@ def _check_resident(slots) -> None:  # noqa: ANN001
     for slot, adapter in enumerate(slots.occupant):
         if adapter is None:
             continue
-        start, alloc = int(slots.row_start[slot]), int(slots.slot_alloc[slot])
+        start, alloc = int(slots.row_start[slot]), slots.allocator.rows_of(slot)
+        # the kernels read row_start, the metadata the allocator: they must agree
+        assert start == slots.allocator.start_of(slot), (slot, start, slots.allocator.start_of(slot))
         for path, target in slots.targets.items():
             layer, mod = target.layer, adapter.modules[path]
             r = mod.lora_a.shape[0]
@@ -96,7 +98,7 @@ def _poison_unowned_rows(slots) -> int:  # noqa: ANN001
     owned = torch.zeros(slots.allocator.capacity, dtype=torch.bool)
     for slot, adapter in enumerate(slots.occupant):
         if adapter is not None:
-            start, alloc = int(slots.row_start[slot]), int(slots.slot_alloc[slot])
+            start, alloc = int(slots.row_start[slot]), slots.allocator.rows_of(slot)
             owned[start : start + alloc] = True
     for layer in slots.layers:
         layer.a_pool[:, ~owned] = float("nan")
