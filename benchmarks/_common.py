@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -57,7 +58,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
+    """Write `payload` as JSON, atomically where `path` is a regular file (a temporary file
+    renamed over it): a run killed while writing leaves the previous version, never half."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2))
+    text = json.dumps(payload, indent=2)
+    if out.exists() and not out.is_file():  # /dev/null and the like: no rename over those
+        out.write_text(text)
+        return out
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
     return out

@@ -8,11 +8,14 @@ Works from a plain checkout (lorafold need not be installed: the repo's folders 
 `lorafold.*`); needs torch, triton, transformers and safetensors (all in the lent GPU
 machines' image). On such a machine, from the repo root, bring the JSON back through $OUT:
 
-    python3 -m benchmarks.gpu_check --out $OUT/gpu_check.json 2>&1 | tail -150
+    set -o pipefail; PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu_check --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
 
 (`--sections env,kernels` and `--sections engine,throughput` split it in two if one run
 would not fit the time left.) Prints a table per section and writes
-benchmarks/results/gpu_check.json (`--out`). Sections:
+benchmarks/results/gpu_check.json (`--out`) after every section, so a run killed at its time
+limit still brings back what it measured. A run still going after `--deadline` seconds
+(default 480) prints every thread's stack and exits 1: a hang (a lost CUDA event, a deadlock
+on the engine thread) then shows where it was, inside a one-shot device call. Sections:
 
 - env: device, torch / triton / transformers versions, C compiler and Python headers (Triton's
   first launch builds a small C module), the first Triton compile per kernel variant.
@@ -39,6 +42,7 @@ first token <= 50 ms. The exit status is 1 when a correctness check fails.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 import tempfile
@@ -161,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
     parser.add_argument("--sections", default="env,kernels,engine,throughput",
                         help="comma-separated subset of env,kernels,engine,throughput")
+    parser.add_argument("--deadline", type=float, default=480.0,
+                        help="seconds after which every thread's stack is printed and the run exits (0: none)")
     args = parser.parse_args(argv)
+    if args.deadline > 0:
+        faulthandler.dump_traceback_later(args.deadline, exit=True)
     _bootstrap(args.smoke)
     import torch
 
@@ -172,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = "smoke" if args.smoke else "full"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sections = set(args.sections.split(","))
-    result: dict = {"mode": mode, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ok": True}
+    # complete: False until every section has run (a file from a run cut short says so)
+    result: dict = {"mode": mode, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ok": True,
+                    "complete": False}
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
 
@@ -188,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             result[name] = {"error": f"{type(exc).__name__}: {exc}"}
             result["ok"] = False
         seconds[name] = time.perf_counter() - t0
+        result["section_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+        write_json(args.out, result)  # what is measured so far survives a kill
 
     def show_env(env: dict) -> None:
         print_table("environment", [{k: v for k, v in env.items() if k != "first_compile_s"}])
@@ -215,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if "throughput" in sections:
         section("throughput", lambda: throughput_section(device, smoke=args.smoke), show_throughput)
     result["seconds"] = round(time.perf_counter() - t_start, 1)
-    result["section_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    result["complete"] = True
     path = write_json(args.out, result)
     print(f"\n{'PASS' if result['ok'] else 'FAIL'} in {result['seconds']} s {result['section_seconds']}; wrote {path}")
     return 0 if result["ok"] else 1

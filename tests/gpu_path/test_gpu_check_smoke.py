@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ def test_gpu_check_smoke_runs_every_section_and_passes(tmp_path: Path) -> None:
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["ok"] and result["mode"] == "smoke"
+    assert result["ok"] and result["mode"] == "smoke" and result["complete"]
     env_info = result["env"]
     assert env_info["triton_interpreter"] is (not torch.cuda.is_available())
     assert len(env_info["first_compile_s"]) == 4
@@ -43,3 +44,36 @@ def test_gpu_check_smoke_runs_every_section_and_passes(tmp_path: Path) -> None:
     assert thr["checks"]["cold_adapter_first_token_ms"] > 0
     for table in ("environment", "kernels vs float64", "engine vs merged reference", "decode throughput"):
         assert table in proc.stdout
+
+
+def test_gpu_check_keeps_what_it_measured_when_killed(tmp_path: Path) -> None:
+    """A device call is one shot with a time limit: the JSON is written after every section,
+    so a run killed mid-way (here right after its first section) still leaves valid results,
+    marked incomplete."""
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(out)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert out.exists(), "no JSON after the first section"
+    finally:
+        proc.kill()
+        proc.wait()
+    result = json.loads(out.read_text())
+    assert result["complete"] is False and "env" in result and "throughput" not in result, sorted(result)
+    assert result["env"]["first_compile_s"], result["env"]
+
+
+def test_gpu_check_prints_every_stack_at_its_deadline() -> None:
+    """A hang inside a one-shot device call must show where it is: past --deadline seconds
+    the check prints every thread's stack and exits 1 (3 s: it is still importing or in its
+    first section)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--deadline", "3", "--out",
+                           os.devnull], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Timeout (0:00:03)!" in proc.stderr and "Thread 0x" in proc.stderr and 'File "' in proc.stderr, \
+        proc.stderr[-2000:]
