@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorafold.kernels.transfer import host_to_device
 from lorafold.server.engine.sampling_params import SamplingParams
 
 
@@ -50,9 +51,9 @@ def _logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
                 cols.append(token)
                 vals.append(bias)
     if rows:
-        dev = logits.device
-        logits.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
-                          torch.tensor(vals, device=dev, dtype=logits.dtype), accumulate=True)
+        index = host_to_device(torch.tensor([rows, cols]), logits.device)
+        logits.index_put_((index[0], index[1]), host_to_device(torch.tensor(vals, dtype=logits.dtype), logits.device),
+                          accumulate=True)
 
 
 def _counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
@@ -60,10 +61,9 @@ def _counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> t
     width = max((len(t) for t in token_lists), default=0)
     if width == 0:
         return torch.zeros(len(token_lists), vocab, device=device)
-    padded = torch.full((len(token_lists), width), vocab, dtype=torch.int64)  # `vocab` = a spare column
-    for i, tokens in enumerate(token_lists):
-        padded[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64).clamp_(max=vocab)
-    padded = padded.to(device, non_blocking=True)
+    # `vocab` = a spare column, for padding and for ids past the vocabulary
+    padded = torch.tensor([[*tokens, *[vocab] * (width - len(tokens))] for tokens in token_lists]).clamp_(max=vocab)
+    padded = host_to_device(padded, device)
     counts = torch.zeros(len(token_lists), vocab + 1, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
     return counts[:, :vocab]
@@ -74,15 +74,16 @@ def _penalties(logits: torch.Tensor, params: list[SamplingParams], ctx: Sampling
     if not rows:
         return
     vocab, device = logits.shape[1], logits.device
-    index = torch.tensor(rows, device=device)
+    index = host_to_device(torch.tensor(rows), device)
     sub = logits.index_select(0, index)
     out_counts = _counts([ctx.output_ids[i] for i in rows], vocab, device)
-    rep = torch.tensor([params[i].repetition_penalty for i in rows], device=device)[:, None]
-    if bool((rep != 1).any()):
+    # [3, m]: repetition, frequency and presence penalty of each row, one copy
+    rep, freq, pres = host_to_device(torch.tensor([[params[i].repetition_penalty for i in rows],
+                                                   [params[i].frequency_penalty for i in rows],
+                                                   [params[i].presence_penalty for i in rows]]), device)[:, :, None]
+    if any(params[i].repetition_penalty != 1 for i in rows):  # decided on the host: no read-back
         seen = (out_counts + _counts([ctx.prompt_ids[i] for i in rows], vocab, device)) > 0
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    freq = torch.tensor([params[i].frequency_penalty for i in rows], device=device)[:, None]
-    pres = torch.tensor([params[i].presence_penalty for i in rows], device=device)[:, None]
     sub = sub - freq * out_counts - pres * (out_counts > 0).to(sub.dtype)
     logits.index_copy_(0, index, sub)
 
@@ -92,15 +93,15 @@ def _suppress(logits: torch.Tensor, suppress: list[list[int]]) -> None:
     rows = [i for i, tokens in enumerate(suppress) for t in tokens if t < vocab]
     cols = [t for tokens in suppress for t in tokens if t < vocab]
     if rows:
-        dev = logits.device
-        logits[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = float("-inf")
+        index = host_to_device(torch.tensor([rows, cols]), logits.device)
+        logits.index_put_((index[0], index[1]), logits.new_full((len(rows),), float("-inf")))
 
 
 def _grammar(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """Mask the constrained rows with their grammar bitmask (unpacked on the device)."""
     vocab, device = logits.shape[1], logits.device
-    index = torch.tensor(rows, device=device)
-    words = bitmask.index_select(0, torch.tensor(rows)).to(device, non_blocking=True)  # [m, W] int32
+    index = host_to_device(torch.tensor(rows), device)
+    words = host_to_device(bitmask.index_select(0, torch.tensor(rows)), device)  # [m, W] int32
     shifts = torch.arange(32, device=device, dtype=torch.int32)
     allowed = ((words[:, :, None] >> shifts) & 1).reshape(len(rows), -1)[:, :vocab].bool()
     sub = logits.index_select(0, index).masked_fill_(~allowed, float("-inf"))

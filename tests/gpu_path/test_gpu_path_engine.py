@@ -233,7 +233,8 @@ def test_decode_graph_forward_never_waits_for_the_host(monkeypatch, flex_outside
 
 def test_gpu_path_step_reads_back_only_the_sampled_tokens(monkeypatch, flex_outside_log) -> None:
     """A whole engine step on the GPU path (scheduling, metadata, forward, sampling, with
-    greedy, seeded and unseeded top-k/top-p requests): the one value read back from the device
+    greedy, seeded and unseeded top-k/top-p requests, penalties, logit_bias and min_tokens):
+    the one value read back from the device
     is the sampled tokens (a transfer the scheduler needs), and the step's inputs reach the
     device in one copy on a decode-graph step, at most three otherwise (tokens and positions,
     attention metadata, LoRA metadata), plus the sampling parameters' (asynchronous, from
@@ -242,7 +243,7 @@ def test_gpu_path_step_reads_back_only_the_sampled_tokens(monkeypatch, flex_outs
     the LoRA metadata used to take six read-backs per step (max, min, nonzero, unique, ...)
     and a graph step one blocking copy per buffer."""
     from lorafold.kernels import meta, transfer
-    from lorafold.server.engine import decode_graphs, flex_paged, model_runner, sampler
+    from lorafold.server.engine import decode_graphs, flex_paged, logits_processors, model_runner, sampler
 
     copies: list[str] = []
 
@@ -252,7 +253,7 @@ def test_gpu_path_step_reads_back_only_the_sampled_tokens(monkeypatch, flex_outs
             return transfer.host_to_device(host, device)
         return copy
 
-    for module in (meta, decode_graphs, flex_paged, model_runner, sampler):
+    for module in (meta, decode_graphs, flex_paged, model_runner, sampler, logits_processors):
         monkeypatch.setattr(module, "host_to_device", counting(module.__name__.rsplit(".", 1)[-1]))
     engine = _engine(_model(torch.float32), dict(GPU_PATH, decode_graphs="eager"))
     graphs, steps = engine.runner.decode_graphs, []
@@ -271,7 +272,9 @@ def test_gpu_path_step_reads_back_only_the_sampled_tokens(monkeypatch, flex_outs
 
     monkeypatch.setattr(engine, "step", logged_step)
     arrivals, _, _ = _workload(engine)
-    sampled = {"r1": dict(seed=1, top_k=20), "r3": dict(top_p=0.9), "r6": dict(seed=6, top_p=0.8, top_k=50)}
+    sampled = {"r1": dict(seed=1, top_k=20), "r3": dict(top_p=0.9), "r6": dict(seed=6, top_p=0.8, top_k=50),
+               "r5": dict(repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.3, logit_bias={65: 2.0},
+                          min_tokens=4, stop_token_ids=[10])}  # every logits processor but the grammar's
     for reqs in arrivals.values():
         for j, (rid, prompt, params, adapter, name) in enumerate(reqs):
             if rid in sampled:
@@ -282,7 +285,7 @@ def test_gpu_path_step_reads_back_only_the_sampled_tokens(monkeypatch, flex_outs
     assert len(on_graph) >= 10 and len(steps) - len(on_graph) >= 5, "both kinds of step must run"
     for graph_step, reads, all_copies, made in steps:
         assert [r.split(":")[0] for r in reads] == ["Tensor.tolist in sampler.py"], reads
-        step_copies = [c for c in all_copies if c != "sampler"]
+        step_copies = [c for c in all_copies if c not in ("sampler", "logits_processors")]
         if graph_step:
             assert step_copies == ["decode_graphs"], step_copies
         else:
@@ -291,7 +294,8 @@ def test_gpu_path_step_reads_back_only_the_sampled_tokens(monkeypatch, flex_outs
         # by host_to_device (the LoRA metadata inside the staged inputs: one copy for two); a
         # torch.tensor(..., device=...) would be one more than the copies
         assert not graph_step or made is None or len(made) <= len(all_copies) + 1, (all_copies, made)
-    assert any("sampler" in c for *_, c, _ in steps), "the sampled requests must move their parameters"
+    moved = {m for *_, c, _ in steps for m in c}
+    assert {"sampler", "logits_processors"} <= moved, "the sampled requests must move their parameters"
 
 
 @pytest.fixture()
