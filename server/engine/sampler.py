@@ -66,11 +66,18 @@ def sample(
         probs = _filtered_probs(safe.index_select(0, index), [params[i] for i in rows])
         uniform = _uniform([generators[i] for i in rows], logits.device)
         tokens = tokens.index_copy(0, index, _inverse_cdf(probs, uniform))
-    # host sync: the token ids (and the error flags, in the same transfer) go back to the scheduler
-    packed = torch.cat([tokens, code]).tolist()
-    token_ids, flags = packed[: len(params)], packed[len(params):]
+    # The step's one host sync: the token ids, the error flags and any logprobs go back to the
+    # scheduler in one transfer, as float64 (exact for token ids and for float32 logprobs).
+    n = len(params)
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    k = max((params[i].logprobs for i in wanted), default=0)
+    parts = [tokens, code]
+    if wanted:
+        parts += _logprobs_on_device(safe, tokens, wanted, k)
+    packed = torch.cat([t.flatten().double() for t in parts]).tolist()
+    token_ids, flags = [int(v) for v in packed[:n]], [int(v) for v in packed[n : 2 * n]]
     errors = [_ERRORS[flag] for flag in flags]
-    return SamplerOutput(token_ids, _logprobs(safe, params, token_ids, errors), errors)
+    return SamplerOutput(token_ids, _logprobs(packed[2 * n :], params, token_ids, errors, wanted, k), errors)
 
 
 _NON_FINITE = (
@@ -131,24 +138,29 @@ def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
+def _logprobs_on_device(logits: torch.Tensor, tokens: torch.Tensor, wanted: list[int], k: int) -> list[torch.Tensor]:
+    """For rows `wanted`: the chosen token's logprob [m] and the k best (values [m, k], ids
+    [m, k]), left on the device for the step's one transfer."""
+    index = host_to_device(torch.tensor(wanted), logits.device)
+    lp = torch.log_softmax(logits.index_select(0, index), dim=-1)
+    chosen = lp.gather(1, tokens.index_select(0, index)[:, None]).squeeze(1)
+    top = torch.topk(lp, k, dim=-1)
+    return [chosen, top.values, top.indices]
+
+
 def _logprobs(
-    logits: torch.Tensor, params: list[SamplingParams], tokens: list[int], errors: list[str | None]
+    values: list[float], params: list[SamplingParams], tokens: list[int], errors: list[str | None], wanted: list[int],
+    k: int,
 ) -> list[TokenLogprobs | None]:
+    """Each wanted row's TokenLogprobs from `values` (chosen [m], then top values [m, k] and
+    ids [m, k], flattened; see `_logprobs_on_device`); None for the others and failed rows."""
     out: list[TokenLogprobs | None] = [None] * len(params)
-    wanted = [i for i, p in enumerate(params) if p.logprobs is not None and errors[i] is None]
-    if not wanted:
-        return out
-    lp = torch.log_softmax(logits[wanted], dim=-1)
-    k = max(params[i].logprobs for i in wanted)
-    chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in wanted], device=lp.device)).squeeze(1)
-    top = torch.topk(lp, k, dim=-1) if k else None
-    # host sync: logprobs are returned to the client
-    chosen_values = chosen.tolist()
-    top_ids = top.indices.tolist() if top is not None else [[] for _ in wanted]
-    top_values = top.values.tolist() if top is not None else [[] for _ in wanted]
+    m = len(wanted)
+    chosen, top_values, top_ids = values[:m], values[m : m + m * k], values[m + m * k :]
     for j, i in enumerate(wanted):
+        if errors[i] is not None:
+            continue
         n = params[i].logprobs
-        out[i] = TokenLogprobs(
-            token_id=tokens[i], logprob=chosen_values[j], top=tuple(zip(top_ids[j][:n], top_values[j][:n]))
-        )
+        top = tuple((int(top_ids[j * k + t]), top_values[j * k + t]) for t in range(n))
+        out[i] = TokenLogprobs(token_id=tokens[i], logprob=chosen[j], top=top)
     return out

@@ -233,7 +233,7 @@ def test_decode_graph_forward_never_waits_for_the_host(monkeypatch, flex_outside
 
 def test_gpu_path_step_reads_back_only_the_sampled_tokens(monkeypatch, flex_outside_log) -> None:
     """A whole engine step on the GPU path (scheduling, metadata, forward, sampling, with
-    greedy, seeded and unseeded top-k/top-p requests, penalties, logit_bias and min_tokens):
+    greedy, seeded and unseeded top-k/top-p requests, logprobs, penalties, logit_bias, min_tokens):
     the one value read back from the device
     is the sampled tokens (a transfer the scheduler needs), and the step's inputs reach the
     device in one copy on a decode-graph step, at most three otherwise (tokens and positions,
@@ -272,7 +272,7 @@ def test_gpu_path_step_reads_back_only_the_sampled_tokens(monkeypatch, flex_outs
 
     monkeypatch.setattr(engine, "step", logged_step)
     arrivals, _, _ = _workload(engine)
-    sampled = {"r1": dict(seed=1, top_k=20), "r3": dict(top_p=0.9), "r6": dict(seed=6, top_p=0.8, top_k=50),
+    sampled = {"r1": dict(seed=1, top_k=20, logprobs=3), "r3": dict(top_p=0.9), "r6": dict(seed=6, top_p=0.8, top_k=50),
                "r5": dict(repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.3, logit_bias={65: 2.0},
                           min_tokens=4, stop_token_ids=[10])}  # every logits processor but the grammar's
     for reqs in arrivals.values():
