@@ -8,6 +8,7 @@ import dataclasses
 import math
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +210,22 @@ def gpu_busy_seconds(fn, steps: int) -> float | None:  # noqa: ANN001
     return total / 1e6 / steps
 
 
+def host_syncs(fn) -> int | None:  # noqa: ANN001
+    """Synchronising CUDA calls (a read-back, a blocking copy) that one call of fn makes, as
+    torch.cuda.set_sync_debug_mode reports them; None off CUDA. An engine step should make
+    one: the sampled tokens."""
+    if not torch.cuda.is_available():
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -281,10 +298,11 @@ def throughput_section(device: torch.device, *, smoke: bool) -> dict:
         wall = timed(engine.step, device, steps - 2)
         compiles2, graphs2 = triton_compiles(), dynamo_graphs()
         busy = gpu_busy_seconds(engine.step, 1) if device.type == "cuda" else None
+        syncs = host_syncs(engine.step)
         while engine.has_unfinished():
             engine.step()
         row = {"adapters": n, "graphs": with_graphs and graphs is not None and bool(graphs.graphs), "batch": batch, "step_ms": round(wall * 1e3, 3), "tokens_per_s": round(batch / wall, 1),
-               "gpu_busy_ms": None if busy is None else round(busy * 1e3, 3),
+               "gpu_busy_ms": None if busy is None else round(busy * 1e3, 3), "host_syncs": syncs,
                "compiles_in_warmup": None if compiles0 is None else compiles1 - compiles0,
                "compiles_after_warmup": None if compiles1 is None else compiles2 - compiles1,
                "torch_compiles": graphs2 - graphs0}
@@ -310,7 +328,10 @@ def throughput_section(device: torch.device, *, smoke: bool) -> dict:
             "lora_vs_gemm": lora_vs_gemm(device, dtype, smoke),
             "checks": {"adapters_for_loss": scenarios[2]["adapters"], "loss_vs_base": round(1 - scenarios[2]["vs_base"], 4),
                        "cold_adapter_first_token_ms": round(cold_s * 1e3, 1), "target_loss": 0.05,
-                       "target_cold_ms": 50}}
+                       "target_cold_ms": 50,
+                       "host_syncs_per_step_max": max((r["host_syncs"] for r in scenarios
+                                                       if r["host_syncs"] is not None), default=None),
+                       "target_host_syncs": 1}}
 
 
 def lora_vs_gemm(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[dict]:

@@ -29,7 +29,8 @@ on the engine thread) then shows where it was, inside a one-shot device call. Se
   device for a few seconds to confident predictions (`_confident_llama.py`); decode throughput on a random-init model of Llama-3-8B's layer shapes
   (fewer layers, stated in the JSON) all on the base vs 8 / 64 / 512 distinct rank-16
   adapters (decode steps replaying CUDA graphs), the 64-adapter case again without graphs,
-  wall vs profiled GPU time per step, Triton compiles during and after warm-up and
+  wall vs profiled GPU time per step, synchronising CUDA calls per step (one expected: the
+  sampled tokens), Triton compiles during and after warm-up and
   torch.compile graphs (FlexAttention) built while each scenario ran, a cold
   adapter's first token; shrink+expand time as a fraction of each layer's base GEMM at
   decode sizes, and the shrink at the default launch vs at the (split-K, warps) the engine's

@@ -40,7 +40,7 @@ def test_gpu_check_smoke_runs_every_section_and_passes(tmp_path: Path) -> None:
     # nothing measured on the CPU (interpreter timings mean nothing): the default launch
     assert all((r["split_k"], r["num_warps"]) == (1, 4) and r["shrink_us_default"] > 0 and r["shrink_us_chosen"] > 0
                for r in thr["lora_vs_gemm"])
-    assert all("torch_compiles" in r for r in thr["scenarios"])
+    assert all("torch_compiles" in r and "host_syncs" in r for r in thr["scenarios"])
     assert thr["checks"]["cold_adapter_first_token_ms"] > 0
     for table in ("environment", "kernels vs float64", "engine vs merged reference", "decode throughput"):
         assert table in proc.stdout
