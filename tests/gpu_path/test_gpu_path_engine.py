@@ -204,44 +204,26 @@ def flex_outside_log(monkeypatch) -> list[int]:
     return calls
 
 
-def test_decode_graph_forward_never_waits_for_the_host(monkeypatch, flex_outside_log) -> None:
-    """What a CUDA graph captures must be device work only: the decode forward on the graph
-    buffers (block mask, LoRA segments, every layer) reads no value back to the host, makes
-    no data-dependent shape and copies no Python data to the device, in every decode step of
-    a workload with adapters. Capture itself needs CUDA; this is its CPU-visible half (on CUDA
-    a violation makes capture fail, and the server then runs decode steps eagerly, host-bound)."""
+def test_gpu_path_host_waits_only_for_the_sampled_tokens(monkeypatch, flex_outside_log) -> None:
+    """The host side of the GPU path, run on the CPU under a HostSyncLog, with greedy, seeded
+    and unseeded top-k/top-p requests, logprobs, penalties, logit_bias and min_tokens:
+
+    - the decode forward a CUDA graph captures (block mask, LoRA segments, every layer) reads
+      nothing back, makes no data-dependent shape and no tensor from Python data: on CUDA any
+      of these makes capture fail (the server then decodes eagerly, host-bound);
+    - a whole engine step (scheduling, metadata, forward, sampling) reads back one value, the
+      sampled tokens (with any logprobs, in the same transfer), and moves its inputs in one
+      copy on a decode-graph step, at most three otherwise (tokens and positions, attention
+      metadata, LoRA metadata), plus the sampling parameters', each asynchronous from
+      page-locked memory (`kernels.transfer.host_to_device`).
+
+    On CUDA each read-back, and each `torch.tensor(..., device=...)` (a blocking copy), stalls
+    the host until the GPU drains; the LoRA metadata used to take six read-backs per step (max,
+    min, nonzero, unique, ...) and a graph step one blocking copy per buffer."""
     log = HostSyncLog()
     with log:  # the log itself must see each kind of read-back
         int(torch.ones(1).sum()), torch.ones(2).tolist()
     assert [s.split()[0] for s in log.syncs] == ["aten._local_scalar_dense.default", "Tensor.tolist"], log.syncs
-    engine = _engine(_model(torch.float32), dict(GPU_PATH, decode_graphs="eager"))
-    graphs = engine.runner.decode_graphs
-    log = HostSyncLog()
-    forward = graphs._forward
-
-    def logged_forward(bucket: int) -> torch.Tensor:
-        with log:
-            return forward(bucket)
-
-    monkeypatch.setattr(graphs, "_forward", logged_forward)
-    arrivals, _, _ = _workload(engine)
-    run_to_completion(engine, arrivals)
-    assert graphs.steps >= 10 and flex_outside_log, "the workload must run decode steps on the graph buffers"
-    assert {"lorafold.lora_shrink.default", "lorafold.lora_expand.default"} <= log.ops, sorted(log.ops)
-    assert not log.syncs, f"host synchronisation in the captured decode forward: {sorted(set(log.syncs))}"
-
-
-def test_gpu_path_step_reads_back_only_the_sampled_tokens(monkeypatch, flex_outside_log) -> None:
-    """A whole engine step on the GPU path (scheduling, metadata, forward, sampling, with
-    greedy, seeded and unseeded top-k/top-p requests, logprobs, penalties, logit_bias, min_tokens):
-    the one value read back from the device
-    is the sampled tokens (a transfer the scheduler needs), and the step's inputs reach the
-    device in one copy on a decode-graph step, at most three otherwise (tokens and positions,
-    attention metadata, LoRA metadata), plus the sampling parameters' (asynchronous, from
-    page-locked memory: `kernels.transfer.host_to_device`). On CUDA each read-back, and each
-    `torch.tensor(..., device=...)` (a blocking copy), stalls the host until the GPU drains;
-    the LoRA metadata used to take six read-backs per step (max, min, nonzero, unique, ...)
-    and a graph step one blocking copy per buffer."""
     from lorafold.kernels import meta, transfer
     from lorafold.server.engine import decode_graphs, flex_paged, logits_processors, model_runner, sampler
 
@@ -257,7 +239,13 @@ def test_gpu_path_step_reads_back_only_the_sampled_tokens(monkeypatch, flex_outs
         monkeypatch.setattr(module, "host_to_device", counting(module.__name__.rsplit(".", 1)[-1]))
     engine = _engine(_model(torch.float32), dict(GPU_PATH, decode_graphs="eager"))
     graphs, steps = engine.runner.decode_graphs, []
-    step = engine.step
+    step, forward, forward_log = engine.step, graphs._forward, HostSyncLog()
+
+    def logged_forward(bucket: int) -> torch.Tensor:
+        with forward_log:
+            return forward(bucket)
+
+    monkeypatch.setattr(graphs, "_forward", logged_forward)
 
     def logged_step() -> list:
         log, graph_steps, loads = HostSyncLog(), graphs.steps, engine.adapter_table.stats.misses
@@ -282,7 +270,9 @@ def test_gpu_path_step_reads_back_only_the_sampled_tokens(monkeypatch, flex_outs
                                                        **sampled[rid]), adapter, name)
     run_to_completion(engine, arrivals)
     on_graph = [s for s in steps if s[0]]
-    assert len(on_graph) >= 10 and len(steps) - len(on_graph) >= 5, "both kinds of step must run"
+    assert len(on_graph) >= 10 and len(steps) - len(on_graph) >= 5 and flex_outside_log, "both kinds of step must run"
+    assert {"lorafold.lora_shrink.default", "lorafold.lora_expand.default"} <= forward_log.ops, sorted(forward_log.ops)
+    assert not forward_log.syncs, f"host synchronisation in the captured decode forward: {sorted(set(forward_log.syncs))}"
     for graph_step, reads, all_copies, made in steps:
         assert [r.split(":")[0] for r in reads] == ["Tensor.tolist in sampler.py"], reads
         step_copies = [c for c in all_copies if c not in ("sampler", "logits_processors")]
