@@ -39,6 +39,9 @@ class LoRABatchMeta:
     num_tokens: int
     backend: str = "torch"
     segments: tuple[tuple[int, int, int, int], ...] = field(default=())
+    # what the kernels derive from the metadata once per forward for every layer (the Triton
+    # launches' work items); empty when built, on whatever device the tensors are
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_segments(self) -> int:
@@ -57,7 +60,7 @@ class LoRABatchMeta:
         t, s = self.sorted_tokens.numel(), self.seg_slots.numel()
         host = torch.cat([self.sorted_tokens, self.seg_slots, self.seg_starts]).cpu()
         moved = host_to_device(host, device)
-        return replace(self, sorted_tokens=moved[:t], seg_slots=moved[t : t + s], seg_starts=moved[t + s :])
+        return replace(self, sorted_tokens=moved[:t], seg_slots=moved[t : t + s], seg_starts=moved[t + s :], cache={})
 
 
 def lora_meta_from_runs(

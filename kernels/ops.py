@@ -61,6 +61,8 @@ def _lora_shrink_op(
     sorted_tokens: torch.Tensor,
     seg_slots: torch.Tensor,
     seg_starts: torch.Tensor,
+    items: torch.Tensor,
+    item_count: torch.Tensor,
     max_seg_len: int,
     max_rank: int,
 ) -> torch.Tensor:
@@ -69,11 +71,11 @@ def _lora_shrink_op(
     # Metadata built by `build_lora_meta` is consistent by construction: skip the value
     # checks, which cost a device->host sync per call (and break CUDA-graph capture).
     return triton_shrink(x, a_pool, row_start, ranks, sorted_tokens, seg_slots, seg_starts, max_seg_len, max_rank,
-                         check_values=False)
+                         check_values=False, items=(items, item_count))
 
 
 @_lora_shrink_op.register_fake
-def _(x, a_pool, row_start, ranks, sorted_tokens, seg_slots, seg_starts, max_seg_len, max_rank):
+def _(x, a_pool, row_start, ranks, sorted_tokens, seg_slots, seg_starts, items, item_count, max_seg_len, max_rank):
     return x.new_empty((a_pool.shape[0], x.shape[0], max_rank), dtype=torch.float32)
 
 
@@ -87,6 +89,8 @@ def _lora_expand_op(
     sorted_tokens: torch.Tensor,
     seg_slots: torch.Tensor,
     seg_starts: torch.Tensor,
+    items: torch.Tensor,
+    item_count: torch.Tensor,
     max_seg_len: int,
     max_rank: int,
     out: torch.Tensor,
@@ -94,12 +98,23 @@ def _lora_expand_op(
     from lorafold.kernels.triton_lora import expand as triton_expand
 
     triton_expand(y, b_pool, row_start, ranks, slice_offsets, sorted_tokens, seg_slots, seg_starts,
-                  max_seg_len, max_rank, out, check_values=False)
+                  max_seg_len, max_rank, out, check_values=False, items=(items, item_count))
 
 
 @_lora_expand_op.register_fake
-def _(y, b_pool, row_start, ranks, slice_offsets, sorted_tokens, seg_slots, seg_starts, max_seg_len, max_rank, out):
+def _(y, b_pool, row_start, ranks, slice_offsets, sorted_tokens, seg_slots, seg_starts, items, item_count, max_seg_len,
+      max_rank, out):
     return None
+
+
+def _work_items(meta: LoRABatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton launches' work items of this forward: computed once, on the device, for
+    every layer (`triton_lora.forward_items`)."""
+    if "triton_items" not in meta.cache:
+        from lorafold.kernels.triton_lora import forward_items
+
+        meta.cache["triton_items"] = forward_items(meta.seg_starts, meta.sorted_tokens.numel(), meta.max_seg_len)
+    return meta.cache["triton_items"]
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -115,7 +130,7 @@ def shrink(
     the reference runs, whatever the backend."""
     if meta.backend == "triton" and not _needs_grad(x, a_pool):
         return torch.ops.lorafold.lora_shrink(
-            x, a_pool, row_start, ranks, meta.sorted_tokens, meta.seg_slots, meta.seg_starts,
+            x, a_pool, row_start, ranks, meta.sorted_tokens, meta.seg_slots, meta.seg_starts, *_work_items(meta),
             meta.max_seg_len, meta.max_rank,
         )
     return lora_shrink_ref(x, a_pool, meta)
@@ -136,7 +151,7 @@ def expand(
     if meta.backend == "triton" and not _needs_grad(y, b_pool, out):
         torch.ops.lorafold.lora_expand(
             y, b_pool, row_start, ranks, list(slice_offsets), meta.sorted_tokens, meta.seg_slots,
-            meta.seg_starts, meta.max_seg_len, meta.max_rank, out,
+            meta.seg_starts, *_work_items(meta), meta.max_seg_len, meta.max_rank, out,
         )
         return
     lora_expand_ref(y, b_pool, list(slice_offsets), meta, out)

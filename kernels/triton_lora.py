@@ -6,6 +6,14 @@ carry an adapter are stably sorted by slot into segments (`sorted_tokens`, `seg_
 adapter runs at its own rank, rounded up only to BLOCK_R. Fused slices (q/k/v, gate/up)
 are a grid axis of one launch.
 
+Grid: (rank tiles x split-K for the shrink, N-tiles for the expand; slices; programs over
+work items). A work item is one segment's M-tile (`work_items`, computed on the device once
+per forward); each program of the third axis loops over every P-th item, P sized so that
+the launch has about TARGET_PROGRAMS programs. A grid over (M-tiles x segments) instead must
+cover the worst case of both at once, as a CUDA graph's fixed launch does: a decode graph of
+512 sequences would launch cdiv(512, 64) x 512 programs per N-tile and slice (1.8 M for a
+Llama-3-8B gate/up expand) for a step that has a few dozen items of work.
+
 Block sizes (why):
 - BLOCK_M 16/32/64 from `max_seg_len`: decode segments hold one token, and 16 is the
   smallest tile `tl.dot` accepts; prefill segments fill 64-row tiles.
@@ -15,7 +23,7 @@ Block sizes (why):
   over them so that each (token, column) belongs to one program and needs no atomics.
 - BLOCK_K 64 (shrink) and BLOCK_N 64 (expand): masked tails handle odd d_in / widths.
 Split-K for the shrink at decode sizes: a decode step of a few adapters launches
-(1 M-tile x 1 rank tile, 3 slices, 8 segments) = 24 programs, each looping over all of d_in,
+(1 rank tile, 3 slices, 8 items) = 24 programs, each looping over all of d_in,
 on a GPU of 132 SMs. SPLIT_K programs then share one (tile, slice, segment), each over a
 contiguous run of d_in, writing fp32 partials that one sum reduces (deterministic, unlike
 atomics; the partials are [SPLIT_K, slices, T, rank], small at decode). How far to split is
@@ -62,55 +70,58 @@ def _segment_info(seg_starts_ptr, seg_slots_ptr, ranks_ptr, stride_rank, slice_i
 # new variant whenever one of them turns divisible by 16 or equal to 1, on the serving
 # thread. What stays specialised (the layer's widths, the block sizes) is fixed per model
 # and covered by `warm_up` at start.
-_STEP_INTS_SHRINK = ["n_rows", "max_rank", "stride_as", "stride_ys", "stride_yt", "stride_yk", "R_TILES"]
-_STEP_INTS_EXPAND = ["n_rows", "max_rank", "stride_ys", "stride_yt", "N_TILES"]
+_STEP_INTS_SHRINK = ["item_cap", "n_rows", "max_rank", "stride_as", "stride_ys", "stride_yt", "stride_yk"]
+_STEP_INTS_EXPAND = ["item_cap", "n_rows", "max_rank", "stride_ys", "stride_yt"]
 
 
 @triton.jit(do_not_specialize=_STEP_INTS_SHRINK)
 def _shrink_kernel(
-    x_ptr, a_ptr, y_ptr, row_start_ptr, ranks_ptr, tok_ptr, seg_slots_ptr, seg_starts_ptr,
-    d_in, n_rows, max_rank, stride_rank, stride_xt, stride_as, stride_ar, stride_ys, stride_yt,
-    stride_yk, R_TILES, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, a_ptr, y_ptr, row_start_ptr, ranks_ptr, tok_ptr, seg_slots_ptr, seg_starts_ptr, items_ptr, count_ptr,
+    item_cap, d_in, n_rows, max_rank, stride_rank, stride_xt, stride_as, stride_ar, stride_ys, stride_yt,
+    stride_yk, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
     k_split = tl.program_id(0) % SPLIT_K
-    m_tile = tl.program_id(0) // SPLIT_K // R_TILES
-    r_tile = tl.program_id(0) // SPLIT_K % R_TILES
+    r_tile = tl.program_id(0) // SPLIT_K
     slice_id = tl.program_id(1)
-    seg = tl.program_id(2)
-    start, seg_len, slot, rank = _segment_info(
-        seg_starts_ptr, seg_slots_ptr, ranks_ptr, stride_rank, slice_id, seg, max_rank)
-    if m_tile * BLOCK_M >= seg_len or r_tile * BLOCK_R >= rank:
-        return  # beyond the segment, or beyond this adapter's true rank (rank 0: all exit)
-    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < seg_len
-    tok = tl.load(tok_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
-    offs_r = r_tile * BLOCK_R + tl.arange(0, BLOCK_R)
-    rows = tl.load(row_start_ptr + slot).to(tl.int64) + offs_r
-    r_mask = (offs_r < rank) & (rows < n_rows)
     # this program's run of d_in: whole BLOCK_K tiles, the last run possibly shorter
     k_per_split = tl.cdiv(tl.cdiv(d_in, BLOCK_K), SPLIT_K) * BLOCK_K
     k_lo = k_split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, d_in)
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + tok[:, None] * stride_xt + (k_lo + offs_k)[None, :]
-    a_ptrs = a_ptr + slice_id.to(tl.int64) * stride_as + rows[None, :] * stride_ar + (k_lo + offs_k)[:, None]
-    # tl.full, not tl.zeros: tl.zeros is a @jit helper of triton.language.standard, frozen in
-    # the mode triton was first imported in; builtins let a re-imported module switch modes.
-    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k_mask = offs_k < k_hi - k0
-        xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)  # [K, R]
-        if UPCAST:  # interpreter only: its bf16 dot multiplies raw bits (triton#11584)
-            xt = xt.to(tl.float32)
-            at = at.to(tl.float32)
-        # "ieee" only affects fp32 data (tf32 would miss the 1e-4 contract); 16-bit is native.
-        acc = tl.dot(xt, at, acc, input_precision="ieee")
-        x_ptrs += BLOCK_K
-        a_ptrs += BLOCK_K
-    y_ptrs = y_ptr + k_split * stride_yk + slice_id * stride_ys + tok[:, None] * stride_yt + offs_r[None, :]
-    tl.store(y_ptrs, acc, mask=m_mask[:, None] & (offs_r < rank)[None, :])
+    offs_r = r_tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    # the step's work items (segment, M-tile), shared out over the grid's third axis
+    for item in range(tl.program_id(2), tl.load(count_ptr), tl.num_programs(2)):
+        seg = tl.load(items_ptr + item)
+        m_tile = tl.load(items_ptr + item_cap + item)
+        start, seg_len, slot, rank = _segment_info(
+            seg_starts_ptr, seg_slots_ptr, ranks_ptr, stride_rank, slice_id, seg, max_rank)
+        if r_tile * BLOCK_R < rank:  # else beyond this adapter's true rank (rank 0: nothing)
+            offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < seg_len
+            tok = tl.load(tok_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+            rows = tl.load(row_start_ptr + slot).to(tl.int64) + offs_r
+            r_mask = (offs_r < rank) & (rows < n_rows)
+            x_ptrs = x_ptr + tok[:, None] * stride_xt + (k_lo + offs_k)[None, :]
+            a_ptrs = (a_ptr + slice_id.to(tl.int64) * stride_as + rows[None, :] * stride_ar
+                      + (k_lo + offs_k)[:, None])
+            # tl.full, not tl.zeros: tl.zeros is a @jit helper of triton.language.standard, frozen
+            # in the mode triton was first imported in; builtins let a re-imported module switch.
+            acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                k_mask = offs_k < k_hi - k0
+                xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)  # [K, R]
+                if UPCAST:  # interpreter only: its bf16 dot multiplies raw bits (triton#11584)
+                    xt = xt.to(tl.float32)
+                    at = at.to(tl.float32)
+                # "ieee" only affects fp32 data (tf32 would miss the 1e-4 contract); 16-bit is native.
+                acc = tl.dot(xt, at, acc, input_precision="ieee")
+                x_ptrs += BLOCK_K
+                a_ptrs += BLOCK_K
+            y_ptrs = (y_ptr + k_split * stride_yk + slice_id * stride_ys + tok[:, None] * stride_yt
+                      + offs_r[None, :])
+            tl.store(y_ptrs, acc, mask=m_mask[:, None] & (offs_r < rank)[None, :])
 
 
 @triton.jit
@@ -125,42 +136,42 @@ def _slice_columns(slice_id, off1, off2, off3, off4):
 
 @triton.jit(do_not_specialize=_STEP_INTS_EXPAND)
 def _expand_kernel(
-    y_ptr, b_ptr, out_ptr, row_start_ptr, ranks_ptr, tok_ptr, seg_slots_ptr, seg_starts_ptr,
-    off1, off2, off3, off4, n_rows, max_rank, stride_rank, stride_ys, stride_yt, stride_br,
-    stride_ot,
-    N_TILES, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+    y_ptr, b_ptr, out_ptr, row_start_ptr, ranks_ptr, tok_ptr, seg_slots_ptr, seg_starts_ptr, items_ptr, count_ptr,
+    item_cap, off1, off2, off3, off4, n_rows, max_rank, stride_rank, stride_ys, stride_yt, stride_br, stride_ot,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    m_tile = tl.program_id(0) // N_TILES
-    n_tile = tl.program_id(0) % N_TILES
+    n_tile = tl.program_id(0)
     slice_id = tl.program_id(1)
-    seg = tl.program_id(2)
-    start, seg_len, slot, rank = _segment_info(
-        seg_starts_ptr, seg_slots_ptr, ranks_ptr, stride_rank, slice_id, seg, max_rank)
     col_lo, width = _slice_columns(slice_id, off1, off2, off3, off4)
-    if m_tile * BLOCK_M >= seg_len or n_tile * BLOCK_N >= width or rank == 0:
-        return  # out is left untouched: a rank-0 slice adds nothing
-    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < seg_len
-    tok = tl.load(tok_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    if n_tile * BLOCK_N >= width:
+        return  # past this slice's columns (slices differ in width)
     offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < width
     cols = col_lo + offs_n
-    row0 = tl.load(row_start_ptr + slot).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
-    y_rows = y_ptr + slice_id * stride_ys + tok[:, None] * stride_yt
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for r0 in range(0, rank, BLOCK_R):  # true rank, rounded up to BLOCK_R only
-        r_idx = r0 + offs_r
-        r_mask = (r_idx < rank) & (row0 + r_idx < n_rows)
-        yt = tl.load(y_rows + r_idx[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        b_ptrs = b_ptr + (row0 + r_idx)[:, None] * stride_br + cols[None, :]
-        bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(yt, bt, acc, input_precision=PRECISION)
-    o_ptrs = out_ptr + tok[:, None] * stride_ot + cols[None, :]
-    o_mask = m_mask[:, None] & n_mask[None, :]
-    old = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
-    tl.store(o_ptrs, (old + acc).to(out_ptr.dtype.element_ty), mask=o_mask)
+    for item in range(tl.program_id(2), tl.load(count_ptr), tl.num_programs(2)):
+        seg = tl.load(items_ptr + item)
+        m_tile = tl.load(items_ptr + item_cap + item)
+        start, seg_len, slot, rank = _segment_info(
+            seg_starts_ptr, seg_slots_ptr, ranks_ptr, stride_rank, slice_id, seg, max_rank)
+        if rank > 0:  # out is left untouched: a rank-0 slice adds nothing
+            offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < seg_len
+            tok = tl.load(tok_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+            row0 = tl.load(row_start_ptr + slot).to(tl.int64)
+            y_rows = y_ptr + slice_id * stride_ys + tok[:, None] * stride_yt
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+            for r0 in range(0, rank, BLOCK_R):  # true rank, rounded up to BLOCK_R only
+                r_idx = r0 + offs_r
+                r_mask = (r_idx < rank) & (row0 + r_idx < n_rows)
+                yt = tl.load(y_rows + r_idx[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                b_ptrs = b_ptr + (row0 + r_idx)[:, None] * stride_br + cols[None, :]
+                bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+                acc = tl.dot(yt, bt, acc, input_precision=PRECISION)
+            o_ptrs = out_ptr + tok[:, None] * stride_ot + cols[None, :]
+            o_mask = m_mask[:, None] & n_mask[None, :]
+            old = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+            tl.store(o_ptrs, (old + acc).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -209,8 +220,6 @@ def _check_meta(device, n_slices, row_start, ranks, sorted_tokens, seg_slots, se
     if seg_starts.numel() != seg_slots.numel() + 1:
         raise ValueError(f"seg_starts must have len(seg_slots) + 1 = {seg_slots.numel() + 1} "
                          f"entries, got {seg_starts.numel()}")
-    if seg_slots.numel() > 65535:  # CUDA's limit on grid axis 2
-        raise ValueError(f"at most 65535 segments per launch, got {seg_slots.numel()}")
     _check_int("max_seg_len", max_seg_len)
     _check_int("max_rank", max_rank)
 
@@ -376,13 +385,60 @@ def _block_r(max_rank: int) -> int:
     return 16 if max_rank <= 16 else 32
 
 
+# ----------------------------------------------------------------------------- work items
+
+# Programs a launch aims at along the work-item axis, times the other two axes: enough to
+# fill a large GPU several times over; each program loops over the items left to it.
+TARGET_PROGRAMS = 8192
+
+
+def item_capacity(n_segments: int, n_sorted: int, block_m: int) -> int:
+    """An upper bound, from host-known sizes, on the work items of a launch: the sum over
+    segments of ceil(len / BLOCK_M) is at most S + T_a / BLOCK_M."""
+    return n_segments + triton.cdiv(n_sorted, block_m)
+
+
+def work_items(seg_starts: torch.Tensor, block_m: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launch's work items, one per (segment, BLOCK_M rows of it): ([2, capacity] int32,
+    segment then M-tile of item i, valid for i < count; [1] int32 count). Device ops only, no
+    host read: a CUDA graph replays it with each step's segments.
+
+    Why items: a grid over (M-tiles x segments) must be sized for the worst case of both, one
+    segment holding every token and every token its own segment; a decode graph of 512
+    sequences then launched 8 x 512 programs per N-tile where a step had a few dozen of work.
+    Items are the work itself; the grid's third axis shares them out."""
+    lens = (seg_starts[1:] - seg_starts[:-1]).to(torch.int64)
+    ends = torch.cumsum((lens + block_m - 1) // block_m, 0)  # items up to each segment's end
+    index = torch.arange(capacity, device=seg_starts.device)
+    seg = torch.searchsorted(ends, index, right=True).clamp_(max=max(lens.numel() - 1, 0))
+    first = ends - (lens + block_m - 1) // block_m  # each segment's first item
+    items = torch.stack([seg, index - first.index_select(0, seg)]) if lens.numel() else torch.zeros(
+        (2, capacity), dtype=torch.int64, device=seg_starts.device)
+    count = ends[-1:] if lens.numel() else torch.zeros(1, dtype=torch.int64, device=seg_starts.device)
+    return items.to(torch.int32).contiguous(), count.to(torch.int32)
+
+
+def forward_items(seg_starts: torch.Tensor, n_sorted: int, max_seg_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`work_items` of a forward's metadata, as every launch of that forward sizes them (the
+    BLOCK_M of `max_seg_len`; capacity from the segment and sorted-token counts)."""
+    block_m = _block_m(max_seg_len)
+    return work_items(seg_starts, block_m, item_capacity(seg_starts.numel() - 1, n_sorted, block_m))
+
+
+def _programs(capacity: int, other: int) -> int:
+    """Grid size along the item axis: all items at once when that stays near TARGET_PROGRAMS
+    with the other axes (`other` programs per item), else fewer, each looping."""
+    return max(1, min(capacity, triton.cdiv(TARGET_PROGRAMS, other), 65535))
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
 def shrink(x: torch.Tensor, a_pool: torch.Tensor, row_start: torch.Tensor, ranks: torch.Tensor,
            sorted_tokens: torch.Tensor, seg_slots: torch.Tensor, seg_starts: torch.Tensor,
            max_seg_len: int, max_rank: int, *, check_values: bool = True,
-           split_k: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+           split_k: int | None = None, num_warps: int | None = None,
+           items: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """LoRA shrink (d_in -> rank) for every token's own adapter, all slices in one launch.
 
     Semantics:
@@ -402,6 +458,8 @@ def shrink(x: torch.Tensor, a_pool: torch.Tensor, row_start: torch.Tensor, ranks
         split_k, num_warps: d_in runs per (tile, slice, segment) and warps per program;
             None: the measured choice for this layer and segment count (`tune_shrink`),
             DEFAULT_CONFIG where none was measured or BLOCK_M > 16.
+        items: `work_items` for this launch's BLOCK_M and `item_capacity` (every layer of a
+            forward shares them); None: computed here.
     Returns: y [n_slices, T, max_rank] float32; zero outside adapted (token, j < rank).
     """
     _check_tensor("x", x, _FLOAT_DTYPES, None, 2)
@@ -425,13 +483,15 @@ def shrink(x: torch.Tensor, a_pool: torch.Tensor, row_start: torch.Tensor, ranks
     y = torch.zeros((split_k, n_slices, x.shape[0], max_rank), dtype=torch.float32, device=x.device)
     if seg_slots.numel() == 0 or max_rank == 0 or max_seg_len == 0 or d_in == 0:
         return y[0]
-    r_tiles = triton.cdiv(max_rank, block_r)
-    grid = (triton.cdiv(max_seg_len, block_m) * r_tiles * split_k, n_slices, seg_slots.numel())
+    item_list, count = items if items is not None else work_items(
+        seg_starts, block_m, item_capacity(seg_slots.numel(), sorted_tokens.numel(), block_m))
+    other = triton.cdiv(max_rank, block_r) * split_k
+    grid = (other, n_slices, _programs(item_list.shape[1], other * n_slices))
     _shrink_kernel[grid](
-        x, a_pool, y, row_start, ranks, sorted_tokens, seg_slots, seg_starts,
+        x, a_pool, y, row_start, ranks, sorted_tokens, seg_slots, seg_starts, item_list, count, item_list.shape[1],
         d_in, n_rows, max_rank, ranks.stride(0), x.stride(0), a_pool.stride(0),
         a_pool.stride(1), y.stride(1), y.stride(2), y.stride(0),
-        R_TILES=r_tiles, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=BLOCK_K_SHRINK,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=BLOCK_K_SHRINK,
         SPLIT_K=split_k, UPCAST=INTERPRET and x.dtype == torch.bfloat16, num_warps=num_warps)
     return y[0] if split_k == 1 else y.sum(0)
 
@@ -439,7 +499,7 @@ def shrink(x: torch.Tensor, a_pool: torch.Tensor, row_start: torch.Tensor, ranks
 def expand(y: torch.Tensor, b_pool: torch.Tensor, row_start: torch.Tensor, ranks: torch.Tensor,
            slice_offsets: list[int], sorted_tokens: torch.Tensor, seg_slots: torch.Tensor,
            seg_starts: torch.Tensor, max_seg_len: int, max_rank: int, out: torch.Tensor,
-           *, check_values: bool = True) -> None:
+           *, check_values: bool = True, items: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """LoRA expand (rank -> d_out) for every token's own adapter, added into `out` in place.
 
     Semantics:
@@ -456,7 +516,7 @@ def expand(y: torch.Tensor, b_pool: torch.Tensor, row_start: torch.Tensor, ranks
         slice_offsets: n_slices + 1 Python ints, 0 = off_0 < off_1 < ... = D_total.
         out: [T, D_total] model dtype (dtype of b_pool), last dim contiguous; rows of tokens
             without adapter and columns of rank-0 slices stay bit-identical.
-        Other args as in `shrink`.
+        Other args (and `items`) as in `shrink`.
     """
     _check_tensor("out", out, _FLOAT_DTYPES, None, 2)
     _check_tensor("b_pool", b_pool, (out.dtype,), out.device, 2)
@@ -479,12 +539,14 @@ def expand(y: torch.Tensor, b_pool: torch.Tensor, row_start: torch.Tensor, ranks
     widths = [hi - lo for lo, hi in zip(slice_offsets, slice_offsets[1:])]
     n_tiles = triton.cdiv(max(widths), block_n)
     offs = list(slice_offsets[1:]) + [slice_offsets[-1]] * (MAX_SLICES - n_slices)
-    grid = (triton.cdiv(max_seg_len, block_m) * n_tiles, n_slices, seg_slots.numel())
+    item_list, count = items if items is not None else work_items(
+        seg_starts, block_m, item_capacity(seg_slots.numel(), sorted_tokens.numel(), block_m))
+    grid = (n_tiles, n_slices, _programs(item_list.shape[1], n_tiles * n_slices))
     _expand_kernel[grid](
-        y, b_pool, out, row_start, ranks, sorted_tokens, seg_slots, seg_starts,
+        y, b_pool, out, row_start, ranks, sorted_tokens, seg_slots, seg_starts, item_list, count, item_list.shape[1],
         *offs, b_pool.shape[0], max_rank, ranks.stride(0), y.stride(0), y.stride(1),
         b_pool.stride(0), out.stride(0),
-        N_TILES=n_tiles, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank),
         PRECISION="ieee" if out.dtype == torch.float32 else "tf32")
 
 

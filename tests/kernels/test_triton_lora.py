@@ -203,6 +203,39 @@ def test_long_prefill_segment_spans_many_m_tiles() -> None:
     check_expand(c, y, out0, out, torch.float32)
 
 
+def test_work_items_are_every_tile_of_every_segment_once() -> None:
+    """A launch's work items: one per (segment, BLOCK_M rows of it), empty segments none, all
+    within the capacity the launchers compute from host sizes."""
+    triton_lora = tlora
+    lens = [0, 1, 16, 17, 0, 64, 65, 3, 0]
+    starts = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    for block_m in (16, 32, 64):
+        cap = triton_lora.item_capacity(len(lens), sum(lens), block_m)
+        items, count = triton_lora.work_items(starts, block_m, cap)
+        want = [(s, t) for s, n in enumerate(lens) for t in range(-(-n // block_m))]
+        assert int(count) == len(want) <= cap and items.shape == (2, cap)
+        assert list(zip(*items[:, : len(want)].tolist())) == want
+    empty = triton_lora.work_items(torch.zeros(1, dtype=torch.int32, device=DEVICE), 16, 0)
+    assert empty[0].shape == (2, 0) and int(empty[1]) == 0
+
+
+@pytest.mark.parametrize("case", ["long prefill", "zipf decode"])
+def test_few_programs_loop_over_the_items(case: str, monkeypatch) -> None:
+    """Where a launch has more work items than programs along that axis (a large GPU's
+    budget, or a CUDA graph's worst case), each program loops over its share: here one
+    program per (tile, slice) does every item, with the same result."""
+    monkeypatch.setattr(tlora, "TARGET_PROGRAMS", 1)
+    assert tlora._programs(50, 3) == 1
+    c = (make_case("skewed", [67, 33], 100, torch.float32, seed=9, T=150, num_slots=8) if case == "long prefill"
+         else make_case("zipf", [75, 75], 64, torch.float32, seed=11))
+    torch.testing.assert_close(run_shrink(c).cpu().double(), ref_shrink(c), rtol=1e-4, atol=1e-4)
+    out0 = torch.randn(len(c["slots"]), 100 if case == "long prefill" else 150)
+    out = out0.clone().to(DEVICE)
+    y = input_y(c)
+    run_expand(c, y, out)
+    check_expand(c, y, out0, out, torch.float32)
+
+
 def test_padded_metadata_like_cuda_graphs() -> None:
     """Extra empty segments and generous max_seg_len / max_rank change nothing."""
     c = make_case("zipf", [75, 75], 64, torch.float32, seed=11)
