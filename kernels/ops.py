@@ -68,7 +68,7 @@ def _lora_shrink_op(
 ) -> torch.Tensor:
     from lorafold.kernels.triton_lora import shrink as triton_shrink
 
-    # Metadata built by `build_lora_meta` is consistent by construction: skip the value
+    # Metadata built by kernels/meta.py is consistent by construction: skip the value
     # checks, which cost a device->host sync per call (and break CUDA-graph capture).
     return triton_shrink(x, a_pool, row_start, ranks, sorted_tokens, seg_slots, seg_starts, max_seg_len, max_rank,
                          check_values=False, items=(items, item_count))

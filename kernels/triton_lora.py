@@ -427,7 +427,8 @@ def forward_items(seg_starts: torch.Tensor, n_sorted: int, max_seg_len: int) -> 
 
 def _programs(capacity: int, other: int) -> int:
     """Grid size along the item axis: all items at once when that stays near TARGET_PROGRAMS
-    with the other axes (`other` programs per item), else fewer, each looping."""
+    with the other axes (`other` programs per item), else fewer, each looping (65,535: CUDA's
+    limit on a grid's third axis)."""
     return max(1, min(capacity, triton.cdiv(TARGET_PROGRAMS, other), 65535))
 
 
