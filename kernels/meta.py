@@ -24,9 +24,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lorafold.kernels.transfer import host_to_device
+from lorafold.kernels.transfer import ALIGN_BYTES, aligned_cat, host_to_device
 
 BACKENDS = ("torch", "cpp", "triton")
+_PER_ALIGN = ALIGN_BYTES // 4  # int32 entries per alignment unit
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,15 +53,15 @@ class LoRABatchMeta:
         return self.num_segments > 0
 
     def to(self, device: torch.device) -> LoRABatchMeta:
-        """The same metadata with its index tensors on `device`, in one host-to-device copy
-        (`host_to_device`); itself when they are there already."""
+        """The same metadata (built on the host) with its index tensors on `device`, in one
+        host-to-device copy (`host_to_device`), each 16-byte aligned; itself when they are
+        there already."""
         here = self.sorted_tokens.device
         if here.type == device.type and (device.index is None or device.index == here.index):
             return self
-        t, s = self.sorted_tokens.numel(), self.seg_slots.numel()
-        host = torch.cat([self.sorted_tokens, self.seg_slots, self.seg_starts]).cpu()
+        host, (tokens, slots, starts) = aligned_cat([self.sorted_tokens, self.seg_slots, self.seg_starts])
         moved = host_to_device(host, device)
-        return replace(self, sorted_tokens=moved[:t], seg_slots=moved[t : t + s], seg_starts=moved[t + s :], cache={})
+        return replace(self, sorted_tokens=moved[tokens], seg_slots=moved[slots], seg_starts=moved[starts], cache={})
 
 
 def lora_meta_from_runs(
@@ -97,12 +98,13 @@ def lora_meta_from_runs(
         row, rows = ranges[slot]
         segments.append((seg_starts[-1], len(tokens), row, rows))
         seg_starts.append(len(tokens))
-    packed = torch.tensor(tokens + seg_slots + seg_starts, dtype=torch.int32)
     t, s = len(tokens), len(seg_slots)
+    pad_t, pad_s = -t % _PER_ALIGN, -s % _PER_ALIGN  # each part 16-byte aligned, as `.to` moves them
+    packed = torch.tensor(tokens + [0] * pad_t + seg_slots + [0] * pad_s + seg_starts, dtype=torch.int32)
     return LoRABatchMeta(
         sorted_tokens=packed[:t],
-        seg_slots=packed[t : t + s],
-        seg_starts=packed[t + s :],
+        seg_slots=packed[t + pad_t : t + pad_t + s],
+        seg_starts=packed[t + pad_t + s + pad_s :],
         max_seg_len=max((hi - lo for lo, hi, _, _ in segments), default=0),
         max_rank=max((rows for *_, rows in segments), default=0),
         num_tokens=num_tokens,

@@ -17,3 +17,24 @@ def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return host
     return host.pin_memory().to(device, non_blocking=True)
+
+
+# Bytes each part of a packed tensor starts on. Compiled kernels specialise on pointer
+# alignment (Triton on 16-byte divisibility, Inductor assumes aligned inputs): a view at an
+# odd offset would compile another variant on the serving thread, or be copied per call.
+ALIGN_BYTES = 16
+
+
+def aligned_cat(parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[slice]]:
+    """`parts` (tensors of one dtype, flattened) one after another in one 1-D tensor, each
+    starting a multiple of ALIGN_BYTES after the first; and the slice of each part in it."""
+    per = max(1, ALIGN_BYTES // parts[0].element_size())
+    chunks, slices, at = [], [], 0
+    for part in parts:
+        n, pad = part.numel(), -part.numel() % per
+        chunks.append(part.reshape(-1))
+        if pad:
+            chunks.append(part.new_zeros(pad))
+        slices.append(slice(at, at + n))
+        at += n + pad
+    return torch.cat(chunks), slices

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from lorafold.kernels.transfer import host_to_device
+from lorafold.kernels.transfer import aligned_cat, host_to_device
 
 # Rows of queries per block-mask row: one tile covers a whole decode batch row (Q = 1) and
 # the usual prefill chunk (<= 256 tokens: two tiles).
@@ -82,8 +82,9 @@ def build_flex_metadata(
     batches = [_host_batch(seqs, members, block_size, num_tokens) if members else None for members in (decodes, prefills)]
     parts = [owner, logical, torch.tensor(slot_mapping or [], dtype=torch.int32)]
     parts += [t for hb in batches if hb is not None for t in hb.arrays]
-    moved = iter(torch.split(host_to_device(torch.cat([t.flatten() for t in parts]), device),
-                             [t.numel() for t in parts]))
+    host, spans = aligned_cat(parts)  # aligned: the compiled kernel reads the mask's tensors
+    on_device = host_to_device(host, device)
+    moved = iter(on_device[span] for span in spans)
     owner_d, logical_d, slots_d = next(moved), next(moved), next(moved)
     decode, prefill = (None if hb is None else hb.on_device([next(moved).view(t.shape) for t in hb.arrays], owner_d,
                                                             logical_d, block_size) for hb in batches)

@@ -55,3 +55,31 @@ def test_meta_segments_sorted_and_complete() -> None:
 def test_meta_rejects_out_of_range_slot() -> None:
     with pytest.raises(ValueError, match="out of range"):
         build_lora_meta(torch.tensor([0, 9]), torch.zeros(4, dtype=torch.int32), torch.ones(4, dtype=torch.int32))
+
+
+def test_packed_metadata_parts_start_16_byte_aligned() -> None:
+    """The metadata's index tensors share one host tensor (one copy to a GPU) and the flex
+    attention metadata one per step; each part starts on a 16-byte boundary, since Triton
+    specialises kernels on pointer alignment (a misaligned view would compile another variant
+    while serving) and Inductor assumes aligned inputs."""
+    from lorafold.kernels.meta import lora_meta_from_runs
+    from lorafold.kernels.transfer import aligned_cat
+    from lorafold.server.engine.flex_paged import build_flex_metadata
+
+    for runs in ([(0, 0, 1)], [(2, 0, 3), (-1, 3, 2), (0, 5, 1)], [(s, t, 1) for t, s in enumerate([1, 0, 1, 2, 3])]):
+        meta = lora_meta_from_runs(runs, sum(n for *_, n in runs), {s: (s * 8, 8) for s in range(4)})
+        assert all(t.data_ptr() % 16 == 0 for t in (meta.sorted_tokens, meta.seg_slots, meta.seg_starts)), runs
+        ref = build_lora_meta(torch.tensor([s for s, _, n in runs for _ in range(n)]),
+                              torch.arange(4, dtype=torch.int32) * 8, torch.full((4,), 8, dtype=torch.int32))
+        assert [meta.sorted_tokens.tolist(), meta.seg_slots.tolist(), meta.seg_starts.tolist(), meta.segments] == [
+            ref.sorted_tokens.tolist(), ref.seg_slots.tolist(), ref.seg_starts.tolist(), ref.segments]
+    for dtype in (torch.int32, torch.int64):
+        parts = [torch.arange(n, dtype=dtype) for n in (3, 0, 5, 1)]
+        packed, spans = aligned_cat(parts)
+        assert all(packed[span].data_ptr() % 16 == 0 and packed[span].tolist() == p.tolist()
+                   for span, p in zip(spans, parts))
+    seqs = [(0, 3, 3, [0]), (3, 1, 6, [1, 2]), (4, 1, 2, [3])]  # a prefill chunk and two decodes
+    flex, slots = build_flex_metadata(seqs, 4, 9, 5, torch.device("cpu"), slot_mapping=[0, 1, 2, 9, 13])
+    tensors = [slots, flex.decode.block_mask.kv_num_blocks, flex.decode.block_mask.kv_indices,
+               flex.prefill.block_mask.kv_num_blocks, flex.prefill.block_mask.kv_indices]
+    assert all(t.data_ptr() % 16 == 0 for t in tensors)
