@@ -13,8 +13,8 @@ machines' image). On such a machine, from the repo root, bring the JSON back thr
 (`--sections env,kernels` and `--sections engine,throughput` split it in two if one run
 would not fit the time left.) Prints a table per section and writes
 benchmarks/results/gpu_check.json (`--out`) after every section, so a run killed at its time
-limit still brings back what it measured. A run still going after `--deadline` seconds
-(default 480) prints every thread's stack and exits 1: a hang (a lost CUDA event, a deadlock
+limit still brings back what it measured. A run still checking `--deadline` seconds after
+its imports (default 480) prints every thread's stack and exits 1: a hang (a lost CUDA event, a deadlock
 on the engine thread) then shows where it was, inside a one-shot device call. Sections:
 
 - env: device, torch / triton / transformers versions, C compiler and Python headers (Triton's
@@ -167,16 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="env,kernels,engine,throughput",
                         help="comma-separated subset of env,kernels,engine,throughput")
     parser.add_argument("--deadline", type=float, default=480.0,
-                        help="seconds after which every thread's stack is printed and the run exits (0: none)")
+                        help="seconds after the imports at which every thread's stack is printed and the run exits (0: none)")
     args = parser.parse_args(argv)
-    if args.deadline > 0:
-        faulthandler.dump_traceback_later(args.deadline, exit=True)
     _bootstrap(args.smoke)
     import torch
 
     from benchmarks._common import write_json
     from benchmarks._gpu_check_engine import engine_section, throughput_section
     from benchmarks._gpu_check_kernels import kernels_section
+
+    if args.deadline > 0:  # armed after the imports: dumping stacks mid-import can crash the dump
+        faulthandler.dump_traceback_later(args.deadline, exit=True)
 
     mode = "smoke" if args.smoke else "full"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

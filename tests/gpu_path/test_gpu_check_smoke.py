@@ -68,12 +68,14 @@ def test_gpu_check_keeps_what_it_measured_when_killed(tmp_path: Path) -> None:
 
 
 def test_gpu_check_prints_every_stack_at_its_deadline() -> None:
-    """A hang inside a one-shot device call must show where it is: past --deadline seconds
-    the check prints every thread's stack and exits 1 (3 s: it is still importing or in its
-    first section)."""
+    """A hang inside a one-shot device call must show where it is: --deadline seconds after
+    its imports the check prints every thread's stack and exits (3 s: it is in its first
+    sections). faulthandler's dump is best effort (it reads the stacks while the main thread
+    runs), so the test asks for the header and a frame, and a non-zero exit: 1, or a signal
+    should the dump itself crash."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--deadline", "3", "--out",
                            os.devnull], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.returncode != 0, proc.stderr[-2000:]
     assert "Timeout (0:00:03)!" in proc.stderr and "Thread 0x" in proc.stderr and 'File "' in proc.stderr, \
         proc.stderr[-2000:]
