@@ -24,10 +24,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lorafold.kernels.transfer import ALIGN_BYTES, aligned_cat, host_to_device
+from lorafold.kernels.transfer import aligned_cat, host_to_device
 
 BACKENDS = ("torch", "cpp", "triton")
-_PER_ALIGN = ALIGN_BYTES // 4  # int32 entries per alignment unit
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +98,11 @@ def lora_meta_from_runs(
         segments.append((seg_starts[-1], len(tokens), row, rows))
         seg_starts.append(len(tokens))
     t, s = len(tokens), len(seg_slots)
-    pad_t, pad_s = -t % _PER_ALIGN, -s % _PER_ALIGN  # each part 16-byte aligned, as `.to` moves them
-    packed = torch.tensor(tokens + [0] * pad_t + seg_slots + [0] * pad_s + seg_starts, dtype=torch.int32)
+    packed = torch.tensor(tokens + seg_slots + seg_starts, dtype=torch.int32)
     return LoRABatchMeta(
         sorted_tokens=packed[:t],
-        seg_slots=packed[t + pad_t : t + pad_t + s],
-        seg_starts=packed[t + pad_t + s + pad_s :],
+        seg_slots=packed[t : t + s],
+        seg_starts=packed[t + s :],
         max_seg_len=max((hi - lo for lo, hi, _, _ in segments), default=0),
         max_rank=max((rows for *_, rows in segments), default=0),
         num_tokens=num_tokens,
@@ -139,11 +137,16 @@ def build_lora_meta(
     if slots and min(slots) < -1:
         raise ValueError("token slots must be >= -1 (-1 means no adapter)")
     starts, allocs = row_start.tolist(), slot_alloc.tolist()
-    runs = []
-    for t, slot in enumerate(slots):
+    ranges = {slot: (starts[slot], allocs[slot]) for slot in set(slots) if slot >= 0}
+    return lora_meta_from_runs(token_runs(slots), len(slots), ranges, backend=backend).to(token_slots.device)
+
+
+def token_runs(token_slots: list[int]) -> list[tuple[int, int, int]]:
+    """(slot, first token, length) of each run of consecutive tokens sharing a slot."""
+    runs: list[list[int]] = []
+    for t, slot in enumerate(token_slots):
         if runs and runs[-1][0] == slot:
             runs[-1][2] += 1
         else:
             runs.append([slot, t, 1])
-    ranges = {slot: (starts[slot], allocs[slot]) for slot in set(slots) if slot >= 0}
-    return lora_meta_from_runs(runs, len(slots), ranges, backend=backend).to(token_slots.device)
+    return [tuple(run) for run in runs]

@@ -407,15 +407,17 @@ def work_items(seg_starts: torch.Tensor, block_m: int, capacity: int) -> tuple[t
     segment holding every token and every token its own segment; a decode graph of 512
     sequences then launched 8 x 512 programs per N-tile where a step had a few dozen of work.
     Items are the work itself; the grid's third axis shares them out."""
+    device = seg_starts.device
+    if seg_starts.numel() < 2:  # no segment: no item
+        return torch.zeros((2, capacity), dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int32,
+                                                                                        device=device)
     lens = (seg_starts[1:] - seg_starts[:-1]).to(torch.int64)
-    ends = torch.cumsum((lens + block_m - 1) // block_m, 0)  # items up to each segment's end
-    index = torch.arange(capacity, device=seg_starts.device)
-    seg = torch.searchsorted(ends, index, right=True).clamp_(max=max(lens.numel() - 1, 0))
-    first = ends - (lens + block_m - 1) // block_m  # each segment's first item
-    items = torch.stack([seg, index - first.index_select(0, seg)]) if lens.numel() else torch.zeros(
-        (2, capacity), dtype=torch.int64, device=seg_starts.device)
-    count = ends[-1:] if lens.numel() else torch.zeros(1, dtype=torch.int64, device=seg_starts.device)
-    return items.to(torch.int32).contiguous(), count.to(torch.int32)
+    tiles = (lens + block_m - 1) // block_m
+    ends = torch.cumsum(tiles, 0)  # items up to each segment's end
+    index = torch.arange(capacity, device=device)
+    seg = torch.searchsorted(ends, index, right=True).clamp_(max=lens.numel() - 1)
+    first = (ends - tiles).index_select(0, seg)  # each item's segment's first item
+    return torch.stack([seg, index - first]).to(torch.int32), ends[-1:].to(torch.int32)
 
 
 def forward_items(seg_starts: torch.Tensor, n_sorted: int, max_seg_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -484,8 +486,7 @@ def shrink(x: torch.Tensor, a_pool: torch.Tensor, row_start: torch.Tensor, ranks
     y = torch.zeros((split_k, n_slices, x.shape[0], max_rank), dtype=torch.float32, device=x.device)
     if seg_slots.numel() == 0 or max_rank == 0 or max_seg_len == 0 or d_in == 0:
         return y[0]
-    item_list, count = items if items is not None else work_items(
-        seg_starts, block_m, item_capacity(seg_slots.numel(), sorted_tokens.numel(), block_m))
+    item_list, count = items if items is not None else forward_items(seg_starts, sorted_tokens.numel(), max_seg_len)
     other = triton.cdiv(max_rank, block_r) * split_k
     grid = (other, n_slices, _programs(item_list.shape[1], other * n_slices))
     _shrink_kernel[grid](
@@ -540,8 +541,7 @@ def expand(y: torch.Tensor, b_pool: torch.Tensor, row_start: torch.Tensor, ranks
     widths = [hi - lo for lo, hi in zip(slice_offsets, slice_offsets[1:])]
     n_tiles = triton.cdiv(max(widths), block_n)
     offs = list(slice_offsets[1:]) + [slice_offsets[-1]] * (MAX_SLICES - n_slices)
-    item_list, count = items if items is not None else work_items(
-        seg_starts, block_m, item_capacity(seg_slots.numel(), sorted_tokens.numel(), block_m))
+    item_list, count = items if items is not None else forward_items(seg_starts, sorted_tokens.numel(), max_seg_len)
     grid = (n_tiles, n_slices, _programs(item_list.shape[1], n_tiles * n_slices))
     _expand_kernel[grid](
         y, b_pool, out, row_start, ranks, sorted_tokens, seg_slots, seg_starts, item_list, count, item_list.shape[1],

@@ -209,6 +209,4 @@ class DecodeGraphs:
         self.seg_slots[:s].copy_(seg_slots)
         self.seg_starts[: seg_starts.numel()].copy_(seg_starts)
         self.seg_slots[s:b].fill_(0)
-        self.seg_starts[s + 1 : b + 1].fill_(t_a)
-        if not seg_starts.numel():
-            self.seg_starts[0].fill_(0)
+        self.seg_starts[s + 1 : b + 1].fill_(t_a)  # entry 0 is always 0 (zeros, and every copy starts with 0)

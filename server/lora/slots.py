@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafold.kernels.meta import LoRABatchMeta, lora_meta_from_runs
+from lorafold.kernels.meta import LoRABatchMeta, lora_meta_from_runs, token_runs
 from lorafold.server.lora.layers import MultiLoRALinear
 from lorafold.server.lora.peft_format import AdapterError, LoRAAdapter, ModuleLoRA, ModuleSpec
 from lorafold.server.lora.rows import Move, RowAllocator
@@ -208,9 +208,8 @@ class AdapterSlots:
     def meta(self, token_slots: torch.Tensor | list[int]) -> LoRABatchMeta:
         """Batch metadata, on the pools' device, for a forward whose token t uses slot
         token_slots[t] (-1: base)."""
-        slots = torch.as_tensor(token_slots, dtype=torch.int64).tolist()
-        runs = [(slot, t, 1) for t, slot in enumerate(slots)]
-        return self.host_meta(runs, len(slots)).to(self.row_start.device)
+        slots = token_slots.tolist() if isinstance(token_slots, torch.Tensor) else list(token_slots)
+        return self.host_meta(token_runs(slots), len(slots)).to(self.row_start.device)
 
     def host_meta(self, runs: Iterable[tuple[int, int, int]], num_tokens: int) -> LoRABatchMeta:
         """Batch metadata on the host (`LoRABatchMeta.to` moves it) for a forward of
