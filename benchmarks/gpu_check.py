@@ -23,6 +23,10 @@ on the engine thread) then shows where it was, inside a one-shot device call. Se
   Llama-3-8B's layer shapes, 8 / 64 / 512 adapters of mixed ranks (8-64), zipf and uniform
   popularity, 15 % of rows without adapter; against a float64 reference; rows without adapter
   must stay bit-identical to the base output.
+- attention (`_gpu_check_attention.py`): the optional FlashInfer backend against a float64
+  run of its plan/run contract at SmolLM2's and Llama-3-8B's attention shapes, where
+  flashinfer-python is installed ("not installed" otherwise: it is not in the lent machines'
+  image and its wheel is too large to travel there).
 - engine (`_gpu_check_engine.py`): greedy tokens equal to transformers on merged weights in
   fp32; bf16 teacher-forced top-1 agreement (>= 99 %, no token off by more than a bf16 tie)
   with an fp32 reference of the same bf16 weights, on a model and adapters trained on the
@@ -164,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, runs on the CPU (Triton interpreter)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
-    parser.add_argument("--sections", default="env,kernels,engine,throughput",
-                        help="comma-separated subset of env,kernels,engine,throughput")
+    parser.add_argument("--sections", default="env,kernels,attention,engine,throughput",
+                        help="comma-separated subset of env,kernels,attention,engine,throughput")
     parser.add_argument("--deadline", type=float, default=480.0,
                         help="seconds after the imports at which every thread's stack is printed and the run exits (0: none)")
     args = parser.parse_args(argv)
@@ -173,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks._common import write_json
+    from benchmarks._gpu_check_attention import attention_section
     from benchmarks._gpu_check_engine import engine_section, throughput_section
     from benchmarks._gpu_check_kernels import kernels_section
 
@@ -211,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         print_table("kernels vs float64 (err / tol <= 1 passes)", rows)
         result["ok"] &= all(r["pass"] for r in rows)
 
+    def show_attention(rows: list[dict]) -> None:
+        print_table("paged attention vs float64 (FlashInfer where installed)", rows)
+        result["ok"] &= all(r["pass"] for r in rows)
+
     def show_engine(row: dict) -> None:
         print_table("engine vs merged reference", [row])
         result["ok"] &= bool(row["pass"])
@@ -224,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         section("env", lambda: env_section(device, args.smoke), show_env)
     if "kernels" in sections:
         section("kernels", lambda: kernels_section(device, SIZES[mode]), show_kernels)
+    if "attention" in sections:
+        section("attention", lambda: attention_section(device, args.smoke), show_attention)
     if "engine" in sections:
         section("engine", lambda: engine_section(device, smoke=args.smoke), show_engine)
     if "throughput" in sections:

@@ -241,6 +241,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     device.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"],
                         help="weights and KV cache dtype (default auto: bfloat16 on a GPU, float32 on the CPU); "
                         "the model is loaded straight into it")
+    device.add_argument("--attention-backend", choices=["auto", "sdpa", "flex", "flashinfer"],
+                        help="paged attention kernel (default auto: FlexAttention on a GPU, SDPA and the compiled "
+                        "decode kernel on the CPU); flashinfer: FlashInfer's kernel, GPU and bf16/fp16 only, "
+                        "where flashinfer-python is installed")
     engine = p.add_argument_group("engine limits")
     for flag, text in (
         ("--max-loras", "optional cap on adapters resident on the device at once (default: as many as "

@@ -7,8 +7,10 @@ import logging
 import os
 
 from lorafold.server.api.settings import ServerSettings
+from lorafold.server.engine import flashinfer_paged
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.host_memory import keep_freed_memory
+from lorafold.server.models.loader import resolve_device, resolve_dtype
 from lorafold.server.store import StoreError, open_store
 from lorafold.server.store.base import wait_until_reachable
 
@@ -26,6 +28,7 @@ ENGINE_FLAGS = {
     "max_loras": "max_loras", "max_num_seqs": "max_num_seqs", "max_model_len": "max_model_len",
     "kv_blocks": "num_kv_blocks", "max_queue": "max_queue", "prepack_weights": "prepack_weights",
     "adapter_memory_fraction": "adapter_memory_fraction", "gpu_memory_utilization": "gpu_memory_utilization",
+    "attention_backend": "attention_backend",
 }
 
 
@@ -61,6 +64,9 @@ def serve_main(args: argparse.Namespace) -> int:
 
     try:
         settings = settings_from_args(args)
+        if settings.engine.attention_backend == "flashinfer":  # before the model loads
+            device = resolve_device(settings.device)
+            flashinfer_paged.check_usable(device, resolve_dtype(settings.dtype, device.type))
     except ValueError as exc:  # a bad flag value: say which, not a traceback
         logger.error("invalid server settings: %s", exc)
         return 2

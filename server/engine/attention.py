@@ -10,7 +10,8 @@ time (one `index_select` row = block_size tokens x all KV heads: fewer, larger c
 gathering token by token); decode sequences are then batched into one SDPA call (padded to
 the longest context in blocks and masked), and prefill chunks run one SDPA call each (a
 handful per step). That is the "sdpa" backend; the "flex" backend (the GPU path,
-`flex_paged.py`) attends straight into the blocks through FlexAttention.
+`flex_paged.py`) attends straight into the blocks through FlexAttention, the optional
+"flashinfer" backend (`flashinfer_paged.py`) through FlashInfer's paged kernel.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from lorafold.kernels import cpu_ops
+from lorafold.kernels.transfer import host_to_device
+from lorafold.server.engine.flashinfer_paged import FlashInferAttention, FlashInferStep
 from lorafold.server.engine.flex_paged import FlexMetadata, build_flex_metadata, flex_paged_attention
 
 
@@ -46,6 +49,7 @@ class AttentionMetadata:
     block_size: int
     decode_only: bool = False  # every token is a decode token, rows in order: no row gather/scatter
     flex: FlexMetadata | None = None  # set: the FlexAttention backend (the fields above are then empty)
+    flashinfer: FlashInferStep | None = None  # set: the FlashInfer backend (likewise)
 
 
 def build_attention_metadata(
@@ -57,11 +61,23 @@ def build_attention_metadata(
     dtype: torch.dtype = torch.float32,
     backend: str = "sdpa",
     num_blocks: int | None = None,
+    flashinfer: FlashInferAttention | None = None,
 ) -> AttentionMetadata:
     """seqs: (q_start, q_len, ctx_len, block_table) per sequence of the step.
 
     dtype: the queries' dtype (SDPA's CUDA kernels refuse an additive mask of another dtype).
-    backend: "sdpa" or "flex" (then `num_blocks`, the cache's size in blocks, is needed)."""
+    backend: "sdpa", "flex" (then `num_blocks`, the cache's size in blocks, is needed) or
+    "flashinfer" (then `flashinfer`, the runner's planner, plans the step)."""
+    if backend == "flashinfer":
+        if flashinfer is None:
+            raise ValueError("the flashinfer attention backend needs the runner's FlashInferAttention")
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        step = flashinfer.plan(seqs, block_size)
+        return AttentionMetadata(
+            slot_mapping=host_to_device(torch.tensor(slot_mapping, dtype=torch.int64), device), decode_rows=empty,
+            decode_blocks=empty, decode_mask=empty.to(dtype), decode_lens=empty, prefills=(), block_size=block_size,
+            flashinfer=step,
+        )
     if backend == "flex":
         if num_blocks is None:
             raise ValueError("the flex attention backend needs num_blocks (the KV cache's size in blocks)")
@@ -72,7 +88,7 @@ def build_attention_metadata(
             prefills=(), block_size=block_size, flex=flex,
         )
     if backend != "sdpa":
-        raise ValueError(f"unknown attention backend {backend!r}; use 'sdpa' or 'flex'")
+        raise ValueError(f"unknown attention backend {backend!r}; use 'sdpa', 'flex' or 'flashinfer'")
     decodes = [s for s in seqs if s[1] == 1]
     prefills = []
     for q_start, q_len, ctx_len, table in seqs:
@@ -166,6 +182,8 @@ def paged_attention(
     v_cache.index_copy_(0, meta.slot_mapping, v)
     if meta.flex is not None:
         return flex_paged_attention(q, k_cache, v_cache, meta.flex, scale)
+    if meta.flashinfer is not None:  # planned with the model's scale
+        return meta.flashinfer.run(q, k_cache, v_cache)
     bs = meta.block_size
     if meta.decode_only:  # a pure decode step (the common case): q rows are the decode rows
         return _decode_attention(q, k_cache, v_cache, meta, scale)

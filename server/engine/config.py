@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flex")
+ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flex", "flashinfer")
 # "auto" + kernels.meta.BACKENDS, spelled out: this module stays torch-free (the scheduler imports it)
 LORA_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cpp")
 
@@ -34,7 +34,9 @@ class EngineConfig:
     attention_backend: "sdpa" reads each context back from its blocks and runs SDPA (the
         compiled paged-decode kernel where built: float32 CPU); "flex" runs FlexAttention
         with a block mask over the paged cache (the GPU path; eager, and so testable, on the
-        CPU); "auto": flex on CUDA, sdpa elsewhere. Chosen once, at start.
+        CPU); "flashinfer" runs FlashInfer's paged kernel (optional: CUDA, fp16/bf16, where
+        flashinfer-python is installed; no decode graphs); "auto": flex on CUDA, sdpa
+        elsewhere. Chosen once, at start.
     lora_backend: the multi-LoRA ops' implementation, resolved once when the model is built
         (`kernels.ops.choose_backend`): "auto" (Triton on CUDA; on the CPU the compiled kernel
         for float32, else the torch reference), "torch" (the reference), "triton" (on the CPU

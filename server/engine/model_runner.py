@@ -19,6 +19,7 @@ from lorafold.kernels.transfer import host_to_device
 from lorafold.server.engine.attention import build_attention_metadata
 from lorafold.server.engine.block_manager import slot_mapping
 from lorafold.server.engine.config import EngineConfig
+from lorafold.server.engine import flashinfer_paged
 from lorafold.server.engine.decode_graphs import DecodeGraphs
 from lorafold.server.engine.flex_paged import check_block_size
 from lorafold.server.engine.llama import LeanLlama
@@ -118,6 +119,12 @@ class ModelRunner:
             lora_backend=config.lora_backend,
         )
         self.lora_backend = self.model.slots.backend
+        self.flashinfer: flashinfer_paged.FlashInferAttention | None = None
+        if self.attention_backend == "flashinfer":  # raises, naming the fix, where it cannot run
+            self.flashinfer = flashinfer_paged.FlashInferAttention(
+                flashinfer_paged.make_wrapper(self.device, self.dtype), num_heads=self.model.layers[0].num_heads,
+                num_kv_heads=self.model.num_kv_heads, head_dim=self.model.head_dim, dtype=self.dtype,
+                scale=self.model.layers[0].scale)
         self.model.slots.limit_rows(self.adapter_budget_rows)
         logger.info("adapter memory budget: %.0f MiB = %d rank rows (%d rank-16 adapters of all targets), %d slots",
                     self.adapter_budget_bytes / 2**20, self.adapter_budget_rows, self.adapter_budget_rows // 16,
@@ -180,7 +187,8 @@ class ModelRunner:
                 seqs = [(q0, q, ctx, list(range(-(-ctx // bs)))) for q0, q, ctx in spec]
                 positions = [p for _, q, ctx in spec for p in range(ctx - q, ctx)]
                 meta = build_attention_metadata(positions, seqs, bs, self.device, dtype=self.dtype,
-                                                backend=self.attention_backend, num_blocks=self.num_cache_blocks)
+                                                backend=self.attention_backend, num_blocks=self.num_cache_blocks,
+                                                flashinfer=self.flashinfer)
                 pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
                 self.model(torch.zeros_like(pos), pos, self.kv_caches, meta)
         if self.decode_graphs is not None:  # every bucket run (and captured, on CUDA) once
@@ -247,7 +255,8 @@ class ModelRunner:
             if bucket is not None:
                 return self.decode_graphs.run(ids, positions, slots, [s[3] for s in seqs], lora_meta, bucket)
         attn_meta = build_attention_metadata(slots, seqs, bs, self.device, dtype=self.dtype,
-                                             backend=self.attention_backend, num_blocks=self.num_cache_blocks)
+                                             backend=self.attention_backend, num_blocks=self.num_cache_blocks,
+                                             flashinfer=self.flashinfer)
         n = len(ids)
         inputs = host_to_device(torch.tensor(ids + positions + rows, dtype=torch.int64), self.device)
         return self.model(

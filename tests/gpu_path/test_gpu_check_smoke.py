@@ -30,6 +30,9 @@ def test_gpu_check_smoke_runs_every_section_and_passes(tmp_path: Path) -> None:
     assert {(r["dtype"], r["mix"]) for r in kernels} == {(d, m) for d in ("bfloat16", "float16")
                                                          for m in ("zipf", "uniform")}
     assert all(r["pass"] and r["base_rows_identical"] and 0 < r["err/tol"] <= 1 for r in kernels)
+    attention = result["attention"]
+    assert [(r["shape"], r["dtype"]) for r in attention] == [("tiny", "bfloat16"), ("tiny", "float16")]
+    assert all(r["pass"] and 0 < r["max_err"] <= r["tol"] and r["sequences"] == 8 for r in attention)
     engine = result["engine"]
     assert engine["backends"] == "flex+triton" and engine["pass"]
     assert engine["fp32_equal_requests"] == f"{engine['requests']}/{engine['requests']}"
@@ -42,7 +45,8 @@ def test_gpu_check_smoke_runs_every_section_and_passes(tmp_path: Path) -> None:
                for r in thr["lora_vs_gemm"])
     assert all("torch_compiles" in r and "host_syncs" in r for r in thr["scenarios"])
     assert thr["checks"]["cold_adapter_first_token_ms"] > 0
-    for table in ("environment", "kernels vs float64", "engine vs merged reference", "decode throughput"):
+    for table in ("environment", "kernels vs float64", "paged attention vs float64", "engine vs merged reference",
+                  "decode throughput"):
         assert table in proc.stdout
 
 
