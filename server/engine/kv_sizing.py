@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from lorafold.server.engine import flashinfer_paged
 from lorafold.server.engine.config import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def measure_kv_blocks(hf_model: nn.Module, config: EngineConfig, adapter_budget_
         free, total = torch.cuda.mem_get_info(device)
         in_use = total - free
         budget = (int(config.gpu_memory_utilization * total) - in_use - adapter_budget_bytes
-                  - activation_bytes(hf_model.config, config) - GPU_OVERHEAD_BYTES)
+                  - activation_bytes(hf_model.config, config) - GPU_OVERHEAD_BYTES
+                  - (flashinfer_paged.WORKSPACE_BYTES if config.attention_backend == "flashinfer" else 0))
         where = (f"{config.gpu_memory_utilization:.2f} x {total / 2**30:.1f} GiB of {device}, "
                  f"{in_use / 2**30:.1f} GiB in use")
     else:
