@@ -102,6 +102,9 @@ def make_wrapper(device: torch.device, dtype: torch.dtype) -> PagedWrapper:
     check_usable(device, dtype)
     import flashinfer
 
+    if not hasattr(flashinfer.BatchPrefillWithPagedKVCacheWrapper, "plan"):  # 0.1.x: begin_forward
+        raise ValueError(f"FlashInfer {getattr(flashinfer, '__version__', '?')} predates plan/run: "
+                         "pip install -U flashinfer-python (>= 0.2)")
     workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
     return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
 
