@@ -78,8 +78,9 @@ def lora_meta_from_runs(
         ranges: slot -> (first pool row, allocated rows) of every active slot.
         backend: as in `build_lora_meta`.
 
-    The index tensors are CPU int32 views of one tensor (`LoRABatchMeta.to` moves them in
-    one copy); building them reads nothing back from a device.
+    The index tensors are CPU int32 views of one tensor, each 16-byte aligned
+    (`LoRABatchMeta.to` moves them in one copy); building them reads nothing back from a
+    device.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown LoRA backend {backend!r}; use one of {', '.join(map(repr, BACKENDS))}")
@@ -97,12 +98,14 @@ def lora_meta_from_runs(
         row, rows = ranges[slot]
         segments.append((seg_starts[-1], len(tokens), row, rows))
         seg_starts.append(len(tokens))
-    t, s = len(tokens), len(seg_slots)
-    packed = torch.tensor(tokens + seg_slots + seg_starts, dtype=torch.int32)
+    # aligned on the host too: the CPU tests then launch the Triton kernels with the pointer
+    # alignment a device copy has (`to`), so they check the variants a GPU compiles
+    packed, (tokens_at, slots_at, starts_at) = aligned_cat(
+        [torch.tensor(v, dtype=torch.int32) for v in (tokens, seg_slots, seg_starts)])
     return LoRABatchMeta(
-        sorted_tokens=packed[:t],
-        seg_slots=packed[t : t + s],
-        seg_starts=packed[t + s :],
+        sorted_tokens=packed[tokens_at],
+        seg_slots=packed[slots_at],
+        seg_starts=packed[starts_at],
         max_seg_len=max((hi - lo for lo, hi, _, _ in segments), default=0),
         max_rank=max((rows for *_, rows in segments), default=0),
         num_tokens=num_tokens,

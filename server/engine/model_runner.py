@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -149,7 +150,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             self.warm_up()
 
-    def warm_up(self) -> None:
+    def warm_up(self, shrink_timer: Callable[[Callable[[], object]], float] | None = None) -> None:
         """Compile what the GPU path compiles lazily, before the first request: the Triton
         LoRA kernels for every block-size variant (on one decoder layer's own pools: all
         layers share their shapes), on a GPU after measuring the shrink's split-K and warps
@@ -159,7 +160,9 @@ class ModelRunner:
         the variants a step can need; Inductor's FlexAttention lowering picks its decoding
         kernel below 128 queries); then the decode graphs' buckets (captured on CUDA). The
         warm-up forwards write K/V into the first cache blocks, which any sequence given them
-        later overwrites before it reads them."""
+        later overwrites before it reads them. `shrink_timer` times the shrink's launch
+        choices (`triton_lora.tune_shrink`; default on CUDA: CUDA events; never measured
+        elsewhere unless given, since interpreter timings mean nothing)."""
         t0 = time.perf_counter()
         launches = 0
         if self.lora_backend == "triton":
@@ -167,9 +170,9 @@ class ModelRunner:
 
             layer = self.model.layers[0]
             projections = (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)
-            if self.device.type == "cuda":  # timings under the CPU interpreter mean nothing
+            if self.device.type == "cuda" or shrink_timer is not None:
                 for proj in projections:
-                    triton_lora.tune_shrink(proj.a_pool, proj.ranks)
+                    triton_lora.tune_shrink(proj.a_pool, proj.ranks, shrink_timer)
                 logger.info("shrink (split-K, warps) by (d_in, slices, BLOCK_R, segments): %s",
                             triton_lora.shrink_table())
             for proj in projections:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,14 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from benchmarks import _confident_llama as confident
+from lorafold.kernels import triton_lora
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.engine import LLMEngine
 from lorafold.server.engine.sampling_params import SamplingParams
 from tests.conftest import build_tiny_llama, merged_model, random_adapter
 from tests.engine.test_engine import ByteTokenizer, hf_greedy, run_to_completion
 from tests.gpu_path.host_sync import HostSyncLog
+from tests.gpu_path.triton_variants import TritonVariantLog
 
 GPU_PATH = dict(attention_backend="flex", lora_backend="triton", prepack_weights=False)
 CPU_PATH = dict(attention_backend="sdpa", lora_backend="auto")
@@ -149,20 +152,44 @@ def test_sdpa_decode_mask_is_built_in_the_query_dtype(dtype: torch.dtype) -> Non
         build_attention_metadata([13, 1], seqs, 4, torch.device("cpu"), backend="flex")
 
 
-def test_gpu_path_float32_matches_merged_reference_token_for_token() -> None:
+def test_gpu_path_float32_matches_merged_reference_token_for_token(monkeypatch) -> None:
     """The GPU path in fp32, with decode_graphs="eager": prefill and mixed steps through paged
     FlexAttention, pure decode steps on the preallocated, bucket-padded buffers the CUDA graphs
     read (scratch block, empty LoRA segments, fixed max rank), without capture; adapters
-    evicted and reloaded. (The bf16 GPU-path test covers flex decode off the buffers.)"""
+    evicted and reloaded. (The bf16 GPU-path test covers flex decode off the buffers.)
+
+    Started as on a GPU: the shrink's launch choices measured (made-up timings, so the decode
+    shrinks serve split over d_in, on 2 warps) and the kernels warmed up. Then no Triton compile after
+    warm-up: every launch while serving has a variant key (Triton's own, for an H100:
+    `triton_variants`) that the start launched already."""
+    monkeypatch.setattr(triton_lora, "_SHRINK_TABLE", {})  # this engine's measurements only
     hf = _model(torch.float32)
     engine = _engine(hf, dict(GPU_PATH, decode_graphs="eager"))
     graphs = engine.runner.decode_graphs
     assert graphs is not None and graphs.buckets == [2, 4, 6] and not graphs.graphs
     assert engine.runner.attention_backend == "flex"
-    arrivals, setup, adapters = _workload(engine)
-    got = run_to_completion(engine, arrivals)
+    # made-up times, in tune_shrink's order (SPLIT_K_CHOICES x NUM_WARPS_CHOICES): (2, 2) wins
+    times = itertools.cycle([5, 6, 1, 7, 8, 8, 9, 9])
+
+    def timer(fn) -> float:  # noqa: ANN001 - launches each choice, as a GPU timing would
+        fn()
+        return next(times)
+
+    with TritonVariantLog() as log:
+        engine.runner.warm_up(shrink_timer=timer)
+        assert set(triton_lora.shrink_table().values()) == {(2, 2)}
+        at_start, started = set(log.keys), len(log.keys)
+        arrivals, setup, adapters = _workload(engine)
+        got = run_to_completion(engine, arrivals)
+    serving = log.keys[started:]
     assert engine.adapter_table.stats.evictions > 0, "the test must exercise eviction"
     assert graphs.steps >= 10, "most decode steps must take the buffer path"
+    assert len(serving) > 100 and {k[0] for k in serving} == {"shrink", "expand"}
+    new = set(serving) - at_start
+    assert not new, f"{len(new)} variants would compile while serving, e.g. {sorted(new)[0]}"
+    split_k = triton_lora._shrink_kernel.arg_names.index("SPLIT_K")
+    used = {(k[1][split_k][1], dict(k[2])["num_warps"]) for k in serving if k[0] == "shrink"}
+    assert (2, 2) in used, f"the measured choice must serve decode steps: {used}"
     merged: dict = {}
     for rid, prompt, a in setup:
         if a not in merged:
