@@ -6,8 +6,9 @@ is 1, except the `do_not_specialize` ones; every constexpr's value) plus the lau
 (num_warps, ...). A launch whose key is new compiles on the spot: on the serving thread, a
 stall of every request in flight. Under TRITON_INTERPRET=1 nothing compiles, so
 `TritonVariantLog` asks Triton's own binder (`create_function_from_signature`, what
-`JITFunction.run` calls first) for the key each launch would have on an H100 (sm_90) and
-records it; a test then compares the keys serving needs with those the warm-up made.
+`JITFunction.run` calls first; `benchmarks/_triton_offline.py`) for the key each launch would
+have on an H100 (sm_90) and records it; a test then compares the keys serving needs with
+those the warm-up made.
 """
 
 from __future__ import annotations
@@ -15,10 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from triton.backends.compiler import GPUTarget
-from triton.compiler import make_backend
-from triton.runtime.jit import JITFunction, create_function_from_signature
-
+from benchmarks._triton_offline import Offline, offline
 from lorafold.kernels import triton_lora
 
 KERNELS = {"shrink": ("_shrink_kernel", triton_lora._STEP_INTS_SHRINK),
@@ -29,13 +27,12 @@ Key = tuple[str, tuple, tuple]
 class _Recording:
     """Stands in for a kernel object: `kernel[grid](...)` records the key, then launches."""
 
-    def __init__(self, name: str, kernel: Any, binder: Callable, keys: list[Key]) -> None:
-        self.name, self.kernel, self.binder, self.keys = name, kernel, binder, keys
+    def __init__(self, name: str, kernel: Any, sm90: Offline, keys: list[Key]) -> None:
+        self.name, self.kernel, self.sm90, self.keys = name, kernel, sm90, keys
 
     def __getitem__(self, grid: tuple) -> Callable[..., object]:
         def launch(*args: object, **kwargs: object) -> object:
-            _, specialization, options = self.binder(*args, **kwargs)
-            self.keys.append((self.name, tuple(specialization), tuple(sorted(options.items()))))
+            self.keys.append((self.name, *self.sm90.key(*args, **kwargs)))
             return self.kernel[grid](*args, **kwargs)
 
         return launch
@@ -49,13 +46,10 @@ class TritonVariantLog:
         self._saved: dict[str, Any] = {}
 
     def __enter__(self) -> TritonVariantLog:
-        backend = make_backend(GPUTarget("cuda", 90, 32))
         for name, (attr, step_ints) in KERNELS.items():
             kernel = getattr(triton_lora, attr)
-            jitted = JITFunction(kernel.fn, do_not_specialize=step_ints)  # the decorator's arguments
-            binder = create_function_from_signature(jitted.signature, jitted.params, backend)
             self._saved[attr] = kernel
-            setattr(triton_lora, attr, _Recording(name, kernel, binder, self.keys))
+            setattr(triton_lora, attr, _Recording(name, kernel, offline(kernel, step_ints), self.keys))
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,0 +1,139 @@
+"""Every Triton LoRA kernel variant a GPU server compiles at start, compiled for an H100 (sm_90)
+here, without a GPU: registers, spills, shared memory, tensor-core instructions, occupancy.
+
+    python -m benchmarks.triton_sm90 [--dtypes bfloat16,float16,float32] [--models llama3-8b,smollm2]
+                                     [--out benchmarks/results/triton_sm90.json]
+
+(In a process without TRITON_INTERPRET=1: the interpreter replaces Triton's code generation.)
+
+The variants are the ones the engine's start-up launches (`triton_lora.tune_shrink`, every
+(split-K, warps) choice of the decode shrink, then `triton_lora.warm_up`, every block-size
+variant), found by running those functions on CPU tensors of Llama-3-8B's and SmolLM2's
+layer shapes with the kernel objects replaced by ones that compile the launch's variant
+(Triton's own key and pipeline, `_triton_offline`) instead of running it. Not timings: which
+variants compile, and what each costs the SM. A static report, no baseline to beat; the GPU
+timings come from `benchmarks/gpu_check.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks._common import write_json
+from benchmarks._triton_offline import Offline, offline
+from lorafold.kernels import triton_lora
+
+ROOT = Path(__file__).resolve().parent.parent
+# (slice widths, d_in) of one decoder layer's LoRA targets
+LAYERS = {
+    "llama3-8b": [([4096, 1024, 1024], 4096), ([4096], 4096), ([14336, 14336], 4096), ([4096], 14336)],
+    "smollm2": [([576, 192, 192], 576), ([576], 576), ([1536, 1536], 576), ([576], 1536)],
+}
+NUM_SLOTS = 64  # tune_shrink measures segment buckets up to the slot count: all of them
+POOL_ROWS = 64
+# sm_90 limits per SM (CUDA occupancy calculator): 64K registers allocated per warp in units of
+# 256, 228 KiB shared memory with 1 KiB reserved per block, 64 warps, 32 blocks.
+REGISTERS, SHARED, RESERVED, MAX_WARPS, MAX_BLOCKS = 65536, 228 * 1024, 1024, 64, 32
+
+
+def occupancy(registers: int, warps: int, shared: int) -> float:
+    """Resident warps per SM / 64, from the register and shared-memory limits."""
+    per_warp = math.ceil(registers * 32 / 256) * 256
+    blocks = min(REGISTERS // (per_warp * warps), SHARED // (shared + RESERVED), MAX_BLOCKS, MAX_WARPS // warps)
+    return blocks * warps / MAX_WARPS
+
+
+class _CompileInstead:
+    """Stands in for a kernel object: `kernel[grid](...)` compiles the launch's variant for
+    sm_90 (once per key) and records it, instead of running."""
+
+    def __init__(self, name: str, kernel: Offline, seen: dict, rows: list[dict]) -> None:
+        self.name, self.kernel, self.seen, self.rows = name, kernel, seen, rows
+
+    def __getitem__(self, grid: tuple):  # noqa: ANN204
+        def launch(*args: object, **kwargs: object) -> None:
+            key = (self.name, self.kernel.key(*args, **kwargs))
+            if key in self.seen:
+                return
+            report = self.kernel.compile(*args, **kwargs)
+            self.seen[key] = report
+            data = args[0] if self.name == "shrink" else args[2]  # x / out: the model's dtype
+            self.rows.append({
+                "kernel": self.name, "dtype": str(data.dtype).removeprefix("torch."), "BLOCK_M": kwargs["BLOCK_M"],
+                "BLOCK_R": kwargs["BLOCK_R"], "SPLIT_K": kwargs.get("SPLIT_K", 1), **report,
+                "occupancy": round(occupancy(report["registers"], report["num_warps"], report["shared_bytes"]), 3),
+            })
+
+        return launch
+
+
+def start_variants(layers: list[tuple[list[int], int]], dtype: torch.dtype, seen: dict | None = None) -> list[dict]:
+    """Compile, for sm_90, the variants the start-up launches on layers of these shapes
+    (variants already in `seen` are skipped). Returns one row per new variant."""
+    seen = {} if seen is None else seen
+    rows: list[dict] = []
+    kernels = {"_shrink_kernel": _CompileInstead("shrink", offline(triton_lora._shrink_kernel,
+                                                                   triton_lora._STEP_INTS_SHRINK), seen, rows),
+               "_expand_kernel": _CompileInstead("expand", offline(triton_lora._expand_kernel,
+                                                                   triton_lora._STEP_INTS_EXPAND), seen, rows)}
+    # the launchers, compiled Triton's path (not the interpreter's), take CUDA tensors only:
+    # the stand-ins run nothing, so CPU tensors of the right shapes serve
+    kernels["_check_device"] = lambda device: None
+    saved = {name: getattr(triton_lora, name) for name in kernels}
+    table = dict(triton_lora._SHRINK_TABLE)
+    try:
+        for name, stand_in in kernels.items():
+            setattr(triton_lora, name, stand_in)
+        triton_lora._SHRINK_TABLE.clear()
+        for widths, d_in in layers:
+            a_pool = torch.zeros((len(widths), POOL_ROWS, d_in), dtype=dtype)
+            b_pool = torch.zeros((POOL_ROWS, sum(widths)), dtype=dtype)
+            row_start = torch.zeros(NUM_SLOTS, dtype=torch.int32)
+            ranks = torch.zeros((len(widths), NUM_SLOTS), dtype=torch.int32)
+            offsets = [0] + [sum(widths[: i + 1]) for i in range(len(widths))]
+            triton_lora.tune_shrink(a_pool, ranks, timer=lambda fn: (fn(), 0.0)[1])
+            triton_lora.warm_up(a_pool, b_pool, row_start, ranks, offsets)
+    finally:
+        for name, kernel in saved.items():
+            setattr(triton_lora, name, kernel)
+        triton_lora._SHRINK_TABLE.clear()
+        triton_lora._SHRINK_TABLE.update(table)
+    return rows
+
+
+COLUMNS = ("kernel", "dtype", "BLOCK_M", "BLOCK_R", "SPLIT_K", "num_warps", "num_stages", "registers", "local_bytes",
+           "shared_bytes", "sass_HGMMA", "sass_HMMA", "sass_FFMA", "occupancy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtypes", default="bfloat16,float16,float32")
+    parser.add_argument("--models", default=",".join(LAYERS), help=f"layer shapes of: {', '.join(LAYERS)}")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "triton_sm90.json"))
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    seen: dict = {}
+    rows = []
+    for dtype in args.dtypes.split(","):
+        for model in args.models.split(","):  # a second model adds variants only where widths divide differently
+            rows += start_variants(LAYERS[model], getattr(torch, dtype), seen)
+    print(" | ".join(COLUMNS))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in COLUMNS))
+    spills = [r for r in rows if r["local_bytes"]]
+    summary = {"variants": len(rows), "with_spills": len(spills), "max_registers": max(r["registers"] for r in rows),
+               "compile_s": round(sum(r["compile_s"] for r in rows), 1), "seconds": round(time.perf_counter() - t0, 1)}
+    print(summary)
+    write_json(args.out, {"target": "sm_90 (H100), compiled offline", "triton": __import__("triton").__version__,
+                          "layers": LAYERS, "summary": summary, "variants": rows})
+    return 1 if spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
