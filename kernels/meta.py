@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lorafold.kernels.transfer import aligned_cat, host_to_device
+from lorafold.kernels.transfer import ALIGN_BYTES, aligned_cat, host_to_device
 
 BACKENDS = ("torch", "cpp", "triton")
 
@@ -98,10 +98,17 @@ def lora_meta_from_runs(
         row, rows = ranges[slot]
         segments.append((seg_starts[-1], len(tokens), row, rows))
         seg_starts.append(len(tokens))
-    # aligned on the host too: the CPU tests then launch the Triton kernels with the pointer
-    # alignment a device copy has (`to`), so they check the variants a GPU compiles
-    packed, (tokens_at, slots_at, starts_at) = aligned_cat(
-        [torch.tensor(v, dtype=torch.int32) for v in (tokens, seg_slots, seg_starts)])
+    # each part 16-byte aligned on the host too (one tensor made from the lists): the CPU
+    # tests then launch the Triton kernels with the pointer alignment a device copy has
+    # (`to`), so they check the variants a GPU compiles
+    per = ALIGN_BYTES // 4
+    values: list[int] = []
+    spans = []
+    for part in (tokens, seg_slots, seg_starts):
+        spans.append(slice(len(values), len(values) + len(part)))
+        values += part + [0] * (-len(part) % per)
+    packed = torch.tensor(values, dtype=torch.int32)
+    tokens_at, slots_at, starts_at = spans
     return LoRABatchMeta(
         sorted_tokens=packed[tokens_at],
         seg_slots=packed[slots_at],

@@ -274,17 +274,26 @@ def test_gpu_path_host_waits_only_for_the_sampled_tokens(monkeypatch, flex_outsi
 
     monkeypatch.setattr(graphs, "_forward", logged_forward)
 
+    sampling_rows: list[int] = []  # rows the step's forward samples (none: chunked prefill only)
+    execute = engine.runner.execute
+
+    def logged_execute(chunks: list) -> torch.Tensor:
+        sampling_rows.append(sum(1 for c in chunks if c.sample))
+        return execute(chunks)
+
     def logged_step() -> list:
         log, graph_steps, loads = HostSyncLog(), graphs.steps, engine.adapter_table.stats.misses
         copies.clear()
+        sampling_rows.clear()
         with log:
             outputs = step()
         made = [s for s in log.syncs if s.startswith("aten.lift_fresh")]
         reads = [s.split(" at ")[0] + " in " + Path(s.split(" at ")[1]).name for s in log.syncs if s not in made]
         steps.append((graphs.steps > graph_steps, reads, list(copies),
-                      None if engine.adapter_table.stats.misses > loads else made))
+                      None if engine.adapter_table.stats.misses > loads else made, sum(sampling_rows)))
         return outputs
 
+    monkeypatch.setattr(engine.runner, "execute", logged_execute)
     monkeypatch.setattr(engine, "step", logged_step)
     arrivals, _, _ = _workload(engine)
     sampled = {"r1": dict(seed=1, top_k=20, logprobs=3), "r3": dict(top_p=0.9), "r6": dict(seed=6, top_p=0.8, top_k=50),
@@ -300,8 +309,13 @@ def test_gpu_path_host_waits_only_for_the_sampled_tokens(monkeypatch, flex_outsi
     assert len(on_graph) >= 10 and len(steps) - len(on_graph) >= 5 and flex_outside_log, "both kinds of step must run"
     assert {"lorafold.lora_shrink.default", "lorafold.lora_expand.default"} <= forward_log.ops, sorted(forward_log.ops)
     assert not forward_log.syncs, f"host synchronisation in the captured decode forward: {sorted(set(forward_log.syncs))}"
-    for graph_step, reads, all_copies, made in steps:
-        assert [r.split(":")[0] for r in reads] == ["Tensor.tolist in sampler.py"], reads
+    # a step samples nothing when it holds only prompt chunks that end mid-prompt (a request
+    # that starts alone, e.g. once its adapter gets a slot: how often depends on how early the
+    # unseeded request with a stop token stops)
+    assert sum(1 for *_, rows in steps if rows) >= 0.8 * len(steps), "most steps sample"
+    for i, (graph_step, reads, all_copies, made, rows) in enumerate(steps):
+        expected = ["Tensor.tolist in sampler.py"] if rows else []  # a step that samples nothing reads nothing
+        assert [r.split(":")[0] for r in reads] == expected, (i, rows, reads)
         step_copies = [c for c in all_copies if c not in ("sampler", "logits_processors")]
         if graph_step:
             assert step_copies == ["decode_graphs"], step_copies
@@ -311,7 +325,7 @@ def test_gpu_path_host_waits_only_for_the_sampled_tokens(monkeypatch, flex_outsi
         # by host_to_device (the LoRA metadata inside the staged inputs: one copy for two); a
         # torch.tensor(..., device=...) would be one more than the copies
         assert not graph_step or made is None or len(made) <= len(all_copies) + 1, (all_copies, made)
-    moved = {m for *_, c, _ in steps for m in c}
+    moved = {m for _, _, c, _, _ in steps for m in c}
     assert {"sampler", "logits_processors"} <= moved, "the sampled requests must move their parameters"
 
 
