@@ -17,10 +17,13 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
         "$PY" -m pip install --quiet "torch==2.13.0"
     fi
 fi
-# The package and its extras, unless this exact pyproject.toml was installed already (a
-# stamp keyed by its hash): serve.sh and test.sh call this script on every run.
+# The package and its extras, unless this exact pyproject.toml was installed already from
+# this checkout (a stamp keyed by its hash and path): serve.sh and test.sh call this script
+# on every run. The import must also resolve here: an editable install of another checkout
+# would otherwise run (and test) that checkout's code.
 STAMP="${LORAFOLD_CACHE:-$HOME/.cache/lorafold}/setup-$(sha256sum pyproject.toml | cut -c1-16)-$(realpath . | sha256sum | cut -c1-8)"
-if [ ! -f "$STAMP" ] || ! "$PY" -c "import lorafold.server, lorafold.training" 2>/dev/null; then
+INSTALLED=$("$PY" -c "import os, lorafold.server, lorafold.training; print(os.path.realpath(list(lorafold.server.__path__)[0]))" 2>/dev/null || true)
+if [ ! -f "$STAMP" ] || [ "$INSTALLED" != "$(realpath server)" ]; then
     "$PY" -m pip install --quiet -e ".[dev]"
     mkdir -p "$(dirname "$STAMP")" && touch "$STAMP"
 fi

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import sys
 import threading
-import traceback
-from pathlib import Path
+from types import FrameType
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,7 +25,12 @@ HOST_SYNC_OPS = frozenset({
 
 # Tensor methods that copy to the host without an aten op on a CPU tensor (on CUDA: a sync).
 HOST_READ_METHODS = ("tolist", "numpy", "cpu")
-REPO = str(Path(__file__).resolve().parents[2])
+
+
+def _ours(frame: FrameType, *, tests: bool = False) -> bool:
+    """Code of the package itself (by module name, wherever it is installed from; the tests'
+    too if `tests`), not a library's (Triton's interpreter reads tensors back too)."""
+    return frame.f_globals.get("__name__", "").startswith(("lorafold.", "tests.") if tests else "lorafold.")
 
 
 class HostSyncLog(TorchDispatchMode):
@@ -43,9 +47,11 @@ class HostSyncLog(TorchDispatchMode):
         self._saved: dict[str, object] = {}
 
     def _record(self, what: str) -> None:
-        caller = next((f for f in reversed(traceback.extract_stack()[:-2])
-                       if f.filename.startswith(REPO) and "/tests/" not in f.filename), None)
-        self.syncs.append(f"{what} at {caller.filename}:{caller.lineno}" if caller else what)
+        frame = sys._getframe(2)
+        while frame is not None and not _ours(frame):
+            frame = frame.f_back
+        where = f" at {frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else " at <outside lorafold>:0"
+        self.syncs.append(what + where)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
@@ -63,7 +69,7 @@ class HostSyncLog(TorchDispatchMode):
             def logged(tensor, *args, _name=method, _original=original, **kwargs):
                 # from the repo's code (not Triton's interpreter), on this thread (not the
                 # adapter-staging worker's host tensors; dispatch modes are per thread too)
-                if threading.get_ident() == thread and sys._getframe(1).f_code.co_filename.startswith(REPO):
+                if threading.get_ident() == thread and _ours(sys._getframe(1), tests=True):
                     self._record(f"Tensor.{_name}")
                 return _original(tensor, *args, **kwargs)
 
