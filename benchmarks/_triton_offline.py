@@ -10,12 +10,13 @@ Timings still need a GPU. The variant's key comes from Triton's own binder, as a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from lorafold.kernels import triton_lora
 
 SM90 = GPUTarget("cuda", 90, 32)
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -86,3 +89,41 @@ def resources(cubin: bytes) -> dict:
 
 def _tool(name: str, *args: str) -> str:
     return subprocess.run([os.path.join(_TOOLS, name), *args], capture_output=True, text=True, check=True).stdout
+
+
+# The multi-LoRA kernels: name -> (their attribute in triton_lora, the `do_not_specialize`
+# list their decorator got)
+LORA_KERNELS = {"shrink": ("_shrink_kernel", triton_lora._STEP_INTS_SHRINK),
+                "expand": ("_expand_kernel", triton_lora._STEP_INTS_EXPAND)}
+OnLaunch = Callable[[str, Offline, tuple, dict], None]
+
+
+class _StandIn:
+    """Takes a kernel's place: `kernel[grid](*args, **kwargs)` calls on_launch(name, the
+    kernel for sm_90, args, kwargs), then launches the real one if `run`."""
+
+    def __init__(self, name: str, kernel: Any, sm90: Offline, on_launch: OnLaunch, run: bool) -> None:
+        self.name, self.kernel, self.sm90, self.on_launch, self.run = name, kernel, sm90, on_launch, run
+
+    def __getitem__(self, grid: tuple) -> Callable[..., None]:
+        def launch(*args: object, **kwargs: object) -> None:
+            self.on_launch(self.name, self.sm90, args, kwargs)
+            if self.run:
+                self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@contextlib.contextmanager
+def lora_launches(on_launch: OnLaunch, *, run: bool) -> Iterator[None]:
+    """Within it, every launch of the LoRA kernels goes through `on_launch` first (and is
+    then run, or not)."""
+    saved = {attr: getattr(triton_lora, attr) for attr, _ in LORA_KERNELS.values()}
+    try:
+        for name, (attr, step_ints) in LORA_KERNELS.items():
+            kernel = saved[attr]
+            setattr(triton_lora, attr, _StandIn(name, kernel, offline(kernel, step_ints), on_launch, run))
+        yield
+    finally:
+        for attr, kernel in saved.items():
+            setattr(triton_lora, attr, kernel)

@@ -9,8 +9,8 @@ here, without a GPU: registers, spills, shared memory, tensor-core instructions,
 The variants are the ones the engine's start-up launches (`triton_lora.tune_shrink`, every
 (split-K, warps) choice of the decode shrink, then `triton_lora.warm_up`, every block-size
 variant), found by running those functions on CPU tensors of Llama-3-8B's and SmolLM2's
-layer shapes with the kernel objects replaced by ones that compile the launch's variant
-(Triton's own key and pipeline, `_triton_offline`) instead of running it. Not timings: which
+layer shapes with every kernel launch compiling its variant (Triton's own key and pipeline,
+`_triton_offline.lora_launches`) instead of running. Not timings: which
 variants compile, and what each costs the SM. A static report, no baseline to beat; the GPU
 timings come from `benchmarks/gpu_check.py`.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import write_json
-from benchmarks._triton_offline import Offline, offline
+from benchmarks._triton_offline import Offline, lora_launches
 from lorafold.kernels import triton_lora
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,59 +49,42 @@ def occupancy(registers: int, warps: int, shared: int) -> float:
     return blocks * warps / MAX_WARPS
 
 
-class _CompileInstead:
-    """Stands in for a kernel object: `kernel[grid](...)` compiles the launch's variant for
-    sm_90 (once per key) and records it, instead of running."""
-
-    def __init__(self, name: str, kernel: Offline, seen: dict, rows: list[dict]) -> None:
-        self.name, self.kernel, self.seen, self.rows = name, kernel, seen, rows
-
-    def __getitem__(self, grid: tuple):  # noqa: ANN204
-        def launch(*args: object, **kwargs: object) -> None:
-            key = (self.name, self.kernel.key(*args, **kwargs))
-            if key in self.seen:
-                return
-            report = self.kernel.compile(*args, **kwargs)
-            self.seen[key] = report
-            data = args[0] if self.name == "shrink" else args[2]  # x / out: the model's dtype
-            self.rows.append({
-                "kernel": self.name, "dtype": str(data.dtype).removeprefix("torch."), "BLOCK_M": kwargs["BLOCK_M"],
-                "BLOCK_R": kwargs["BLOCK_R"], "SPLIT_K": kwargs.get("SPLIT_K", 1), **report,
-                "occupancy": round(occupancy(report["registers"], report["num_warps"], report["shared_bytes"]), 3),
-            })
-
-        return launch
-
-
-def start_variants(layers: list[tuple[list[int], int]], dtype: torch.dtype, seen: dict | None = None) -> list[dict]:
+def start_variants(layers: list[tuple[list[int], int]], dtype: torch.dtype, seen: set | None = None) -> list[dict]:
     """Compile, for sm_90, the variants the start-up launches on layers of these shapes
     (variants already in `seen` are skipped). Returns one row per new variant."""
-    seen = {} if seen is None else seen
+    seen = set() if seen is None else seen
     rows: list[dict] = []
-    kernels = {"_shrink_kernel": _CompileInstead("shrink", offline(triton_lora._shrink_kernel,
-                                                                   triton_lora._STEP_INTS_SHRINK), seen, rows),
-               "_expand_kernel": _CompileInstead("expand", offline(triton_lora._expand_kernel,
-                                                                   triton_lora._STEP_INTS_EXPAND), seen, rows)}
+
+    def compile_once(name: str, sm90: Offline, args: tuple, kwargs: dict) -> None:
+        key = (name, sm90.key(*args, **kwargs))
+        if key in seen:
+            return
+        seen.add(key)
+        report = sm90.compile(*args, **kwargs)
+        data = args[0] if name == "shrink" else args[2]  # x / out: the model's dtype
+        rows.append({
+            "kernel": name, "dtype": str(data.dtype).removeprefix("torch."), "BLOCK_M": kwargs["BLOCK_M"],
+            "BLOCK_R": kwargs["BLOCK_R"], "SPLIT_K": kwargs.get("SPLIT_K", 1), **report,
+            "occupancy": round(occupancy(report["registers"], report["num_warps"], report["shared_bytes"]), 3),
+        })
+
+    check_device, table = triton_lora._check_device, dict(triton_lora._SHRINK_TABLE)
     # the launchers, compiled Triton's path (not the interpreter's), take CUDA tensors only:
-    # the stand-ins run nothing, so CPU tensors of the right shapes serve
-    kernels["_check_device"] = lambda device: None
-    saved = {name: getattr(triton_lora, name) for name in kernels}
-    table = dict(triton_lora._SHRINK_TABLE)
+    # nothing runs here, so CPU tensors of the right shapes serve
+    triton_lora._check_device = lambda device: None
     try:
-        for name, stand_in in kernels.items():
-            setattr(triton_lora, name, stand_in)
         triton_lora._SHRINK_TABLE.clear()
-        for widths, d_in in layers:
-            a_pool = torch.zeros((len(widths), POOL_ROWS, d_in), dtype=dtype)
-            b_pool = torch.zeros((POOL_ROWS, sum(widths)), dtype=dtype)
-            row_start = torch.zeros(NUM_SLOTS, dtype=torch.int32)
-            ranks = torch.zeros((len(widths), NUM_SLOTS), dtype=torch.int32)
-            offsets = [0] + [sum(widths[: i + 1]) for i in range(len(widths))]
-            triton_lora.tune_shrink(a_pool, ranks, timer=lambda fn: (fn(), 0.0)[1])
-            triton_lora.warm_up(a_pool, b_pool, row_start, ranks, offsets)
+        with lora_launches(compile_once, run=False):
+            for widths, d_in in layers:
+                a_pool = torch.zeros((len(widths), POOL_ROWS, d_in), dtype=dtype)
+                b_pool = torch.zeros((POOL_ROWS, sum(widths)), dtype=dtype)
+                row_start = torch.zeros(NUM_SLOTS, dtype=torch.int32)
+                ranks = torch.zeros((len(widths), NUM_SLOTS), dtype=torch.int32)
+                offsets = [0] + [sum(widths[: i + 1]) for i in range(len(widths))]
+                triton_lora.tune_shrink(a_pool, ranks, timer=lambda fn: (fn(), 0.0)[1])
+                triton_lora.warm_up(a_pool, b_pool, row_start, ranks, offsets)
     finally:
-        for name, kernel in saved.items():
-            setattr(triton_lora, name, kernel)
+        triton_lora._check_device = check_device
         triton_lora._SHRINK_TABLE.clear()
         triton_lora._SHRINK_TABLE.update(table)
     return rows
@@ -118,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "triton_sm90.json"))
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    seen: dict = {}
+    seen: set = set()
     rows = []
     for dtype in args.dtypes.split(","):
         for model in args.models.split(","):  # a second model adds variants only where widths divide differently

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lorafold.kernels.transfer import ALIGN_BYTES, aligned_cat, host_to_device
+from lorafold.kernels.transfer import aligned_cat, aligned_spans, host_to_device
 
 BACKENDS = ("torch", "cpp", "triton")
 
@@ -101,12 +101,11 @@ def lora_meta_from_runs(
     # each part 16-byte aligned on the host too (one tensor made from the lists): the CPU
     # tests then launch the Triton kernels with the pointer alignment a device copy has
     # (`to`), so they check the variants a GPU compiles
-    per = ALIGN_BYTES // 4
-    values: list[int] = []
-    spans = []
-    for part in (tokens, seg_slots, seg_starts):
-        spans.append(slice(len(values), len(values) + len(part)))
-        values += part + [0] * (-len(part) % per)
+    parts = (tokens, seg_slots, seg_starts)
+    spans, total = aligned_spans([len(p) for p in parts], 4)
+    values = [0] * total
+    for part, span in zip(parts, spans):
+        values[span] = part
     packed = torch.tensor(values, dtype=torch.int32)
     tokens_at, slots_at, starts_at = spans
     return LoRABatchMeta(

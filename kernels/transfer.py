@@ -25,16 +25,22 @@ def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 ALIGN_BYTES = 16
 
 
+def aligned_spans(sizes: list[int], itemsize: int) -> tuple[list[slice], int]:
+    """Where parts of these element counts go in one packed 1-D buffer, each starting a
+    multiple of ALIGN_BYTES after the first: a slice per part, and the buffer's length."""
+    per = max(1, ALIGN_BYTES // itemsize)
+    spans, at = [], 0
+    for n in sizes:
+        spans.append(slice(at, at + n))
+        at += n + -n % per
+    return spans, at
+
+
 def aligned_cat(parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[slice]]:
-    """`parts` (tensors of one dtype, flattened) one after another in one 1-D tensor, each
-    starting a multiple of ALIGN_BYTES after the first; and the slice of each part in it."""
-    per = max(1, ALIGN_BYTES // parts[0].element_size())
-    chunks, slices, at = [], [], 0
-    for part in parts:
-        n, pad = part.numel(), -part.numel() % per
-        chunks.append(part.reshape(-1))
-        if pad:
-            chunks.append(part.new_zeros(pad))
-        slices.append(slice(at, at + n))
-        at += n + pad
-    return torch.cat(chunks), slices
+    """`parts` (tensors of one dtype, flattened) one after another in one 1-D tensor laid out
+    by `aligned_spans`; and the slice of each part in it."""
+    spans, total = aligned_spans([p.numel() for p in parts], parts[0].element_size())
+    packed = parts[0].new_zeros(total)
+    for part, span in zip(parts, spans):
+        packed[span] = part.reshape(-1)
+    return packed, spans

@@ -71,22 +71,14 @@ def build_attention_metadata(
     if backend == "flashinfer":
         if flashinfer is None:
             raise ValueError("the flashinfer attention backend needs the runner's FlashInferAttention")
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
         step = flashinfer.plan(seqs, block_size)
-        return AttentionMetadata(
-            slot_mapping=host_to_device(torch.tensor(slot_mapping, dtype=torch.int64), device), decode_rows=empty,
-            decode_blocks=empty, decode_mask=empty.to(dtype), decode_lens=empty, prefills=(), block_size=block_size,
-            flashinfer=step,
-        )
+        slots = host_to_device(torch.tensor(slot_mapping, dtype=torch.int64), device)
+        return _kernel_metadata(slots, block_size, dtype, flashinfer=step)
     if backend == "flex":
         if num_blocks is None:
             raise ValueError("the flex attention backend needs num_blocks (the KV cache's size in blocks)")
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
         flex, slots = build_flex_metadata(seqs, block_size, num_blocks, len(slot_mapping), device, slot_mapping)
-        return AttentionMetadata(
-            slot_mapping=slots, decode_rows=empty, decode_blocks=empty, decode_mask=empty.to(dtype), decode_lens=empty,
-            prefills=(), block_size=block_size, flex=flex,
-        )
+        return _kernel_metadata(slots, block_size, dtype, flex=flex)
     if backend != "sdpa":
         raise ValueError(f"unknown attention backend {backend!r}; use 'sdpa', 'flex' or 'flashinfer'")
     decodes = [s for s in seqs if s[1] == 1]
@@ -123,6 +115,16 @@ def build_attention_metadata(
         block_size=block_size,
         decode_only=not prefills and [s[0] for s in decodes] == list(range(len(slot_mapping))),
     )
+
+
+def _kernel_metadata(slot_mapping: torch.Tensor, block_size: int, dtype: torch.dtype, **backend: object
+                     ) -> AttentionMetadata:
+    """The metadata of a backend whose kernel reads the blocks itself (`flex=` or
+    `flashinfer=`): the SDPA path's fields stay empty."""
+    empty = slot_mapping.new_zeros(0)
+    return AttentionMetadata(slot_mapping=slot_mapping, decode_rows=empty, decode_blocks=empty,
+                             decode_mask=empty.to(dtype), decode_lens=empty, prefills=(), block_size=block_size,
+                             **backend)
 
 
 def _context_blocks(table: list[int], ctx_len: int, block_size: int) -> list[int]:

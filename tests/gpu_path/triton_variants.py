@@ -13,29 +13,9 @@ those the warm-up made.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from benchmarks._triton_offline import Offline, lora_launches
 
-from benchmarks._triton_offline import Offline, offline
-from lorafold.kernels import triton_lora
-
-KERNELS = {"shrink": ("_shrink_kernel", triton_lora._STEP_INTS_SHRINK),
-           "expand": ("_expand_kernel", triton_lora._STEP_INTS_EXPAND)}
 Key = tuple[str, tuple, tuple]
-
-
-class _Recording:
-    """Stands in for a kernel object: `kernel[grid](...)` records the key, then launches."""
-
-    def __init__(self, name: str, kernel: Any, sm90: Offline, keys: list[Key]) -> None:
-        self.name, self.kernel, self.sm90, self.keys = name, kernel, sm90, keys
-
-    def __getitem__(self, grid: tuple) -> Callable[..., object]:
-        def launch(*args: object, **kwargs: object) -> object:
-            self.keys.append((self.name, *self.sm90.key(*args, **kwargs)))
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
 
 
 class TritonVariantLog:
@@ -43,15 +23,14 @@ class TritonVariantLog:
 
     def __init__(self) -> None:
         self.keys: list[Key] = []
-        self._saved: dict[str, Any] = {}
+        self._launches = lora_launches(self._record, run=True)
+
+    def _record(self, name: str, sm90: Offline, args: tuple, kwargs: dict) -> None:
+        self.keys.append((name, *sm90.key(*args, **kwargs)))
 
     def __enter__(self) -> TritonVariantLog:
-        for name, (attr, step_ints) in KERNELS.items():
-            kernel = getattr(triton_lora, attr)
-            self._saved[attr] = kernel
-            setattr(triton_lora, attr, _Recording(name, kernel, offline(kernel, step_ints), self.keys))
+        self._launches.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for attr, kernel in self._saved.items():
-            setattr(triton_lora, attr, kernel)
+        self._launches.__exit__(*exc)

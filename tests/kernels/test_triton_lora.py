@@ -206,16 +206,15 @@ def test_long_prefill_segment_spans_many_m_tiles() -> None:
 def test_work_items_are_every_tile_of_every_segment_once() -> None:
     """A launch's work items: one per (segment, BLOCK_M rows of it), empty segments none, all
     within the capacity the launchers compute from host sizes."""
-    triton_lora = tlora
     lens = [0, 1, 16, 17, 0, 64, 65, 3, 0]
     starts = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     for block_m in (16, 32, 64):
-        cap = triton_lora.item_capacity(len(lens), sum(lens), block_m)
-        items, count = triton_lora.work_items(starts, block_m, cap)
+        cap = tlora.item_capacity(len(lens), sum(lens), block_m)
+        items, count = tlora.work_items(starts, block_m, cap)
         want = [(s, t) for s, n in enumerate(lens) for t in range(-(-n // block_m))]
         assert int(count) == len(want) <= cap and items.shape == (2, cap)
         assert list(zip(*items[:, : len(want)].tolist())) == want
-    empty = triton_lora.work_items(torch.zeros(1, dtype=torch.int32, device=DEVICE), 16, 0)
+    empty = tlora.work_items(torch.zeros(1, dtype=torch.int32, device=DEVICE), 16, 0)
     assert empty[0].shape == (2, 0) and int(empty[1]) == 0
 
 
