@@ -1,7 +1,7 @@
 """One full-batch decode step of the engine on SmolLM2: base only vs many resident adapters.
 
     python -m benchmarks.bench_decode_step [--scenarios a,c,d] [--steps 3] [--sequences 64]
-        [--rounds 1] [--profile]
+        [--rounds 1] [--profile] [--lora-dtypes auto[,bfloat16]]
 
 The step-level view of `bench_engine`: its requests (same prompts, seed 0; 64 unless
 `--sequences`) are admitted and prefilled, then decode steps of all sequences (one token
@@ -15,12 +15,14 @@ scenarios that many times). `--profile` also profiles as many more steps (torch.
 the LoRA operator's milliseconds per step and every other operator's, the bytes of adapter
 rows the step reads (every distinct adapter's rows, once) and the read rate that gives,
 against the machine's measured read bandwidth: how far the adapters' cost is the memory
-traffic alone.
+traffic alone. `--lora-dtypes auto,bfloat16` runs every adapter scenario with the adapter
+pools in each dtype (`--lora-dtype`), side by side (key suffix `/bf16`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import sys
@@ -40,7 +42,9 @@ LABELS = {"a": "all on the base", "c": "64 distinct rank-16 adapters", "d": "64 
 
 
 def label(key: str) -> str:
-    return LABELS.get(key) or f"{key[1:]} distinct rank-16 adapters"
+    name, _, dtype = key.partition("/")
+    text = LABELS.get(name) or f"{name[1:]} distinct rank-16 adapters"
+    return f"{text}, {dtype} rows" if dtype else text
 
 
 def op_seconds(engine: LLMEngine, steps: int) -> tuple[float, float]:
@@ -58,11 +62,11 @@ def op_seconds(engine: LLMEngine, steps: int) -> tuple[float, float]:
 
 
 def decode_step_seconds(base, tokenizer, adapters, steps: int, sequences: int = 64,  # noqa: ANN001
-                        profile: bool = False) -> dict:
-    """Fresh engine, `sequences` requests (request i on adapters[i % len], or the base),
-    prefill, then `steps` timed full-batch decode steps (and with `profile`, as many
-    profiled ones)."""
-    engine = LLMEngine(base, tokenizer, ENGINE_CONFIG)
+                        profile: bool = False, lora_dtype: str = "auto") -> dict:
+    """Fresh engine (adapter pools in `lora_dtype`), `sequences` requests (request i on
+    adapters[i % len], or the base), prefill, then `steps` timed full-batch decode steps (and
+    with `profile`, as many profiled ones)."""
+    engine = LLMEngine(base, tokenizer, dataclasses.replace(ENGINE_CONFIG, lora_dtype=lora_dtype))
     requests = make_requests(sequences, base.config.vocab_size, seed=0)
     for i, (prompt, _) in enumerate(requests):
         adapter = adapters[i % len(adapters)] if adapters else None
@@ -94,6 +98,8 @@ def main() -> int:
     parser.add_argument("--sequences", type=int, default=64, help="sequences in every step (at most 64)")
     parser.add_argument("--rounds", type=int, default=1, help="run the scenarios this many times, interleaved")
     parser.add_argument("--profile", action="store_true", help="also time the LoRA operator (torch.profiler)")
+    parser.add_argument("--lora-dtypes", default="auto",
+                        help="adapter pool dtypes every adapter scenario runs with (e.g. auto,bfloat16)")
     parser.add_argument("--out", default="benchmarks/results/decode_step.json")
     args = parser.parse_args()
     keep_freed_memory()  # as `lorafold serve` does at start (process-wide malloc settings)
@@ -106,19 +112,25 @@ def main() -> int:
     rank16 = [random_adapter(specs, 16, 100 + i) for i in range(64)]
     mixed_ranks = [rng.choice([8, 16, 32, 64, 128]) for _ in range(64)]
     pools = {"a": [], "c": rank16, "d": [random_adapter(specs, r, 300 + i) for i, r in enumerate(mixed_ranks)]}
-    keys = args.scenarios.split(",")
-    for key in keys:
-        if key not in pools:
-            pools[key] = rank16[: int(key[1:])]
+    dtypes = args.lora_dtypes.split(",")
+    short = {"auto": "", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+    keys = []
+    for name in args.scenarios.split(","):
+        if name not in pools:
+            pools[name] = rank16[: int(name[1:])]
+        keys += [name] if name == "a" else [f"{name}/{short[d]}" if short[d] else name for d in dtypes]
+    dtype_of = {short[d]: d for d in dtypes}
     runs: dict[str, list[dict]] = {key: [] for key in keys}
     for _ in range(args.rounds):
         for key in keys:
-            runs[key].append(decode_step_seconds(bm.model, bm.tokenizer, pools[key], args.steps, args.sequences,
-                                                 args.profile))
+            name, _, dtype = key.partition("/")
+            runs[key].append(decode_step_seconds(bm.model, bm.tokenizer, pools[name], args.steps, args.sequences,
+                                                 args.profile, dtype_of.get(dtype, "auto")))
     rows = []
     for key in keys:
         times = [t for r in runs[key] for t in r["step_seconds"]]
-        row = {"scenario": key, "label": label(key), "step_seconds": times, "median_s": statistics.median(times),
+        row = {"scenario": key, "label": label(key), "lora_dtype": dtype_of.get(key.partition("/")[2], "auto"),
+               "step_seconds": times, "median_s": statistics.median(times),
                "round_medians_s": [statistics.median(r["step_seconds"]) for r in runs[key]],
                "distinct_adapters": runs[key][-1]["distinct_adapters"]}
         if args.profile:
@@ -131,12 +143,12 @@ def main() -> int:
     print(f"machine: {rates['read_bandwidth_Bps'] / 1e9:.1f} GB/s read, {rates['matmul_flops'] / 1e9:.0f} GFLOP/s fp32, "
           f"{rates['threads']} threads; {args.sequences}-sequence decode step, median of {args.steps} x "
           f"{args.rounds} round(s)")
-    print(f"{'':3} {'scenario':<32} {'step s':>8} {'x (a)':>7} {'per round':>20}"
+    print(f"{'':8} {'scenario':<42} {'step s':>8} {'x (a)':>7} {'per round':>20}"
           + (f" {'LoRA op ms':>10} {'other ops ms':>12} {'adapter MiB':>11} {'GB/s':>6}" if args.profile else ""))
     for r in rows:
         if base is not None:
             r["vs_a"] = r["median_s"] / base
-        line = (f"{r['scenario']:<3} {r['label']:<32} {r['median_s']:>8.3f} {r.get('vs_a', float('nan')):>7.2f} "
+        line = (f"{r['scenario']:<8} {r['label']:<42} {r['median_s']:>8.3f} {r.get('vs_a', float('nan')):>7.2f} "
                 f"{' / '.join(f'{t:.3f}' for t in r['round_medians_s']):>20}")
         if args.profile:
             gbs = f"{r['lora_read_Bps'] / 1e9:>6.1f}" if r["lora_read_Bps"] else f"{'-':>6}"

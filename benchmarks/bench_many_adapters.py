@@ -3,7 +3,7 @@
     nice -n 10 python -m benchmarks.bench_many_adapters [--adapters 1,8,32,128,512]
         [--popularity uniform,zipf] [--streams 32,64] [--requests-per-stream 2]
         [--prompt-tokens 32] [--max-tokens 64] [--adapter-budget-mb 2600]
-        [--out benchmarks/results/many_adapters.json]
+        [--lora-dtypes auto[,bfloat16]] [--out benchmarks/results/many_adapters.json]
 
 The engine is driven in-process (no HTTP). Each scenario is a closed loop: `streams` clients,
 each sending its next request (fixed-length random prompt, greedy, exactly `max-tokens`
@@ -24,6 +24,10 @@ under distinct names and content hashes: the engine treats each as its own adapt
 own rows, loads and evictions; the serving work does not depend on the values), and 512
 adapters do not need 10 GB of host memory to set up. On a memory budget smaller than all N
 adapters (512 rank-16 adapters of SmolLM2 need 10 GB of pools), adapters are evicted.
+
+`--lora-dtypes auto,bfloat16` runs every scenario on two engines, interleaved: adapter pools
+in the model's dtype and in bfloat16 (`--lora-dtype`: half the bytes per adapter, so the
+same budget holds twice the adapters); each is compared with its own 8-adapter run.
 
 Also measured: the cost of one adapter load per rank, before (a copy per module, the path
 this engine had: `MultiLoRALinear.write_slot`) and now: laid out straight into the slot when
@@ -164,9 +168,10 @@ def load_costs(engine: LLMEngine, ranks: list[int], reps: int) -> list[dict]:
 
 
 def baseline_row(rows: list[dict], row: dict) -> dict | None:
-    """The 8-adapter, uncapped run of `row`'s streams and popularity (None: not run)."""
+    """The 8-adapter, uncapped run of `row`'s streams, popularity and pool dtype (None: not run)."""
     return next((b for b in rows if b["streams"] == row["streams"] and b["adapters"] == 8 and b["max_loras"] is None
-                 and b["popularity"] == row["popularity"]), None)
+                 and b["popularity"] == row["popularity"]
+                 and b.get("lora_dtype", "auto") == row.get("lora_dtype", "auto")), None)
 
 
 def round_ratios(rows: list[dict], row: dict) -> list[float]:
@@ -178,9 +183,9 @@ def round_ratios(rows: list[dict], row: dict) -> list[float]:
 
 def markdown_table(paths: list[str]) -> str:
     """The docs' table from result JSONs of this benchmark (several: their rows in order)."""
-    lines = ["| streams | N | popularity | tokens/s | vs base | vs N=8 | per-round vs N=8 | TTFT p50 / p99 s "
+    lines = ["| streams | rows | N | popularity | tokens/s | vs base | vs N=8 | per-round vs N=8 | TTFT p50 / p99 s "
              "| TTFT p99 vs N=8 | loads / request | adapters / step | memory-bound ratio vs N=8 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         with open(path) as f:
             rows = json.load(f)["rows"]
@@ -191,7 +196,8 @@ def markdown_table(paths: list[str]) -> str:
             per_round = " / ".join(f"{v:.2f}" for v in round_ratios(rows, r)) if adapted else ""
             p99 = "" if n == 0 else f"{r['ttft_p99_vs_8_adapters']:.2f}"
             bound = "" if n == 0 else f"{r['bytes_vs_8_adapters']:.2f}"
-            lines.append(f"| {r['streams']} | {n or 'base'} | {r['popularity'] if n else ''} | {r['tokens_per_s']:.1f} "
+            dtype = {"auto": "model's", "bfloat16": "bf16"}.get(r.get("lora_dtype", "auto"), r.get("lora_dtype"))
+            lines.append(f"| {r['streams']} | {dtype} | {n or 'base'} | {r['popularity'] if n else ''} | {r['tokens_per_s']:.1f} "
                          f"| {r['vs_base']:.2f} | {vs8} | {per_round} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} "
                          f"| {p99} | {r['loads_per_request']:.2f} | {r['adapters_per_step']:.1f} | {bound} |")
     return "\n".join(lines)
@@ -215,6 +221,8 @@ def main() -> int:
                         "machine's drift then hits every scenario alike)")
     parser.add_argument("--warm", action="store_true",
                         help="load every adapter (that fits) before each scenario's timed loop, instead of none")
+    parser.add_argument("--lora-dtypes", default="auto",
+                        help="adapter pool dtypes (--lora-dtype), one engine each, interleaved (e.g. auto,bfloat16)")
     parser.add_argument("--out", default="benchmarks/results/many_adapters.json")
     parser.add_argument("--table", nargs="+", metavar="JSON",
                         help="run nothing: print the markdown table of docs/benchmarks.md from these result files")
@@ -231,7 +239,9 @@ def main() -> int:
                max_model_len=args.prompt_tokens + args.max_tokens + 16, max_queue=4096,
                adapter_budget_bytes=args.adapter_budget_mb << 20)
     cfg["num_kv_blocks"] = max(streams) * (cfg["max_model_len"] // 16 + 1)
-    engine = LLMEngine(copy.deepcopy(bm.model), bm.tokenizer, EngineConfig(**cfg))
+    dtypes = args.lora_dtypes.split(",")
+    engines = {d: LLMEngine(copy.deepcopy(bm.model), bm.tokenizer, EngineConfig(**cfg, lora_dtype=d)) for d in dtypes}
+    engine = engines[dtypes[0]]
     loads = load_costs(engine, [int(r) for r in args.load_ranks.split(",") if r], reps=5)
     bank = weight_bank(engine.runner.base_modules(), 16)
     plan = [(0, "-")] + [(int(n), p) for n in args.adapters.split(",") for p in args.popularity.split(",")
@@ -241,51 +251,55 @@ def main() -> int:
         runs: dict[tuple, list[dict]] = {}
         capped = None
         if args.max_loras_baseline and "32" in args.adapters.split(","):
-            capped = LLMEngine(copy.deepcopy(bm.model), bm.tokenizer, EngineConfig(**{**cfg, "max_loras": args.max_loras_baseline}))
+            capped = LLMEngine(copy.deepcopy(bm.model), bm.tokenizer,
+                               EngineConfig(**cfg, max_loras=args.max_loras_baseline, lora_dtype=dtypes[0]))
         for _ in range(args.rounds):
             for n, pop in plan:
-                res = run_scenario(engine, make_adapters(bank, n, f"s{s}n{n}{pop}"), pop if n else "uniform", s,
-                                   args.requests_per_stream, args.prompt_tokens, args.max_tokens, seed=s,
-                                   warm=args.warm)
-                runs.setdefault((n, pop, None), []).append(res)
-                print(f"  ran {s} streams, N={n} {pop}: {res['tokens_per_s']:.1f} tok/s", flush=True)
+                for dtype, eng in engines.items():
+                    res = run_scenario(eng, make_adapters(bank, n, f"s{s}n{n}{pop}"), pop if n else "uniform", s,
+                                       args.requests_per_stream, args.prompt_tokens, args.max_tokens, seed=s,
+                                       warm=args.warm)
+                    runs.setdefault((n, pop, None, dtype), []).append(res)
+                    print(f"  ran {s} streams, {dtype} rows, N={n} {pop}: {res['tokens_per_s']:.1f} tok/s", flush=True)
             if capped is not None:
                 res = run_scenario(capped, make_adapters(bank, 32, f"cap{s}"), "uniform", s, args.requests_per_stream,
                                    args.prompt_tokens, args.max_tokens, seed=s)
-                runs.setdefault((32, "uniform", args.max_loras_baseline), []).append(res)
+                runs.setdefault((32, "uniform", args.max_loras_baseline, dtypes[0]), []).append(res)
                 print(f"  ran {s} streams, N=32 uniform, max_loras={args.max_loras_baseline}: "
                       f"{res['tokens_per_s']:.1f} tok/s", flush=True)
         del capped
-        for (n, pop, cap), results in runs.items():
+        for (n, pop, cap, dtype), results in runs.items():
             med = {k: statistics.median(r[k] for r in results) for k in results[0]}
-            rows.append({"streams": s, "adapters": n, "popularity": pop, "max_loras": cap, **med,
+            rows.append({"streams": s, "lora_dtype": dtype, "adapters": n, "popularity": pop, "max_loras": cap, **med,
                          "rounds": results})
     # What a decode step must read: every base weight once, plus every distinct adapter's rows
     # in the batch once (the kernels gather them per segment). A step bound by memory traffic
     # alone takes time in proportion: bytes_vs_8_adapters is the vs_8_adapters it would give.
     base_bytes = sum(p.nbytes for p in engine.runner.model.parameters())
-    adapter_bytes = 16 * engine.runner.model.slots.row_bytes
+    adapter_bytes = {d: 16 * e.runner.model.slots.row_bytes for d, e in engines.items()}
     for r in rows:
-        r["bytes_per_step"] = base_bytes + r["adapters_per_step"] * adapter_bytes
-    for r in rows:  # ratios against the base and the 8-adapter run of the same streams and popularity
-        base = next(b for b in rows if b["streams"] == r["streams"] and b["adapters"] == 0)
+        r["bytes_per_step"] = base_bytes + r["adapters_per_step"] * adapter_bytes[r["lora_dtype"]]
+    for r in rows:  # ratios against the base and the 8-adapter run of the same streams, popularity and dtype
+        base = next(b for b in rows if b["streams"] == r["streams"] and b["adapters"] == 0
+                    and b["lora_dtype"] == r["lora_dtype"])
         eight = baseline_row(rows, r)
         r["vs_base"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["cpu_vs_8_adapters"] = r["tokens_per_cpu_s"] / eight["tokens_per_cpu_s"] if eight else None
         r["vs_8_adapters"] = r["tokens_per_s"] / eight["tokens_per_s"] if eight else None
         r["ttft_p99_vs_8_adapters"] = r["ttft_p99"] / eight["ttft_p99"] if eight else None
         r["bytes_vs_8_adapters"] = eight["bytes_per_step"] / r["bytes_per_step"] if eight else None
-    print(f"adapter budget {engine.runner.adapter_budget_bytes / 2**20:.0f} MiB = {engine.runner.adapter_budget_rows} rank rows "
-          f"({engine.runner.adapter_budget_rows // 16} rank-16 adapters); {args.requests_per_stream} requests per stream, "
+    held = ", ".join(f"{e.runner.adapter_budget_rows} rank rows = {e.runner.adapter_budget_rows // 16} rank-16 adapters "
+                     f"({d} rows)" for d, e in engines.items())
+    print(f"adapter budget {engine.runner.adapter_budget_bytes / 2**20:.0f} MiB: {held}; {args.requests_per_stream} requests per stream, "
           f"{args.prompt_tokens}-token prompts, {args.max_tokens} tokens each; torch threads {torch.get_num_threads()}; "
           f"medians of {args.rounds} interleaved round(s); a step reads {base_bytes / 2**20:.0f} MiB of base weights "
-          f"+ {adapter_bytes / 2**20:.1f} MiB per distinct adapter in it")
-    print(f"{'streams':>7} {'N':>4} {'pop':<8} {'cap':>4} {'tok/s':>7} {'vs base':>7} {'vs N=8':>6} {'TTFT p50':>8} "
+          f"+ {adapter_bytes[dtypes[0]] / 2**20:.1f} MiB per distinct adapter in it ({dtypes[0]} rows)")
+    print(f"{'streams':>7} {'rows':>8} {'N':>4} {'pop':<8} {'cap':>4} {'tok/s':>7} {'vs base':>7} {'vs N=8':>6} {'TTFT p50':>8} "
           f"{'p99':>6} {'p99/N=8':>7} {'loads/req':>9} {'evict/req':>9} {'resident':>8} {'tok/cpu-s':>9} {'vs N=8':>6} "
           f"{'ad/step':>7} {'bytes N=8/N':>11}")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
-        print(f"{r['streams']:>7} {r['adapters']:>4} {r['popularity']:<8} {fmt(r['max_loras'], 'd'):>4} "
+        print(f"{r['streams']:>7} {r['lora_dtype']:>8} {r['adapters']:>4} {r['popularity']:<8} {fmt(r['max_loras'], 'd'):>4} "
               f"{r['tokens_per_s']:>7.1f} {r['vs_base']:>7.2f} {fmt(r['vs_8_adapters'], '.2f'):>6} {r['ttft_p50']:>8.2f} "
               f"{r['ttft_p99']:>6.2f} {fmt(r['ttft_p99_vs_8_adapters'], '.2f'):>7} {r['loads_per_request']:>9.2f} "
               f"{r['evictions_per_request']:>9.2f} {r['resident_at_end']:>8} {r['tokens_per_cpu_s']:>9.1f} "
@@ -298,7 +312,8 @@ def main() -> int:
         print(f"{r['rank']:>5} {r['adapter_mb']:>6.1f} {r['per_module_s'] * 1e3:>6.1f} ms {r['direct_fill_s'] * 1e3:>6.1f} ms "
               f"{r['stage_s'] * 1e3:>6.1f} ms {r['copy_per_pool_s'] * 1e3:>6.1f} ms {r['per_module_s'] / r['copy_per_pool_s']:>10.1f}x")
     out = write_json(args.out, {"benchmark": "many_adapters", "args": vars(args), "rows": rows, "load_costs": loads,
-                                "adapter_budget_bytes": engine.runner.adapter_budget_bytes})
+                                "adapter_budget_bytes": engine.runner.adapter_budget_bytes,
+                                "adapter_budget_rows": {d: e.runner.adapter_budget_rows for d, e in engines.items()}})
     print(f"wrote {out}")
     return 0
 

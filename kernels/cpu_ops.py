@@ -1,8 +1,8 @@
 """Typed entry points of the compiled CPU kernels (`csrc/cpu_ops.cpp`, built by `cpu_ext`).
 
 Callers ask `available()` (or `usable(...)` for given tensors) first: the kernels take
-contiguous float32 CPU tensors only, and exist only where `cpu_ext` could build or load them;
-everything else keeps the torch path.
+contiguous float32 CPU tensors (the LoRA op's adapter pools may also be bfloat16), and exist
+only where `cpu_ext` could build or load them; everything else keeps the torch path.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def lora_apply(
     out: torch.Tensor,
 ) -> None:
     """out[t, slice i] += (x[t] A_{i,s}ᵀ) B_{i,s} for every token t of slot s, in place, each
-    slice at its own rank `ranks[i, s]` (int32 [n_slices, num_slots]). The segment tensors
+    slice at its own rank `ranks[i, s]` (int32 [n_slices, num_slots]). x and out float32;
+    a_pool and b_pool both float32 or both bfloat16 (widened as read, float32 arithmetic). The segment tensors
     are a `LoRABatchMeta`'s (int32); row_start is int32 [num_slots]."""
     torch.ops.lorafold_cpu.lora_apply(
         x, a_pool, b_pool, row_start, ranks, sorted_tokens, seg_slots, seg_starts, list(slice_offsets), out

@@ -6,8 +6,9 @@ One fast implementation per device plus the plain reference:
   shrink/expand, registered as the `torch.library` custom ops `lorafold::lora_shrink` /
   `lorafold::lora_expand` with fake implementations, so `torch.compile` and CUDA-graph
   capture see one opaque op per call.
-- "cpp" (CPU, float32): `apply` is the compiled kernel of `cpu_ops` (one call per layer,
-  each slice at its own rank); `shrink` / `expand` alone use the reference.
+- "cpp" (CPU, float32 activations; float32 or bfloat16 pools): `apply` is the compiled
+  kernel of `cpu_ops` (one call per layer, each slice at its own rank); `shrink` / `expand`
+  alone use the reference.
 - "torch": the reference (`reference.py`), also whatever autograd needs (training), since
   neither kernel has a backward.
 
@@ -24,16 +25,25 @@ from lorafold.kernels.meta import BACKENDS, LoRABatchMeta
 from lorafold.kernels.reference import lora_expand_ref, lora_shrink_ref
 
 
-def choose_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend for pools of `dtype` on `device`. "auto": Triton on CUDA, the compiled
-    kernel for float32 on the CPU where it is built, else the reference. A named backend is
-    checked here, at start, rather than failing on the first request."""
+# Pool dtypes the compiled CPU kernel reads (its activations are always float32).
+CPP_POOL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def choose_backend(requested: str, device: torch.device, dtype: torch.dtype,
+                   pool_dtype: torch.dtype | None = None) -> str:
+    """The backend for a model of `dtype` on `device` whose adapter pools are `pool_dtype`
+    (None: `dtype`). "auto": Triton on CUDA, the compiled kernel for a float32 model on the
+    CPU where it is built, else the reference. A named backend, and pools the chosen one
+    cannot read, are refused here, at start, rather than on the first request."""
+    pool_dtype = dtype if pool_dtype is None else pool_dtype
     if requested == "auto":
         if device.type == "cuda":
-            return "triton"
-        if device.type == "cpu" and dtype == torch.float32 and cpu_ops.available():
+            requested = "triton"
+        elif (device.type == "cpu" and dtype == torch.float32 and pool_dtype in CPP_POOL_DTYPES
+              and cpu_ops.available()):
             return "cpp"
-        return "torch"
+        else:
+            return "torch"
     if requested not in BACKENDS:
         raise ValueError(f"unknown LoRA backend {requested!r}; use 'auto' or one of {', '.join(map(repr, BACKENDS))}")
     if requested == "triton" and device.type != "cuda":
@@ -42,10 +52,14 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
         if not INTERPRET:
             raise ValueError("lora_backend='triton' on the CPU runs only under Triton's interpreter: set "
                              "TRITON_INTERPRET=1 before lorafold is imported (tests), or use 'auto'")
+    if requested == "triton" and pool_dtype != dtype:
+        raise ValueError(f"the Triton LoRA kernels read adapter pools of the model's dtype ({dtype}), not "
+                         f"{pool_dtype}: use lora_dtype='auto'")
     if requested == "cpp":
-        if device.type != "cpu" or dtype != torch.float32:
-            raise ValueError(f"lora_backend='cpp' is the compiled float32 CPU kernel; the pools are {dtype} on "
-                             f"{device}: use 'auto'")
+        if device.type != "cpu" or dtype != torch.float32 or pool_dtype not in CPP_POOL_DTYPES:
+            raise ValueError(f"lora_backend='cpp' is the compiled CPU kernel for a float32 model with float32 or "
+                             f"bfloat16 adapter pools; here the model is {dtype} on {device}, the pools "
+                             f"{pool_dtype}: use 'auto'")
         if not cpu_ops.available():
             raise ValueError("lora_backend='cpp' but the compiled CPU kernel could not be built (see the log); "
                              "use 'auto'")

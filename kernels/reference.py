@@ -1,5 +1,6 @@
 """Plain-torch multi-LoRA shrink / expand: the semantics, the oracle of the kernel tests,
-and the fallback where no fast kernel runs (autograd, no compiler, non-fp32 CPU pools).
+and the fallback where no fast kernel runs (autograd, no compiler, a bf16 CPU model, float16
+CPU pools).
 
 Weights of one layer group live in rank-row pools (see `kernels/meta.py` for the batch
 metadata):

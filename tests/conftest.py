@@ -76,15 +76,22 @@ def make_peft_adapter(model, folder: Path, *, r: int, alpha: float = 16.0, seed:
     return folder
 
 
-def merged_model(base, adapter):
-    """A copy of `base` with W0 + s·B·A merged into every adapted linear (the reference)."""
+def merged_model(base, adapter, pool_dtype: torch.dtype | None = None):
+    """A copy of `base` with W0 + s·B·A merged into every adapted linear (the reference).
+
+    pool_dtype: merge the factors as adapter pools of that dtype hold them (`lora_dtype`):
+    A and s·B, each rounded to it once."""
     import copy
 
     model = copy.deepcopy(base)
     with torch.no_grad():
         for path, m in adapter.modules.items():
             lin = model.get_submodule(path)
-            lin.weight += m.scale * (m.lora_b.double() @ m.lora_a.double()).to(lin.weight.dtype)
+            if pool_dtype is None:
+                lin.weight += m.scale * (m.lora_b.double() @ m.lora_a.double()).to(lin.weight.dtype)
+            else:
+                sb, a = (m.scale * m.lora_b).to(pool_dtype), m.lora_a.to(pool_dtype)
+                lin.weight += (sb.double() @ a.double()).to(lin.weight.dtype)
     return model
 
 

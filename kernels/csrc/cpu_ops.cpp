@@ -7,7 +7,8 @@
 // each costing 5-10 us whatever its size. Here each op is one call per layer that reads
 // the K/V blocks and the adapter rows where they lie, exactly once.
 //
-// Both ops are registered with the dispatcher as `lorafold_cpu::*` (CPU, float32 only);
+// Both ops are registered with the dispatcher as `lorafold_cpu::*` (CPU; float32 activations,
+// the LoRA op's adapter pools float32 or bfloat16: half the bytes to read, widened in registers);
 // `kernels/cpu_ext.py` builds this file on first use and falls back to the torch path when
 // it cannot. Threads: ATen's intra-op pool (at::parallel_for), so torch.set_num_threads
 // governs these ops as it governs the matmuls around them.
@@ -21,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -243,10 +245,21 @@ struct LoRATask {
 // each loaded A or x vector feeds several of them); the expand keeps NT tokens x 16 output
 // columns in registers while the r rows of B stream through.
 // y[k * ldy + j] = A[j] . x_k  for j < NR, k < NT.
-template <int NR, int NT>
-inline void shrink_tile(const float* a, int64_t d_in, const float* const* xs, float* y, int64_t ldy) {
+template <int NR, int NT, typename W>
+inline void shrink_tile(const W* a, int64_t d_in, const float* const* xs, float* y, int64_t ldy) {
   vf8 acc[NR][NT] = {};
   int64_t c = 0;
+  if constexpr (std::is_same_v<W, at::BFloat16>) {  // 16 columns a step, split even / odd
+    for (; c + 16 <= d_in; c += 16) {
+      vf8 xe[NT], xo[NT];
+      for (int k = 0; k < NT; ++k) load16_split(xs[k] + c, xe[k], xo[k]);
+      for (int j = 0; j < NR; ++j) {
+        vf8 ae, ao;
+        load16_split(a + j * d_in + c, ae, ao);
+        for (int k = 0; k < NT; ++k) acc[j][k] += ae * xe[k] + ao * xo[k];
+      }
+    }
+  }
   for (; c + 8 <= d_in; c += 8) {
     vf8 xv[NT];
     for (int k = 0; k < NT; ++k) xv[k] = load8(xs[k] + c);
@@ -258,22 +271,23 @@ inline void shrink_tile(const float* a, int64_t d_in, const float* const* xs, fl
   for (int j = 0; j < NR; ++j) {
     for (int k = 0; k < NT; ++k) {
       float s = hsum(acc[j][k]);
-      for (int64_t t = c; t < d_in; ++t) s += a[j * d_in + t] * xs[k][t];
+      for (int64_t t = c; t < d_in; ++t) s += to_float(a[j * d_in + t]) * xs[k][t];
       y[k * ldy + j] = s;
     }
   }
 }
 
 // y[k * ldy + j] = A[j] . x_k for the block's tokens (k < nt), j < r.
-template <int NT>
-inline void shrink_rows(const float* a, int64_t d_in, int64_t r, const float* const* xs, float* y, int64_t ldy) {
+template <int NT, typename W>
+inline void shrink_rows(const W* a, int64_t d_in, int64_t r, const float* const* xs, float* y, int64_t ldy) {
   constexpr int NR = NT == 1 ? 8 : 2;
   int64_t j = 0;
   for (; j + NR <= r; j += NR) shrink_tile<NR, NT>(a + j * d_in, d_in, xs, y + j, ldy);
   for (; j < r; ++j) shrink_tile<1, NT>(a + j * d_in, d_in, xs, y + j, ldy);
 }
 
-inline void shrink_block(const float* a, int64_t d_in, int64_t r, const float* const* xs, int64_t nt, float* y,
+template <typename W>
+inline void shrink_block(const W* a, int64_t d_in, int64_t r, const float* const* xs, int64_t nt, float* y,
                          int64_t ldy) {
   switch (nt) {
     case 4: shrink_rows<4>(a, d_in, r, xs, y, ldy); return;
@@ -284,10 +298,25 @@ inline void shrink_block(const float* a, int64_t d_in, int64_t r, const float* c
 }
 
 // out_k[c : c + 16] += sum_j y[k][j] * B[j][c : c + 16] for k < NT, all c in [lo, hi).
-template <int NT>
-inline void expand_rows(const float* b, int64_t ld_b, int64_t lo, int64_t hi, int64_t r, const float* y,
+template <int NT, typename W>
+inline void expand_rows(const W* b, int64_t ld_b, int64_t lo, int64_t hi, int64_t r, const float* y,
                         float* const* outs) {
   int64_t c = lo;
+  if constexpr (std::is_same_v<W, at::BFloat16>) {  // B's 16 columns split even / odd, merged once
+    for (; c + 16 <= hi; c += 16) {
+      vf8 even[NT] = {}, odd[NT] = {};
+      for (int64_t j = 0; j < r; ++j) {
+        vf8 be, bo;
+        load16_split(b + j * ld_b + c, be, bo);
+        for (int k = 0; k < NT; ++k) {
+          const float yk = y[k * r + j];
+          even[k] += yk * be;
+          odd[k] += yk * bo;
+        }
+      }
+      for (int k = 0; k < NT; ++k) add16_split(outs[k] + c, even[k], odd[k]);
+    }
+  }
   for (; c + 16 <= hi; c += 16) {
     vf8 acc[NT][2];
     for (int k = 0; k < NT; ++k) {
@@ -310,13 +339,14 @@ inline void expand_rows(const float* b, int64_t ld_b, int64_t lo, int64_t hi, in
   for (; c < hi; ++c) {
     for (int k = 0; k < NT; ++k) {
       float s = outs[k][c];
-      for (int64_t j = 0; j < r; ++j) s += y[k * r + j] * b[j * ld_b + c];
+      for (int64_t j = 0; j < r; ++j) s += y[k * r + j] * to_float(b[j * ld_b + c]);
       outs[k][c] = s;
     }
   }
 }
 
-inline void expand_block(const float* b, int64_t ld_b, int64_t lo, int64_t hi, int64_t r, const float* y,
+template <typename W>
+inline void expand_block(const W* b, int64_t ld_b, int64_t lo, int64_t hi, int64_t r, const float* y,
                          float* const* outs, int64_t nt) {
   switch (nt) {
     case 4: expand_rows<4>(b, ld_b, lo, hi, r, y, outs); return;
@@ -326,12 +356,43 @@ inline void expand_block(const float* b, int64_t ld_b, int64_t lo, int64_t hi, i
   }
 }
 
+// The task loop of `lora_apply` for adapter pools of element type W (float or bfloat16).
+template <typename W>
+void run_lora_tasks(const std::vector<LoRATask>& tasks, const std::vector<std::vector<size_t>>& bins, int64_t max_rank,
+                    const float* xp, const W* ap, const W* bp, float* outp, const int32_t* tok, const int32_t* rstart,
+                    int64_t d_in, int64_t rows, int64_t D, at::IntArrayRef slice_offsets) {
+  at::parallel_for(0, static_cast<int64_t>(bins.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> y(static_cast<size_t>(TOKEN_BLOCK * max_rank));
+    const float* xs[TOKEN_BLOCK];
+    float* outs[TOKEN_BLOCK];
+    for (int64_t bin = begin; bin < end; ++bin) {
+      for (size_t idx : bins[bin]) {
+        const LoRATask& task = tasks[idx];
+        const int64_t nt = task.seg_hi - task.seg_lo;
+        for (int64_t k = 0; k < nt; ++k) {
+          const int64_t t = tok[task.seg_lo + k];
+          xs[k] = xp + t * d_in;
+          outs[k] = outp + t * D;
+        }
+        const int64_t r0 = rstart[task.slot];
+        shrink_block(ap + (task.slice * rows + r0) * d_in, d_in, task.rank, xs, nt, y.data(), task.rank);
+        expand_block(bp + r0 * D, D, slice_offsets[task.slice], slice_offsets[task.slice + 1], task.rank, y.data(),
+                     outs, nt);
+      }
+    }
+  });
+}
+
 void lora_apply(const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool, const at::Tensor& row_start,
                 const at::Tensor& ranks, const at::Tensor& sorted_tokens, const at::Tensor& seg_slots,
                 const at::Tensor& seg_starts, at::IntArrayRef slice_offsets, const at::Tensor& out) {
   check_f32_contig(x, "x");
-  check_f32_contig(a_pool, "a_pool");
-  check_f32_contig(b_pool, "b_pool");
+  TORCH_CHECK(a_pool.device().is_cpu() && b_pool.device().is_cpu(), "a_pool and b_pool must be CPU tensors");
+  TORCH_CHECK(a_pool.scalar_type() == b_pool.scalar_type() &&
+                  (a_pool.scalar_type() == at::kFloat || a_pool.scalar_type() == at::kBFloat16),
+              "a_pool and b_pool must both be float32 or both bfloat16, got ", a_pool.scalar_type(), " and ",
+              b_pool.scalar_type());
+  TORCH_CHECK(a_pool.is_contiguous() && b_pool.is_contiguous(), "a_pool and b_pool must be contiguous");
   check_f32_contig(out, "out");
   check_index(row_start, "row_start", at::kInt);
   check_index(ranks, "ranks", at::kInt);
@@ -390,29 +451,14 @@ void lora_apply(const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor&
     load[t] += tasks[idx].cost;
   }
   const float* xp = x.data_ptr<float>();
-  const float* ap = a_pool.data_ptr<float>();
-  const float* bp = b_pool.data_ptr<float>();
   float* outp = out.data_ptr<float>();
-  at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> y(static_cast<size_t>(TOKEN_BLOCK * max_rank));
-    const float* xs[TOKEN_BLOCK];
-    float* outs[TOKEN_BLOCK];
-    for (int64_t bin = begin; bin < end; ++bin) {
-      for (size_t idx : bins[bin]) {
-        const LoRATask& task = tasks[idx];
-        const int64_t nt = task.seg_hi - task.seg_lo;
-        for (int64_t k = 0; k < nt; ++k) {
-          const int64_t t = tok[task.seg_lo + k];
-          xs[k] = xp + t * d_in;
-          outs[k] = outp + t * D;
-        }
-        const int64_t r0 = rstart[task.slot];
-        shrink_block(ap + (task.slice * rows + r0) * d_in, d_in, task.rank, xs, nt, y.data(), task.rank);
-        expand_block(bp + r0 * D, D, slice_offsets[task.slice], slice_offsets[task.slice + 1], task.rank, y.data(),
-                     outs, nt);
-      }
-    }
-  });
+  if (a_pool.scalar_type() == at::kBFloat16) {
+    run_lora_tasks(tasks, bins, max_rank, xp, a_pool.data_ptr<at::BFloat16>(), b_pool.data_ptr<at::BFloat16>(), outp,
+                   tok, rstart, d_in, rows, D, slice_offsets);
+  } else {
+    run_lora_tasks(tasks, bins, max_rank, xp, a_pool.data_ptr<float>(), b_pool.data_ptr<float>(), outp, tok, rstart,
+                   d_in, rows, D, slice_offsets);
+  }
 }
 
 }  // namespace

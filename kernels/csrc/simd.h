@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <cstring>
 
 namespace lorafold_simd {
@@ -18,6 +19,48 @@ inline vf8 load8(const float* p) {
 }
 
 inline void store8(float* p, vf8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// bfloat16 weights (adapter pools at half the bytes: `--lora-dtype bfloat16`): a bfloat16
+// is the high half of a float32, so widening is exact and arithmetic stays float32. Eight
+// at a time by zero-extend and shift (three shuffle-port uops: the tails only); sixteen at
+// a time as two vectors, the even- and the odd-indexed elements, by one shift and one mask
+// of the pairs (no shuffles): the inner loops keep their other operand and their
+// accumulators in the same split order and merge once at the end.
+typedef uint16_t vu16x8 __attribute__((vector_size(16)));
+typedef uint32_t vu32x8 __attribute__((vector_size(32)));
+
+inline vf8 load8(const at::BFloat16* p) {
+  vu16x8 h;
+  std::memcpy(&h, p, sizeof(h));
+  const vu32x8 w = __builtin_convertvector(h, vu32x8) << 16;
+  vf8 v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
+inline void load16_split(const at::BFloat16* p, vf8& even, vf8& odd) {
+  vu32x8 w;
+  std::memcpy(&w, p, sizeof(w));
+  const vu32x8 e = w << 16, o = w & 0xFFFF0000u;
+  std::memcpy(&even, &e, sizeof(even));
+  std::memcpy(&odd, &o, sizeof(odd));
+}
+
+// 16 floats as their even- and odd-indexed elements (the order of load16_split).
+inline void load16_split(const float* p, vf8& even, vf8& odd) {
+  const vf8 lo = load8(p), hi = load8(p + 8);
+  even = __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14);
+  odd = __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
+// p[0:16] += the 16 floats held split as (even, odd).
+inline void add16_split(float* p, vf8 even, vf8 odd) {
+  store8(p, load8(p) + __builtin_shufflevector(even, odd, 0, 8, 1, 9, 2, 10, 3, 11));
+  store8(p + 8, load8(p + 8) + __builtin_shufflevector(even, odd, 4, 12, 5, 13, 6, 14, 7, 15));
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
 inline float hsum(vf8 v) {
   float s = 0.f;

@@ -28,7 +28,7 @@ ENGINE_FLAGS = {
     "max_loras": "max_loras", "max_num_seqs": "max_num_seqs", "max_model_len": "max_model_len",
     "kv_blocks": "num_kv_blocks", "max_queue": "max_queue", "prepack_weights": "prepack_weights",
     "adapter_memory_fraction": "adapter_memory_fraction", "gpu_memory_utilization": "gpu_memory_utilization",
-    "attention_backend": "attention_backend",
+    "attention_backend": "attention_backend", "lora_dtype": "lora_dtype",
 }
 
 

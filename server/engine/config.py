@@ -10,6 +10,7 @@ from dataclasses import dataclass
 ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flex", "flashinfer")
 # "auto" + kernels.meta.BACKENDS, spelled out: this module stays torch-free (the scheduler imports it)
 LORA_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cpp")
+LORA_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -41,6 +42,12 @@ class EngineConfig:
         (`kernels.ops.choose_backend`): "auto" (Triton on CUDA; on the CPU the compiled kernel
         for float32, else the torch reference), "torch" (the reference), "triton" (on the CPU
         only under TRITON_INTERPRET=1: how CI runs the GPU path), "cpp".
+    lora_dtype: the adapter pools' dtype, as vLLM's `--lora-dtype`: "auto" is the model's
+        (exact: PEFT's numbers); "bfloat16" on a float32 CPU model halves the adapter bytes
+        every step reads and the memory each adapter takes in the budget (twice the adapters
+        resident), the arithmetic staying float32 (the compiled CPU kernel widens the rows as
+        it reads them); the factors are rounded to bfloat16 once, when loaded. The Triton
+        path (GPU) needs the model's dtype.
     decode_graphs: pure decode steps on preallocated buffers, one forward per batch-size
         bucket (`server.engine.decode_graphs`): "auto" captures them as CUDA graphs on the GPU
         path (flex + Triton on CUDA), "capture" likewise, "eager" runs the buffers without
@@ -82,6 +89,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     attention_backend: str = "auto"
     lora_backend: str = "auto"
+    lora_dtype: str = "auto"
     decode_graphs: str = "auto"
 
     def __post_init__(self) -> None:
@@ -110,6 +118,8 @@ class EngineConfig:
             raise ValueError(f"decode_graphs must be auto, capture, eager or off, got {self.decode_graphs!r}")
         if self.lora_backend not in LORA_BACKENDS:
             raise ValueError(f"lora_backend must be one of {', '.join(LORA_BACKENDS)}, got {self.lora_backend!r}")
+        if self.lora_dtype not in LORA_DTYPES:
+            raise ValueError(f"lora_dtype must be one of {', '.join(LORA_DTYPES)}, got {self.lora_dtype!r}")
         if not isinstance(self.prepack_weights, bool):
             raise ValueError(f"prepack_weights must be true or false, got {self.prepack_weights!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -37,7 +37,8 @@ def _fuse(linears: list[nn.Linear]) -> nn.Linear:
 
 
 class LeanDecoderLayer(nn.Module):
-    def __init__(self, hf_layer: nn.Module, config, num_slots: int, rows: int) -> None:
+    def __init__(self, hf_layer: nn.Module, config, num_slots: int, rows: int,
+                 pool_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         self.num_heads = config.num_attention_heads
@@ -46,12 +47,14 @@ class LeanDecoderLayer(nn.Module):
         self.scale = self.head_dim**-0.5
         q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
         self.q_size, self.kv_size = q.out_features, k.out_features
-        self.qkv = MultiLoRALinear(_fuse([q, k, v]), [q.out_features, k.out_features, v.out_features], num_slots, rows)
-        self.o_proj = MultiLoRALinear(attn.o_proj, [attn.o_proj.out_features], num_slots, rows)
+        self.qkv = MultiLoRALinear(_fuse([q, k, v]), [q.out_features, k.out_features, v.out_features], num_slots, rows,
+                                   pool_dtype)
+        self.o_proj = MultiLoRALinear(attn.o_proj, [attn.o_proj.out_features], num_slots, rows, pool_dtype)
         self.gate_up = MultiLoRALinear(
-            _fuse([mlp.gate_proj, mlp.up_proj]), [mlp.gate_proj.out_features, mlp.up_proj.out_features], num_slots, rows
+            _fuse([mlp.gate_proj, mlp.up_proj]), [mlp.gate_proj.out_features, mlp.up_proj.out_features], num_slots, rows,
+            pool_dtype,
         )
-        self.down_proj = MultiLoRALinear(mlp.down_proj, [mlp.down_proj.out_features], num_slots, rows)
+        self.down_proj = MultiLoRALinear(mlp.down_proj, [mlp.down_proj.out_features], num_slots, rows, pool_dtype)
         self.act = mlp.act_fn
         self.input_layernorm = hf_layer.input_layernorm
         self.post_attention_layernorm = hf_layer.post_attention_layernorm
@@ -104,11 +107,12 @@ class LeanLlama(nn.Module):
     """Flat-batch decoder over a paged KV cache, with multi-LoRA fused projections."""
 
     def __init__(self, hf_model: nn.Module, *, num_slots: int, rows: int, prepack: bool = True,
-                 lora_backend: str = "auto") -> None:
+                 lora_backend: str = "auto", lora_dtype: torch.dtype | None = None) -> None:
         """prepack: keep oneDNN-packed copies of the base weights for inference (fp32 CPU
         only; one more copy of the weights in memory; see `server.models.packed_linear`).
         lora_backend: the LoRA ops' implementation, resolved once here for the model's device
-        and dtype (`kernels.ops.choose_backend`)."""
+        and dtype (`kernels.ops.choose_backend`).
+        lora_dtype: the adapter pools' dtype (None: the model's; see EngineConfig.lora_dtype)."""
         super().__init__()
         config = hf_model.config
         inner = hf_model.model
@@ -117,12 +121,12 @@ class LeanLlama(nn.Module):
         self.rotary_emb = inner.rotary_emb
         self.norm = inner.norm
         self.lm_head = hf_model.lm_head
-        self.layers = nn.ModuleList(LeanDecoderLayer(l, config, num_slots, rows) for l in inner.layers)
+        self.layers = nn.ModuleList(LeanDecoderLayer(l, config, num_slots, rows, lora_dtype) for l in inner.layers)
         targets: dict[str, Target] = {}
         for i, layer in enumerate(self.layers):
             targets.update(layer.targets(f"model.layers.{i}"))
         weight = self.lm_head.weight
-        backend = choose_backend(lora_backend, weight.device, weight.dtype)
+        backend = choose_backend(lora_backend, weight.device, weight.dtype, lora_dtype)
         self.slots = AdapterSlots(targets, num_slots=num_slots, rows=rows, backend=backend)
         if prepack and can_prepack(self.lm_head.weight):
             for layer in self.layers:

@@ -52,9 +52,18 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def adapter_row_bytes(hf_model: nn.Module) -> int:
-    """Bytes of one rank row in every LoRA pool: sum of (in + out) over the target linears."""
-    itemsize = next(hf_model.parameters()).element_size()
+LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_lora_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The adapter pools' dtype: "auto" is the model's (EngineConfig.lora_dtype)."""
+    return model_dtype if name == "auto" else LORA_DTYPES[name]
+
+
+def adapter_row_bytes(hf_model: nn.Module, lora_dtype: str = "auto") -> int:
+    """Bytes of one rank row in every LoRA pool: sum of (in + out) over the target linears,
+    in the pools' dtype."""
+    itemsize = resolve_lora_dtype(lora_dtype, next(hf_model.parameters()).dtype).itemsize
     return sum(spec.in_features + spec.out_features for spec in module_specs(hf_model).values()) * itemsize
 
 
@@ -104,8 +113,9 @@ class ModelRunner:
             cpu_ext.available()
         # Adapter memory: a byte budget in rank rows, filled by as many adapters as fit
         # (AdapterSlotTable keeps the resident rows within it, the pools never grow past it).
+        self.lora_dtype = resolve_lora_dtype(config.lora_dtype, self.dtype)
         self.adapter_budget_bytes = adapter_budget_bytes(config, self.device)
-        row_bytes = adapter_row_bytes(hf_model)
+        row_bytes = adapter_row_bytes(hf_model, config.lora_dtype)
         self.adapter_budget_rows = self.adapter_budget_bytes // row_bytes
         if self.adapter_budget_rows < 1:
             raise ValueError(
@@ -117,7 +127,7 @@ class ModelRunner:
         self.model = LeanLlama(
             hf_model, num_slots=self.num_adapter_slots,
             rows=min(self.adapter_budget_rows, (config.max_loras or 8) * lora_rows_per_slot), prepack=config.prepack_weights,
-            lora_backend=config.lora_backend,
+            lora_backend=config.lora_backend, lora_dtype=self.lora_dtype,
         )
         self.lora_backend = self.model.slots.backend
         self.flashinfer: flashinfer_paged.FlashInferAttention | None = None
@@ -127,9 +137,10 @@ class ModelRunner:
                 num_kv_heads=self.model.num_kv_heads, head_dim=self.model.head_dim, dtype=self.dtype,
                 scale=self.model.layers[0].scale)
         self.model.slots.limit_rows(self.adapter_budget_rows)
-        logger.info("adapter memory budget: %.0f MiB = %d rank rows (%d rank-16 adapters of all targets), %d slots",
-                    self.adapter_budget_bytes / 2**20, self.adapter_budget_rows, self.adapter_budget_rows // 16,
-                    self.num_adapter_slots)
+        logger.info("adapter memory budget: %.0f MiB = %d rank rows of %s (%d rank-16 adapters of all targets), "
+                    "%d slots", self.adapter_budget_bytes / 2**20, self.adapter_budget_rows,
+                    str(self.lora_dtype).removeprefix("torch."),
+                    self.adapter_budget_rows // 16, self.num_adapter_slots)
         # decode steps on preallocated buffers (CUDA graphs on the GPU path; see decode_graphs)
         graphs = resolve_decode_graphs(config, self.device, self.attention_backend, self.lora_backend)
         # one scratch block past the budget for the buffer path's padding rows

@@ -29,7 +29,10 @@ class MultiLoRALinear(nn.Module):
     `row_start` [num_slots] is shared by all layers and owned by `AdapterSlots`.
     """
 
-    def __init__(self, base: nn.Linear, slice_sizes: list[int], num_slots: int, rows: int) -> None:
+    def __init__(self, base: nn.Linear, slice_sizes: list[int], num_slots: int, rows: int,
+                 pool_dtype: torch.dtype | None = None) -> None:
+        """pool_dtype: the adapter pools' dtype (None: the base weight's); the activations and
+        the output keep the base's."""
         super().__init__()
         if sum(slice_sizes) != base.out_features:
             raise ValueError(f"slices {slice_sizes} do not add up to out_features={base.out_features}")
@@ -38,8 +41,10 @@ class MultiLoRALinear(nn.Module):
         for size in slice_sizes:
             self.slice_offsets.append(self.slice_offsets[-1] + size)
         w = base.weight
-        self.register_buffer("a_pool", w.new_zeros((len(slice_sizes), rows, base.in_features)), persistent=False)
-        self.register_buffer("b_pool", w.new_zeros((rows, base.out_features)), persistent=False)
+        pool_dtype = w.dtype if pool_dtype is None else pool_dtype
+        self.register_buffer("a_pool", w.new_zeros((len(slice_sizes), rows, base.in_features), dtype=pool_dtype),
+                             persistent=False)
+        self.register_buffer("b_pool", w.new_zeros((rows, base.out_features), dtype=pool_dtype), persistent=False)
         self.register_buffer(
             "ranks", torch.zeros((len(slice_sizes), num_slots), dtype=torch.int32, device=w.device), persistent=False
         )

@@ -4,13 +4,16 @@ A tiny random Llama whose adapter budget holds 24 rank rows (three rank-8 adapte
 rank-4 ones), serving 8 adapters of ranks 4 and 8 (some only on q/v) with staggered
 arrivals: adapters are evicted and reloaded (staged ahead by the prefetcher or inline), the
 pools never grow past the budget, and every request's greedy tokens equal transformers'
-`generate` on the model with its adapter merged into the weights.
+`generate` on the model with its adapter merged into the weights. With bfloat16 pools
+(`lora_dtype`) the reference merges the factors as the pools hold them (A and the scaled B,
+each rounded to bfloat16 once): the serving arithmetic stays float32.
 """
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from lorafold.server.engine.config import EngineConfig
@@ -30,15 +33,19 @@ def assert_released(engine: LLMEngine) -> None:
     assert not engine._adapters and engine.prefetcher.num_staged == 0
 
 
-def test_more_adapters_than_fit_match_merged_references(cpu_path: str) -> None:
+@pytest.mark.parametrize("lora_dtype", ["auto", "bfloat16"])
+def test_more_adapters_than_fit_match_merged_references(cpu_path: str, lora_dtype: str) -> None:
     hf = build_tiny_llama(seed=3)
-    budget = adapter_row_bytes(hf) * BUDGET_ROWS
+    budget = adapter_row_bytes(hf, lora_dtype) * BUDGET_ROWS
     cfg = EngineConfig(block_size=4, num_kv_blocks=128, max_num_seqs=4, max_num_batched_tokens=32,
-                       max_prefill_chunk=8, max_model_len=64, adapter_budget_bytes=budget)
+                       max_prefill_chunk=8, max_model_len=64, adapter_budget_bytes=budget, lora_dtype=lora_dtype)
     engine = LLMEngine(copy.deepcopy(hf), ByteTokenizer(), cfg)
     assert engine.runner.adapter_budget_rows == BUDGET_ROWS and cfg.max_loras is None
     # the budget is sized from the model before the pools exist: it must price a row as they hold it
-    assert engine.runner.model.slots.row_bytes == adapter_row_bytes(hf)
+    assert engine.runner.model.slots.row_bytes == adapter_row_bytes(hf, lora_dtype)
+    pool_dtype = torch.float32 if lora_dtype == "auto" else torch.bfloat16
+    assert engine.runner.model.layers[0].qkv.a_pool.dtype == pool_dtype
+    assert engine.runner.lora_backend == ("cpp" if cpu_path == "compiled" else "torch")
     specs = engine.runner.base_modules()
     ranks = [4, 8, 4, 8, 8, 4, 8, 4]
     adapters = [random_adapter(specs, r, seed=40 + i, std=0.15, targets=("q_proj", "v_proj") if i % 3 == 2 else None)
@@ -73,7 +80,7 @@ def test_more_adapters_than_fit_match_merged_references(cpu_path: str) -> None:
     merged = {}
     for rid, prompt, a in expected:
         if a not in merged:
-            merged[a] = hf if a is None else merged_model(hf, adapters[a])
+            merged[a] = hf if a is None else merged_model(hf, adapters[a], None if lora_dtype == "auto" else pool_dtype)
         assert got[rid] == hf_greedy(merged[a], prompt, 8, None), f"{rid} (adapter {a})"
     assert len({tuple(got[rid]) for rid, _, a in expected if a is not None}) > 4, "adapters must change outputs"
 

@@ -1,4 +1,4 @@
-"""`lorafold serve --device/--dtype/--gpu-memory-utilization/--kv-blocks`: parsed by the real
+"""`lorafold serve --device/--dtype/--lora-dtype/--gpu-memory-utilization/--kv-blocks`: parsed by the real
 command line, the model loaded straight into the dtype, the KV cache measured from free
 memory unless given, and a bfloat16 server answering through HTTP on loopback."""
 
@@ -36,6 +36,11 @@ def test_flags_reach_the_settings() -> None:
         build_parser().parse_args(["serve", "--dtype", "float8"])
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         _serve_settings("--gpu-memory-utilization", "1.5")
+    assert _serve_settings("--lora-dtype", "bfloat16").engine.lora_dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--lora-dtype", "int8"])
+    with pytest.raises(ValueError, match="lora_dtype must be one of"):
+        EngineConfig(lora_dtype="int8")
 
 
 def test_auto_resolves_to_the_cpu_in_float32_without_a_gpu() -> None:

@@ -27,18 +27,22 @@ def _built() -> None:
 # --- LoRA --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mix", MIXES)
 @pytest.mark.parametrize("slice_widths", [[37], [96, 32, 32], [48, 48]])
 @pytest.mark.parametrize("d_in", [101, 64])
-def test_lora_apply_matches_loop(mix: str, slice_widths: list[int], d_in: int) -> None:
+def test_lora_apply_matches_loop(mix: str, slice_widths: list[int], d_in: int, pool_dtype: torch.dtype) -> None:
     """Ranks 1-128 (per-slice ranks differ inside an adapter), gapped shuffled pool rows, widths
-    and d_in off the 8/16-float vector tiles, segments of every length mod the 4-token block."""
+    and d_in off the 8/16-float vector tiles, segments of every length mod the 4-token block.
+    bfloat16 pools: the same float32 arithmetic on the widened rows (their 16-at-a-time
+    even/odd split, the 8-at-a-time and the scalar tails all run at these widths), so the
+    float64 loop over the same bfloat16 values is the reference, at float32 tolerance."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{mix}|{slice_widths}|{d_in}".encode()))
     num_tokens, num_slots, n = 45, 10, len(slice_widths)
     ranks = torch.tensor([1, 3, 4, 8, 16, 64, 128])[torch.randint(0, 7, (n, num_slots), generator=gen)]
     if n > 1:
         ranks[1, 0] = 0  # a slice this adapter does not target
-    a_pool, b_pool, row_start, alloc = make_pools(ranks, d_in, slice_widths, torch.float32, gen)
+    a_pool, b_pool, row_start, alloc = make_pools(ranks, d_in, slice_widths, pool_dtype, gen)
     slots = token_slots_for(mix, num_tokens, num_slots, gen)
     x = torch.randn(num_tokens, d_in, generator=gen)
     base = torch.randn(num_tokens, sum(slice_widths), generator=gen)
@@ -89,18 +93,32 @@ def test_lora_apply_rejects_inconsistent_metadata() -> None:
     with pytest.raises(RuntimeError, match="must be float32"):
         cpu_ops.lora_apply(x.double(), a_pool, b_pool, row_start, ranks.to(torch.int32), meta.sorted_tokens,
                            meta.seg_slots, meta.seg_starts, [0, 8], out)
+    with pytest.raises(RuntimeError, match="float32 or both bfloat16"):
+        cpu_ops.lora_apply(x, a_pool.bfloat16(), b_pool, row_start, ranks.to(torch.int32), meta.sorted_tokens,
+                           meta.seg_slots, meta.seg_starts, [0, 8], out)
+    with pytest.raises(RuntimeError, match="float32 or both bfloat16"):
+        cpu_ops.lora_apply(x, a_pool.half(), b_pool.half(), row_start, ranks.to(torch.int32), meta.sorted_tokens,
+                           meta.seg_slots, meta.seg_starts, [0, 8], out)
     assert torch.equal(out, torch.zeros(3, 8)), "a refused call writes nothing"
 
 
 def test_backend_choice_is_made_once_and_checked() -> None:
-    """'auto' picks the compiled kernel for float32 CPU pools and the reference for bf16; a
-    named backend that cannot run is refused when the model is built, not on a request."""
-    cpu = torch.device("cpu")
+    """'auto' picks the compiled kernel for a float32 CPU model with float32 or bfloat16 pools
+    and the reference for a bf16 model or float16 pools; a named backend that cannot run, or
+    pools it cannot read, are refused when the model is built, not on a request."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert choose_backend("auto", cpu, torch.float32) == "cpp"
+    assert choose_backend("auto", cpu, torch.float32, torch.bfloat16) == "cpp"
+    assert choose_backend("auto", cpu, torch.float32, torch.float16) == "torch"
     assert choose_backend("auto", cpu, torch.bfloat16) == "torch"
     assert choose_backend("torch", cpu, torch.float32) == "torch"
-    with pytest.raises(ValueError, match="float32 CPU kernel"):
+    assert choose_backend("auto", cuda, torch.bfloat16) == "triton"
+    with pytest.raises(ValueError, match="compiled CPU kernel for a float32 model"):
         choose_backend("cpp", cpu, torch.bfloat16)
+    with pytest.raises(ValueError, match="compiled CPU kernel for a float32 model"):
+        choose_backend("cpp", cpu, torch.float32, torch.float16)
+    with pytest.raises(ValueError, match="lora_dtype='auto'"):
+        choose_backend("auto", cuda, torch.bfloat16, torch.float32)
     with pytest.raises(ValueError, match="unknown LoRA backend"):
         choose_backend("cuda", cpu, torch.float32)
     from lorafold.kernels.meta import BACKENDS

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from prometheus_client.utils import floatToGoString
 
 from lorafold.server.api.settings import ServerSettings
 from lorafold.server.engine.config import EngineConfig
@@ -222,6 +223,30 @@ def test_openai_sdk_and_metrics(smollm2, adapters, tmp_path):
             assert series in text, series
         # one resident adapter: rank 8 = 8 rows of 30 layers x (q, k, v, o, gate, up, down in + out) x 4 bytes
         assert "lorafold_adapter_memory_resident_bytes 9.76896e+06" in text
+
+
+def test_bfloat16_adapter_pools_over_http(smollm2, adapters, tmp_path):
+    """`--lora-dtype bfloat16` on the float32 CPU model: each adapter takes half the budget
+    bytes, and the served greedy text equals the model with the adapter merged as the pools
+    hold it (its factors rounded to bfloat16 once)."""
+    from lorafold.server.models.loader import module_specs
+
+    settings = settings_for(adapters, tmp_path / "state", lora_dtype="bfloat16")
+    prompt = "Once upon a time"
+    with live_server(settings, smollm2) as url:
+        for name in ("alpha", "gamma"):
+            assert httpx.post(f"{url}/v1/adapters", json={"name": name, "path": name},
+                              headers=ADMIN).status_code == 201
+        for name in ("alpha", "gamma"):
+            r = httpx.post(f"{url}/v1/completions", headers=USER, timeout=60,
+                           json={"model": name, "prompt": prompt, "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200, r.text
+            adapter = load_adapter(adapters / name, module_specs(smollm2.model))
+            expected = greedy_text(merged_model(smollm2.model, adapter, torch.bfloat16), smollm2.tokenizer, prompt, 8)
+            assert r.json()["choices"][0]["text"] == expected, name
+        text = httpx.get(f"{url}/metrics").text
+        # ranks 8 + 16 = 24 rows of 30 layers x (q, k, v, o, gate, up, down in + out) x 2 bytes
+        assert f"lorafold_adapter_memory_resident_bytes {floatToGoString(24 * 30 * 10176 * 2)}\n" in text
 
 
 def test_queue_full_429_and_disconnect_frees_kv(smollm2, adapters, tmp_path):
