@@ -60,13 +60,19 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 def serve_main(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from lorafold.kernels.ops import choose_backend
     from lorafold.server.api.app import create_app
+    from lorafold.server.engine.model_runner import resolve_lora_dtype
 
-    try:
+    try:  # before the model loads: settings that cannot run on this device fail now
         settings = settings_from_args(args)
-        if settings.engine.attention_backend == "flashinfer":  # before the model loads
-            device = resolve_device(settings.device)
-            flashinfer_paged.check_usable(device, resolve_dtype(settings.dtype, device.type))
+        engine = settings.engine
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device.type)
+        if engine.attention_backend == "flashinfer":
+            flashinfer_paged.check_usable(device, dtype)
+        if engine.lora_dtype != "auto":  # adapter pools the LoRA kernels cannot read
+            choose_backend(engine.lora_backend, device, dtype, resolve_lora_dtype(engine.lora_dtype, dtype))
     except ValueError as exc:  # a bad flag value: say which, not a traceback
         logger.error("invalid server settings: %s", exc)
         return 2

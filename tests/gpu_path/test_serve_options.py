@@ -43,6 +43,21 @@ def test_flags_reach_the_settings() -> None:
         EngineConfig(lora_dtype="int8")
 
 
+def test_adapter_pools_the_gpu_kernels_cannot_read_are_refused_before_the_model_loads(monkeypatch, caplog) -> None:
+    """`--lora-dtype float32` on a bf16 GPU model: the Triton kernels read pools of the model's
+    dtype, so `lorafold serve` exits 2 naming the fix (the device stands in for a GPU's: the
+    check is made on the resolved device and dtype, before anything is loaded)."""
+    import logging
+
+    from lorafold.server.api import cli_entry
+
+    monkeypatch.setattr(cli_entry, "resolve_device", lambda name: torch.device("cuda"))
+    args = build_parser().parse_args(["serve", "--dtype", "bfloat16", "--lora-dtype", "float32"])
+    with caplog.at_level(logging.ERROR):
+        assert cli_entry.serve_main(args) == 2
+    assert "lora_dtype='auto'" in caplog.text
+
+
 def test_auto_resolves_to_the_cpu_in_float32_without_a_gpu() -> None:
     if torch.cuda.is_available():
         assert resolve_device("auto").type == "cuda"
