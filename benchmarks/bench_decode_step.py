@@ -39,12 +39,12 @@ from lorafold.server.engine.sampling_params import SamplingParams
 from lorafold.server.models.loader import load_base_model
 
 LABELS = {"a": "all on the base", "c": "64 distinct rank-16 adapters", "d": "64 adapters, ranks 8-128"}
+SHORT = {"auto": "", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}  # key suffix per pool dtype
 
 
-def label(key: str) -> str:
-    name, _, dtype = key.partition("/")
+def label(name: str, lora_dtype: str) -> str:
     text = LABELS.get(name) or f"{name[1:]} distinct rank-16 adapters"
-    return f"{text}, {dtype} rows" if dtype else text
+    return f"{text}, {SHORT[lora_dtype]} rows" if SHORT[lora_dtype] else text
 
 
 def op_seconds(engine: LLMEngine, steps: int) -> tuple[float, float]:
@@ -112,25 +112,22 @@ def main() -> int:
     rank16 = [random_adapter(specs, 16, 100 + i) for i in range(64)]
     mixed_ranks = [rng.choice([8, 16, 32, 64, 128]) for _ in range(64)]
     pools = {"a": [], "c": rank16, "d": [random_adapter(specs, r, 300 + i) for i, r in enumerate(mixed_ranks)]}
-    dtypes = args.lora_dtypes.split(",")
-    short = {"auto": "", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-    keys = []
+    plan: dict[str, tuple[str, str]] = {}  # scenario key -> (adapter scenario, pool dtype)
     for name in args.scenarios.split(","):
         if name not in pools:
             pools[name] = rank16[: int(name[1:])]
-        keys += [name] if name == "a" else [f"{name}/{short[d]}" if short[d] else name for d in dtypes]
-    dtype_of = {short[d]: d for d in dtypes}
-    runs: dict[str, list[dict]] = {key: [] for key in keys}
+        for dtype in ["auto"] if name == "a" else args.lora_dtypes.split(","):
+            plan["/".join(filter(None, (name, SHORT[dtype])))] = (name, dtype)
+    runs: dict[str, list[dict]] = {key: [] for key in plan}
     for _ in range(args.rounds):
-        for key in keys:
-            name, _, dtype = key.partition("/")
+        for key, (name, dtype) in plan.items():
             runs[key].append(decode_step_seconds(bm.model, bm.tokenizer, pools[name], args.steps, args.sequences,
-                                                 args.profile, dtype_of.get(dtype, "auto")))
+                                                 args.profile, dtype))
     rows = []
-    for key in keys:
+    for key, (name, dtype) in plan.items():
         times = [t for r in runs[key] for t in r["step_seconds"]]
-        row = {"scenario": key, "label": label(key), "lora_dtype": dtype_of.get(key.partition("/")[2], "auto"),
-               "step_seconds": times, "median_s": statistics.median(times),
+        row = {"scenario": key, "label": label(name, dtype), "lora_dtype": dtype, "step_seconds": times,
+               "median_s": statistics.median(times),
                "round_medians_s": [statistics.median(r["step_seconds"]) for r in runs[key]],
                "distinct_adapters": runs[key][-1]["distinct_adapters"]}
         if args.profile:

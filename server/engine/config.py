@@ -10,6 +10,7 @@ from dataclasses import dataclass
 ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flex", "flashinfer")
 # "auto" + kernels.meta.BACKENDS, spelled out: this module stays torch-free (the scheduler imports it)
 LORA_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "cpp")
+# "auto" + server.models.loader.DTYPES, spelled out for the same reason
 LORA_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 
 

@@ -27,7 +27,7 @@ from lorafold.server.engine.llama import LeanLlama
 from lorafold.server.engine.scheduler import ScheduledChunk
 from lorafold.server.lora.peft_format import LoRAAdapter, ModuleSpec
 from lorafold.server.lora.slots import StagedAdapter
-from lorafold.server.models.loader import module_specs
+from lorafold.server.models.loader import DTYPES, module_specs
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +52,10 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def resolve_lora_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The adapter pools' dtype: "auto" is the model's (EngineConfig.lora_dtype)."""
-    return model_dtype if name == "auto" else LORA_DTYPES[name]
+    """The adapter pools' dtype: "auto" is the model's (EngineConfig.lora_dtype), else the
+    named one (the model dtypes' names, `loader.DTYPES`)."""
+    return model_dtype if name == "auto" else DTYPES[name]
 
 
 def adapter_row_bytes(hf_model: nn.Module, lora_dtype: str = "auto") -> int:

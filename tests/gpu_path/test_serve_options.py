@@ -41,6 +41,10 @@ def test_flags_reach_the_settings() -> None:
         build_parser().parse_args(["serve", "--lora-dtype", "int8"])
     with pytest.raises(ValueError, match="lora_dtype must be one of"):
         EngineConfig(lora_dtype="int8")
+    from lorafold.server.engine.config import LORA_DTYPES
+    from lorafold.server.models.loader import DTYPES
+
+    assert set(LORA_DTYPES) == {"auto", *DTYPES}, "the engine config's copy of the dtype names drifted"
 
 
 def test_adapter_pools_the_gpu_kernels_cannot_read_are_refused_before_the_model_loads(monkeypatch, caplog) -> None:
