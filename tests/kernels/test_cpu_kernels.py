@@ -27,7 +27,7 @@ def _built() -> None:
 # --- LoRA --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("mix", MIXES)
 @pytest.mark.parametrize("slice_widths", [[37], [96, 32, 32], [48, 48]])
 @pytest.mark.parametrize("d_in", [101, 64])
