@@ -81,11 +81,15 @@ class LLMEngine:
         self.adapter_table = AdapterSlotTable(self.runner.num_adapter_slots, capacity_rows=self.runner.adapter_budget_rows)
         self.prefetcher = AdapterPrefetcher(self.runner.stage_adapter)
         eos = getattr(tokenizer, "eos_token_id", None)
+        self._adapters: dict[str, LoRAAdapter] = {}  # key -> weights, while requests need them
+        # The scheduler reads ranks through the dict, not through self: a closure over self
+        # would make the engine a reference cycle, whose model-sized buffers only the cyclic
+        # GC frees, whenever it next runs (engines built one after another then pile up).
+        adapters = self._adapters
         self.scheduler = Scheduler(
             config, self.block_manager, eos_token_ids=[eos] if eos is not None else [], adapter_slots=self.adapter_table,
-            adapter_rows=lambda key: self._adapters[key].max_rank, tokenizer=tokenizer,
+            adapter_rows=lambda key: adapters[key].max_rank, tokenizer=tokenizer,
         )
-        self._adapters: dict[str, LoRAAdapter] = {}  # key -> weights, while requests need them
         self._adapter_users: dict[str, int] = {}
         self._sampling: dict[str, RequestSampling] = {}  # seeded generator, grammar position
         self._eos_ids = [eos] if eos is not None else []

@@ -208,6 +208,25 @@ def test_many_sequential_requests_leak_nothing():
     assert _rss_bytes() - rss0 < 8 << 20
 
 
+def test_a_dropped_engine_is_freed_at_once():
+    """An engine that served adapter requests holds no reference cycle: its last reference
+    gone, it (with its KV cache and adapter pools) is freed at once, not whenever the
+    cyclic GC next runs — engines built one after another must not pile up."""
+    import weakref
+
+    engine, _ = tiny_engine()
+    ad = random_adapter(engine.runner.base_modules(), 4, 3)
+    run_to_completion(engine, {0: [("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4), ad, "x"),
+                                   ("b", [4, 5], SamplingParams(temperature=0, max_tokens=4), None, None)]})
+    refs = [weakref.ref(engine), weakref.ref(engine.runner), weakref.ref(engine.scheduler)]
+    gc.disable()
+    try:
+        del engine
+        assert [r() is None for r in refs] == [True, True, True]
+    finally:
+        gc.enable()
+
+
 def test_async_stream_and_cancel_frees_blocks():
     engine, _ = tiny_engine()
     front = AsyncEngine(engine)
