@@ -249,7 +249,22 @@ template <int NR, int NT, typename W>
 inline void shrink_tile(const W* a, int64_t d_in, const float* const* xs, float* y, int64_t ldy) {
   vf8 acc[NR][NT] = {};
   int64_t c = 0;
-  if constexpr (std::is_same_v<W, at::BFloat16>) {  // 16 columns a step, split even / odd
+  if constexpr (std::is_same_v<W, at::BFloat16>) {  // 32, then 16 columns a step, split even / odd
+    if constexpr (kWideVectors) {
+      vf16 wide[NR][NT] = {};
+      for (; c + 32 <= d_in; c += 32) {
+        vf16 xe[NT], xo[NT];
+        for (int k = 0; k < NT; ++k) load32_split(xs[k] + c, xe[k], xo[k]);
+        for (int j = 0; j < NR; ++j) {
+          vf16 ae, ao;
+          load32_split(a + j * d_in + c, ae, ao);
+          for (int k = 0; k < NT; ++k) wide[j][k] += ae * xe[k] + ao * xo[k];
+        }
+      }
+      for (int j = 0; j < NR; ++j) {
+        for (int k = 0; k < NT; ++k) acc[j][k] = fold(wide[j][k]);
+      }
+    }
     for (; c + 16 <= d_in; c += 16) {
       vf8 xe[NT], xo[NT];
       for (int k = 0; k < NT; ++k) load16_split(xs[k] + c, xe[k], xo[k]);
@@ -302,7 +317,22 @@ template <int NT, typename W>
 inline void expand_rows(const W* b, int64_t ld_b, int64_t lo, int64_t hi, int64_t r, const float* y,
                         float* const* outs) {
   int64_t c = lo;
-  if constexpr (std::is_same_v<W, at::BFloat16>) {  // B's 16 columns split even / odd, merged once
+  if constexpr (std::is_same_v<W, at::BFloat16>) {  // B's 32, then 16 columns split even / odd, merged once
+    if constexpr (kWideVectors) {
+      for (; c + 32 <= hi; c += 32) {
+        vf16 even[NT] = {}, odd[NT] = {};
+        for (int64_t j = 0; j < r; ++j) {
+          vf16 be, bo;
+          load32_split(b + j * ld_b + c, be, bo);
+          for (int k = 0; k < NT; ++k) {
+            const float yk = y[k * r + j];
+            even[k] += yk * be;
+            odd[k] += yk * bo;
+          }
+        }
+        for (int k = 0; k < NT; ++k) add32_split(outs[k] + c, even[k], odd[k]);
+      }
+    }
     for (; c + 16 <= hi; c += 16) {
       vf8 even[NT] = {}, odd[NT] = {};
       for (int64_t j = 0; j < r; ++j) {

@@ -29,14 +29,15 @@ def _built() -> None:
 
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("mix", MIXES)
-@pytest.mark.parametrize("slice_widths", [[37], [96, 32, 32], [48, 48]])
-@pytest.mark.parametrize("d_in", [101, 64])
+@pytest.mark.parametrize("slice_widths", [[59], [96, 32, 32], [48, 48]])
+@pytest.mark.parametrize("d_in", [123, 64])
 def test_lora_apply_matches_loop(mix: str, slice_widths: list[int], d_in: int, pool_dtype: torch.dtype) -> None:
     """Ranks 1-128 (per-slice ranks differ inside an adapter), gapped shuffled pool rows, widths
     and d_in off the 8/16-float vector tiles, segments of every length mod the 4-token block.
-    bfloat16 pools: the same float32 arithmetic on the widened rows (their 16-at-a-time
-    even/odd split, the 8-at-a-time and the scalar tails all run at these widths), so the
-    float64 loop over the same bfloat16 values is the reference, at float32 tolerance."""
+    bfloat16 pools: the same float32 arithmetic on the widened rows (their 32- and
+    16-at-a-time even/odd splits, the 8-at-a-time and the scalar tails all run at these
+    widths: 123 = 3 x 32 + 16 + 8 + 3, 59 = 32 + 16 + 11), so the float64 loop over the same
+    bfloat16 values is the reference, at float32 tolerance."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{mix}|{slice_widths}|{d_in}".encode()))
     num_tokens, num_slots, n = 45, 10, len(slice_widths)
     ranks = torch.tensor([1, 3, 4, 8, 16, 64, 128])[torch.randint(0, 7, (n, num_slots), generator=gen)]
