@@ -3,7 +3,7 @@
     nice -n 10 python -m benchmarks.bench_many_adapters [--adapters 1,8,32,128,512]
         [--popularity uniform,zipf] [--streams 32,64] [--requests-per-stream 2]
         [--prompt-tokens 32] [--max-tokens 64] [--adapter-budget-mb 2600]
-        [--lora-dtypes auto[,bfloat16]] [--out benchmarks/results/many_adapters.json]
+        [--lora-dtypes auto[,bfloat16]] [--paired-turn 8] [--out benchmarks/results/many_adapters.json]
 
 The engine is driven in-process (no HTTP). Each scenario is a closed loop: `streams` clients,
 each sending its next request (fixed-length random prompt, greedy, exactly `max-tokens`
@@ -24,6 +24,12 @@ under distinct names and content hashes: the engine treats each as its own adapt
 own rows, loads and evictions; the serving work does not depend on the values), and 512
 adapters do not need 10 GB of host memory to set up. On a memory budget smaller than all N
 adapters (512 rank-16 adapters of SmolLM2 need 10 GB of pools), adapters are evicted.
+
+`--paired-turn STEPS` compares every scenario with an 8-adapter loop that it takes turns with,
+STEPS engine steps each, on a twin engine (same popularity and rows): both then meet the
+machine's drift (this VM's speed moves by up to 30 % within minutes) within a second or two,
+and "vs N=8" is the median of the per-pair ratios. Without it, each scenario runs on its own
+and is compared with the 8-adapter scenario's run, minutes away.
 
 `--lora-dtypes auto,bfloat16` runs every scenario on two engines, interleaved: adapter pools
 in the model's dtype and in bfloat16 (`--lora-dtype`: half the bytes per adapter, so the
@@ -72,63 +78,105 @@ def make_adapters(bank: list[dict[str, ModuleLoRA]], n: int, tag: str) -> list[L
             for i in range(n)]
 
 
-def run_scenario(engine: LLMEngine, adapters: list[LoRAAdapter], popularity: str, streams: int, per_stream: int,
-                 prompt_tokens: int, max_tokens: int, seed: int, warm: bool = False) -> dict:
-    """Closed loop of `streams` clients; returns throughput, TTFT and adapter-cache counts.
-    Cold: no adapter resident at the start. Warm: every adapter that fits the budget loaded
-    first (a one-token request each, untimed), the steady state of a server whose adapters
-    are in use: what remains is the per-step cost of the distinct adapters."""
-    for name in list(engine.adapter_table.resident()):  # start cold
-        engine.adapter_table.invalidate(name)
-    if warm:
-        one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-        for i, adapter in enumerate(adapters):
-            engine.add_request(f"warm{i}", [100], one, adapter, f"a{i}")
-            while engine.has_unfinished():
-                engine.step()
-    rng = random.Random(seed)
-    vocab = engine.runner.model.config.vocab_size
-    weights = [1 / k for k in range(1, len(adapters) + 1)] if popularity == "zipf" else None
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    table, pre = engine.adapter_table.stats, engine.prefetcher.stats
-    before = (table.misses, table.evictions, pre.staged_ahead)
-    total = streams * per_stream
-    sent, generated, busy = 0, 0, set()
-    sent_at: dict[str, float] = {}
-    ttft: list[float] = []
-    load_seconds = 0.0
-    steps = seqs = distinct = 0
-    start, cpu_start = time.perf_counter(), time.process_time()
-    while sent < total or engine.has_unfinished():
-        while len(busy) < streams and sent < total:
-            rid = f"q{sent}"
-            prompt = [rng.randrange(100, vocab) for _ in range(prompt_tokens)]
-            i = rng.choices(range(len(adapters)), weights=weights)[0] if adapters else None
-            engine.add_request(rid, prompt, params, adapters[i] if i is not None else None, f"a{i}")
-            sent_at[rid] = time.perf_counter()
-            busy.add(rid)
-            sent += 1
+class ClosedLoop:
+    """One scenario's closed loop of `streams` clients, advanced a step at a time so that two
+    loops can take turns on the machine (`run_paired`). Its clock is its own: the wall and
+    CPU time of its own iterations (admissions, the engine step, the bookkeeping), so a loop
+    that takes turns with another is timed as if alone, TTFT included. Cold: no adapter
+    resident at the start. Warm: every adapter that fits the budget loaded first (a one-token
+    request each, untimed), the steady state of a server whose adapters are in use: what
+    remains is the per-step cost of the distinct adapters."""
+
+    def __init__(self, engine: LLMEngine, adapters: list[LoRAAdapter], popularity: str, streams: int,
+                 per_stream: int, prompt_tokens: int, max_tokens: int, seed: int, warm: bool = False) -> None:
+        for name in list(engine.adapter_table.resident()):  # start cold
+            engine.adapter_table.invalidate(name)
+        if warm:
+            one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+            for i, adapter in enumerate(adapters):
+                engine.add_request(f"warm{i}", [100], one, adapter, f"a{i}")
+                while engine.has_unfinished():
+                    engine.step()
+        self.engine, self.adapters, self.streams, self.prompt_tokens = engine, adapters, streams, prompt_tokens
+        self.rng = random.Random(seed)
+        self.weights = [1 / k for k in range(1, len(adapters) + 1)] if popularity == "zipf" else None
+        self.params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        table, pre = engine.adapter_table.stats, engine.prefetcher.stats
+        self.before = (table.misses, table.evictions, pre.staged_ahead)
+        self.total = streams * per_stream
+        self.sent = self.generated = self.steps = self.seqs = self.distinct = 0
+        self.busy: set[str] = set()
+        self.sent_at: dict[str, float] = {}
+        self.ttft: list[float] = []
+        self.load_seconds = self.clock = self.cpu = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.sent >= self.total and not self.engine.has_unfinished()
+
+    def step(self) -> None:
+        engine = self.engine
+        t0, c0 = time.perf_counter(), time.process_time()
+        vocab = engine.runner.model.config.vocab_size
+        while len(self.busy) < self.streams and self.sent < self.total:
+            rid = f"q{self.sent}"
+            prompt = [self.rng.randrange(100, vocab) for _ in range(self.prompt_tokens)]
+            i = self.rng.choices(range(len(self.adapters)), weights=self.weights)[0] if self.adapters else None
+            engine.add_request(rid, prompt, self.params, self.adapters[i] if i is not None else None, f"a{i}")
+            self.sent_at[rid] = self.clock + time.perf_counter() - t0
+            self.busy.add(rid)
+            self.sent += 1
         outs = engine.step()
-        load_seconds += engine.last_step.adapter_load_seconds
-        steps += 1
-        seqs += engine.last_step.num_seqs
-        distinct += engine.last_step.num_adapters
-        now = time.perf_counter()
+        self.load_seconds += engine.last_step.adapter_load_seconds
+        self.steps += 1
+        self.seqs += engine.last_step.num_seqs
+        self.distinct += engine.last_step.num_adapters
+        now = self.clock + time.perf_counter() - t0
         for o in outs:
             if o.token_ids and o.num_output_tokens == len(o.token_ids):  # its first token
-                ttft.append(now - sent_at[o.request_id])
-            generated += len(o.token_ids)
+                self.ttft.append(now - self.sent_at[o.request_id])
+            self.generated += len(o.token_ids)
             if o.finished:
-                busy.discard(o.request_id)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    loads, evictions, ahead = (table.misses - before[0], table.evictions - before[1], pre.staged_ahead - before[2])
-    return {"requests": total, "generated_tokens": generated, "seconds": wall, "tokens_per_s": generated / wall,
-            "cpu_seconds": cpu, "tokens_per_cpu_s": generated / cpu,
-            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
-            "loads_per_request": loads / total, "evictions_per_request": evictions / total,
-            "loads_staged_ahead": ahead, "load_seconds": load_seconds,
-            "steps": steps, "seqs_per_step": seqs / max(steps, 1), "adapters_per_step": distinct / max(steps, 1),
-            "resident_at_end": len(engine.adapter_table.resident())}
+                self.busy.discard(o.request_id)
+        self.clock += time.perf_counter() - t0
+        self.cpu += time.process_time() - c0
+
+    def result(self) -> dict:
+        """Throughput, TTFT and adapter-cache counts of the finished loop."""
+        table, pre = self.engine.adapter_table.stats, self.engine.prefetcher.stats
+        loads, evictions, ahead = (table.misses - self.before[0], table.evictions - self.before[1],
+                                   pre.staged_ahead - self.before[2])
+        total, steps = self.total, max(self.steps, 1)
+        return {"requests": total, "generated_tokens": self.generated, "seconds": self.clock,
+                "tokens_per_s": self.generated / self.clock, "cpu_seconds": self.cpu,
+                "tokens_per_cpu_s": self.generated / self.cpu,
+                "ttft_p50": percentile(self.ttft, 50), "ttft_p99": percentile(self.ttft, 99),
+                "loads_per_request": loads / total, "evictions_per_request": evictions / total,
+                "loads_staged_ahead": ahead, "load_seconds": self.load_seconds,
+                "steps": self.steps, "seqs_per_step": self.seqs / steps, "adapters_per_step": self.distinct / steps,
+                "resident_at_end": len(self.engine.adapter_table.resident())}
+
+
+def run_scenario(engine: LLMEngine, adapters: list[LoRAAdapter], popularity: str, streams: int, per_stream: int,
+                 prompt_tokens: int, max_tokens: int, seed: int, warm: bool = False) -> dict:
+    """One closed loop on its own (see `ClosedLoop`)."""
+    loop = ClosedLoop(engine, adapters, popularity, streams, per_stream, prompt_tokens, max_tokens, seed, warm)
+    while not loop.done:
+        loop.step()
+    return loop.result()
+
+
+def run_paired(first: ClosedLoop, second: ClosedLoop, turn_steps: int) -> tuple[dict, dict]:
+    """The two loops take turns of `turn_steps` engine steps each until both finish: the
+    machine's drift (this VM's speed moves by up to 30 % within minutes) then reaches both
+    within a second or two, and their ratio keeps only what differs between them."""
+    while not (first.done and second.done):
+        for loop in (first, second):
+            for _ in range(turn_steps):
+                if loop.done:
+                    break
+                loop.step()
+    return first.result(), second.result()
 
 
 def fill_per_module(slots: AdapterSlots, slot: int, adapter: LoRAAdapter) -> None:
@@ -175,8 +223,11 @@ def baseline_row(rows: list[dict], row: dict) -> dict | None:
 
 
 def round_ratios(rows: list[dict], row: dict) -> list[float]:
-    """tokens/s of `row` over its 8-adapter baseline's, round by round (runs of one round are
-    minutes apart, not the whole run: the machine's drift between rounds cancels)."""
+    """tokens/s of `row` over its 8-adapter baseline's, round by round: of the 8-adapter loop
+    it took turns with (`--paired-turn`), else of the baseline's run in the same round (runs of
+    one round are minutes apart, not the whole run: the machine's drift between rounds cancels)."""
+    if "paired_ratios" in row:
+        return row["paired_ratios"]
     eight = baseline_row(rows, row)
     return [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(row["rounds"], eight["rounds"])]
 
@@ -219,6 +270,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every scenario this many times, interleaved, and report medians (a shared "
                         "machine's drift then hits every scenario alike)")
+    parser.add_argument("--paired-turn", type=int, default=0, metavar="STEPS",
+                        help="run every scenario taking turns of this many engine steps with an 8-adapter loop of "
+                        "the same popularity and rows on a twin engine, and compare each with its own twin "
+                        "(0: every scenario on its own, compared with the 8-adapter scenario's run)")
     parser.add_argument("--warm", action="store_true",
                         help="load every adapter (that fits) before each scenario's timed loop, instead of none")
     parser.add_argument("--lora-dtypes", default="auto",
@@ -241,6 +296,9 @@ def main() -> int:
     cfg["num_kv_blocks"] = max(streams) * (cfg["max_model_len"] // 16 + 1)
     dtypes = args.lora_dtypes.split(",")
     engines = {d: LLMEngine(copy.deepcopy(bm.model), bm.tokenizer, EngineConfig(**cfg, lora_dtype=d)) for d in dtypes}
+    # --paired-turn: the 8-adapter loop each scenario takes turns with runs on a twin engine
+    twins = {d: LLMEngine(copy.deepcopy(bm.model), bm.tokenizer, EngineConfig(**cfg, lora_dtype=d))
+             for d in dtypes} if args.paired_turn else {}
     engine = engines[dtypes[0]]
     loads = load_costs(engine, [int(r) for r in args.load_ranks.split(",") if r], reps=5)
     bank = weight_bank(engine.runner.base_modules(), 16)
@@ -253,14 +311,30 @@ def main() -> int:
         if args.max_loras_baseline and "32" in args.adapters.split(","):
             capped = LLMEngine(copy.deepcopy(bm.model), bm.tokenizer,
                                EngineConfig(**cfg, max_loras=args.max_loras_baseline, lora_dtype=dtypes[0]))
+        pairs: dict[tuple, list[tuple[dict, dict]]] = {}  # scenario -> (its result, its twin's), per round
         for _ in range(args.rounds):
             for n, pop in plan:
+                if args.paired_turn and n == 8:
+                    continue  # every scenario runs next to its own 8-adapter loop
                 for dtype, eng in engines.items():
-                    res = run_scenario(eng, make_adapters(bank, n, f"s{s}n{n}{pop}"), pop if n else "uniform", s,
-                                       args.requests_per_stream, args.prompt_tokens, args.max_tokens, seed=s,
-                                       warm=args.warm)
+                    popularity = pop if n else "uniform"
+                    loop = ClosedLoop(eng, make_adapters(bank, n, f"s{s}n{n}{pop}"), popularity, s,
+                                      args.requests_per_stream, args.prompt_tokens, args.max_tokens, seed=s,
+                                      warm=args.warm)
+                    if args.paired_turn:
+                        twin = ClosedLoop(twins[dtype], make_adapters(bank, 8, f"s{s}n8{popularity}"), popularity, s,
+                                          args.requests_per_stream, args.prompt_tokens, args.max_tokens, seed=s,
+                                          warm=args.warm)
+                        res, eight = run_paired(loop, twin, args.paired_turn)
+                        runs.setdefault((8, popularity, None, dtype), []).append(eight)
+                        pairs.setdefault((n, pop, None, dtype), []).append((res, eight))
+                        vs = f" (its 8-adapter twin {eight['tokens_per_s']:.1f})"
+                    else:
+                        while not loop.done:
+                            loop.step()
+                        res, vs = loop.result(), ""
                     runs.setdefault((n, pop, None, dtype), []).append(res)
-                    print(f"  ran {s} streams, {dtype} rows, N={n} {pop}: {res['tokens_per_s']:.1f} tok/s", flush=True)
+                    print(f"  ran {s} streams, {dtype} rows, N={n} {pop}: {res['tokens_per_s']:.1f} tok/s{vs}", flush=True)
             if capped is not None:
                 res = run_scenario(capped, make_adapters(bank, 32, f"cap{s}"), "uniform", s, args.requests_per_stream,
                                    args.prompt_tokens, args.max_tokens, seed=s)
@@ -268,10 +342,18 @@ def main() -> int:
                 print(f"  ran {s} streams, N=32 uniform, max_loras={args.max_loras_baseline}: "
                       f"{res['tokens_per_s']:.1f} tok/s", flush=True)
         del capped
-        for (n, pop, cap, dtype), results in runs.items():
+        pops, order = args.popularity.split(","), list(engines)
+        for (n, pop, cap, dtype), results in sorted(runs.items(), key=lambda kv: (
+                kv[0][0], pops.index(kv[0][1]) if kv[0][1] in pops else -1, kv[0][2] or 0, order.index(kv[0][3]))):
             med = {k: statistics.median(r[k] for r in results) for k in results[0]}
-            rows.append({"streams": s, "lora_dtype": dtype, "adapters": n, "popularity": pop, "max_loras": cap, **med,
-                         "rounds": results})
+            row = {"streams": s, "lora_dtype": dtype, "adapters": n, "popularity": pop, "max_loras": cap, **med,
+                   "rounds": results}
+            if (n, pop, cap, dtype) in pairs:  # each run against the 8-adapter loop it took turns with
+                twinned = pairs[(n, pop, cap, dtype)]
+                row["paired_ratios"] = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in twinned]
+                row["paired_cpu_ratios"] = [x["tokens_per_cpu_s"] / y["tokens_per_cpu_s"] for x, y in twinned]
+                row["paired_ttft_p99_ratios"] = [x["ttft_p99"] / y["ttft_p99"] for x, y in twinned]
+            rows.append(row)
     # What a decode step must read: every base weight once, plus every distinct adapter's rows
     # in the batch once (the kernels gather them per segment). A step bound by memory traffic
     # alone takes time in proportion: bytes_vs_8_adapters is the vs_8_adapters it would give.
@@ -284,15 +366,22 @@ def main() -> int:
                     and b["lora_dtype"] == r["lora_dtype"])
         eight = baseline_row(rows, r)
         r["vs_base"] = r["tokens_per_s"] / base["tokens_per_s"]
-        r["cpu_vs_8_adapters"] = r["tokens_per_cpu_s"] / eight["tokens_per_cpu_s"] if eight else None
-        r["vs_8_adapters"] = r["tokens_per_s"] / eight["tokens_per_s"] if eight else None
-        r["ttft_p99_vs_8_adapters"] = r["ttft_p99"] / eight["ttft_p99"] if eight else None
+        if "paired_ratios" in r:  # medians of the ratios to the twin loops
+            r["cpu_vs_8_adapters"] = statistics.median(r["paired_cpu_ratios"])
+            r["vs_8_adapters"] = statistics.median(r["paired_ratios"])
+            r["ttft_p99_vs_8_adapters"] = statistics.median(r["paired_ttft_p99_ratios"])
+        else:
+            r["cpu_vs_8_adapters"] = r["tokens_per_cpu_s"] / eight["tokens_per_cpu_s"] if eight else None
+            r["vs_8_adapters"] = r["tokens_per_s"] / eight["tokens_per_s"] if eight else None
+            r["ttft_p99_vs_8_adapters"] = r["ttft_p99"] / eight["ttft_p99"] if eight else None
         r["bytes_vs_8_adapters"] = eight["bytes_per_step"] / r["bytes_per_step"] if eight else None
     held = ", ".join(f"{e.runner.adapter_budget_rows} rank rows = {e.runner.adapter_budget_rows // 16} rank-16 adapters "
                      f"({d} rows)" for d, e in engines.items())
     print(f"adapter budget {engine.runner.adapter_budget_bytes / 2**20:.0f} MiB: {held}; {args.requests_per_stream} requests per stream, "
           f"{args.prompt_tokens}-token prompts, {args.max_tokens} tokens each; torch threads {torch.get_num_threads()}; "
-          f"medians of {args.rounds} interleaved round(s); a step reads {base_bytes / 2**20:.0f} MiB of base weights "
+          f"medians of {args.rounds} interleaved round(s)"
+          f"{f', each scenario taking turns of {args.paired_turn} steps with an 8-adapter twin' if args.paired_turn else ''}"
+          f"; a step reads {base_bytes / 2**20:.0f} MiB of base weights "
           f"+ {adapter_bytes[dtypes[0]] / 2**20:.1f} MiB per distinct adapter in it ({dtypes[0]} rows)")
     print(f"{'streams':>7} {'rows':>8} {'N':>4} {'pop':<8} {'cap':>4} {'tok/s':>7} {'vs base':>7} {'vs N=8':>6} {'TTFT p50':>8} "
           f"{'p99':>6} {'p99/N=8':>7} {'loads/req':>9} {'evict/req':>9} {'resident':>8} {'tok/cpu-s':>9} {'vs N=8':>6} "
