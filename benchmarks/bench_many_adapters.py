@@ -98,6 +98,7 @@ class ClosedLoop:
                 while engine.has_unfinished():
                     engine.step()
         self.engine, self.adapters, self.streams, self.prompt_tokens = engine, adapters, streams, prompt_tokens
+        self.vocab = engine.runner.model.config.vocab_size
         self.rng = random.Random(seed)
         self.weights = [1 / k for k in range(1, len(adapters) + 1)] if popularity == "zipf" else None
         self.params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -117,10 +118,9 @@ class ClosedLoop:
     def step(self) -> None:
         engine = self.engine
         t0, c0 = time.perf_counter(), time.process_time()
-        vocab = engine.runner.model.config.vocab_size
         while len(self.busy) < self.streams and self.sent < self.total:
             rid = f"q{self.sent}"
-            prompt = [self.rng.randrange(100, vocab) for _ in range(self.prompt_tokens)]
+            prompt = [self.rng.randrange(100, self.vocab) for _ in range(self.prompt_tokens)]
             i = self.rng.choices(range(len(self.adapters)), weights=self.weights)[0] if self.adapters else None
             engine.add_request(rid, prompt, self.params, self.adapters[i] if i is not None else None, f"a{i}")
             self.sent_at[rid] = self.clock + time.perf_counter() - t0
@@ -141,6 +141,12 @@ class ClosedLoop:
         self.clock += time.perf_counter() - t0
         self.cpu += time.process_time() - c0
 
+    def run(self) -> dict:
+        """Every step to the end, alone; the result."""
+        while not self.done:
+            self.step()
+        return self.result()
+
     def result(self) -> dict:
         """Throughput, TTFT and adapter-cache counts of the finished loop."""
         table, pre = self.engine.adapter_table.stats, self.engine.prefetcher.stats
@@ -160,10 +166,7 @@ class ClosedLoop:
 def run_scenario(engine: LLMEngine, adapters: list[LoRAAdapter], popularity: str, streams: int, per_stream: int,
                  prompt_tokens: int, max_tokens: int, seed: int, warm: bool = False) -> dict:
     """One closed loop on its own (see `ClosedLoop`)."""
-    loop = ClosedLoop(engine, adapters, popularity, streams, per_stream, prompt_tokens, max_tokens, seed, warm)
-    while not loop.done:
-        loop.step()
-    return loop.result()
+    return ClosedLoop(engine, adapters, popularity, streams, per_stream, prompt_tokens, max_tokens, seed, warm).run()
 
 
 def run_paired(first: ClosedLoop, second: ClosedLoop, turn_steps: int) -> tuple[dict, dict]:
@@ -330,9 +333,7 @@ def main() -> int:
                         pairs.setdefault((n, pop, None, dtype), []).append((res, eight))
                         vs = f" (its 8-adapter twin {eight['tokens_per_s']:.1f})"
                     else:
-                        while not loop.done:
-                            loop.step()
-                        res, vs = loop.result(), ""
+                        res, vs = loop.run(), ""
                     runs.setdefault((n, pop, None, dtype), []).append(res)
                     print(f"  ran {s} streams, {dtype} rows, N={n} {pop}: {res['tokens_per_s']:.1f} tok/s{vs}", flush=True)
             if capped is not None:
@@ -348,11 +349,13 @@ def main() -> int:
             med = {k: statistics.median(r[k] for r in results) for k in results[0]}
             row = {"streams": s, "lora_dtype": dtype, "adapters": n, "popularity": pop, "max_loras": cap, **med,
                    "rounds": results}
-            if (n, pop, cap, dtype) in pairs:  # each run against the 8-adapter loop it took turns with
+            if (n, pop, cap, dtype) in pairs:  # medians of the ratios to the 8-adapter loops it took turns with
                 twinned = pairs[(n, pop, cap, dtype)]
                 row["paired_ratios"] = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in twinned]
-                row["paired_cpu_ratios"] = [x["tokens_per_cpu_s"] / y["tokens_per_cpu_s"] for x, y in twinned]
-                row["paired_ttft_p99_ratios"] = [x["ttft_p99"] / y["ttft_p99"] for x, y in twinned]
+                row["vs_8_adapters"] = statistics.median(row["paired_ratios"])
+                row["cpu_vs_8_adapters"] = statistics.median(x["tokens_per_cpu_s"] / y["tokens_per_cpu_s"]
+                                                             for x, y in twinned)
+                row["ttft_p99_vs_8_adapters"] = statistics.median(x["ttft_p99"] / y["ttft_p99"] for x, y in twinned)
             rows.append(row)
     # What a decode step must read: every base weight once, plus every distinct adapter's rows
     # in the batch once (the kernels gather them per segment). A step bound by memory traffic
@@ -366,11 +369,7 @@ def main() -> int:
                     and b["lora_dtype"] == r["lora_dtype"])
         eight = baseline_row(rows, r)
         r["vs_base"] = r["tokens_per_s"] / base["tokens_per_s"]
-        if "paired_ratios" in r:  # medians of the ratios to the twin loops
-            r["cpu_vs_8_adapters"] = statistics.median(r["paired_cpu_ratios"])
-            r["vs_8_adapters"] = statistics.median(r["paired_ratios"])
-            r["ttft_p99_vs_8_adapters"] = statistics.median(r["paired_ttft_p99_ratios"])
-        else:
+        if "paired_ratios" not in r:  # else set above, from its twins
             r["cpu_vs_8_adapters"] = r["tokens_per_cpu_s"] / eight["tokens_per_cpu_s"] if eight else None
             r["vs_8_adapters"] = r["tokens_per_s"] / eight["tokens_per_s"] if eight else None
             r["ttft_p99_vs_8_adapters"] = r["ttft_p99"] / eight["ttft_p99"] if eight else None

@@ -8,22 +8,8 @@ import time
 import torch
 
 from benchmarks.bench_many_adapters import ClosedLoop, make_adapters, run_paired, run_scenario, weight_bank
-from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.engine import LLMEngine
-from tests.conftest import build_tiny_llama
-
-
-class ByteTokenizer:
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
-        return "".join(chr(97 + i % 26) for i in ids)
-
-
-def tiny_engine() -> LLMEngine:
-    cfg = EngineConfig(block_size=4, num_kv_blocks=96, max_num_seqs=8, max_num_batched_tokens=64, max_prefill_chunk=16,
-                       max_model_len=64, max_loras=3)
-    return LLMEngine(build_tiny_llama(seed=7), ByteTokenizer(), cfg)
+from tests.engine.test_engine import tiny_engine
 
 
 def loop(engine: LLMEngine, bank, n: int, popularity: str, seed: int) -> ClosedLoop:  # noqa: ANN001
@@ -33,11 +19,12 @@ def loop(engine: LLMEngine, bank, n: int, popularity: str, seed: int) -> ClosedL
 
 @torch.no_grad()
 def test_loops_taking_turns_serve_what_they_would_alone_on_their_own_clocks() -> None:
-    first, second = tiny_engine(), tiny_engine()
+    (first, _), (second, _) = tiny_engine(max_loras=3), tiny_engine(max_loras=3)
     bank = weight_bank(first.runner.base_modules(), 16)
     # alone: 5 adapters on 3 slots (loads and evictions), and 2 zipf-drawn ones
     alone = [run_scenario(first, make_adapters(bank, 5, "uniform5"), "uniform", 3, 2, 6, 5, seed=0),
              run_scenario(second, make_adapters(bank, 2, "zipf2"), "zipf", 3, 2, 6, 5, seed=1)]
+    assert alone[0]["evictions_per_request"] > 0
     a, b = loop(first, bank, 5, "uniform", 0), loop(second, bank, 2, "zipf", 1)
     t0 = time.perf_counter()
     paired = run_paired(a, b, turn_steps=2)

@@ -244,36 +244,39 @@ struct LoRATask {
 // rows x NT tokens of dot products in flight (independent accumulators hide FMA latency;
 // each loaded A or x vector feeds several of them); the expand keeps NT tokens x 16 output
 // columns in registers while the r rows of B stream through.
+// acc[j][k] += A[j] . x_k over bfloat16 columns [c, ...), 2 x V's lanes a step, A and x
+// split even / odd (simd.h); returns the first column left for the narrower steps.
+template <typename V, int NR, int NT>
+inline int64_t shrink_split(const at::BFloat16* a, int64_t d_in, const float* const* xs, vf8 (&acc)[NR][NT],
+                            int64_t c) {
+  constexpr int64_t kCols = 2 * sizeof(V) / sizeof(float);
+  V part[NR][NT];
+  for (int j = 0; j < NR; ++j) {
+    for (int k = 0; k < NT; ++k) part[j][k] = widen<V>(acc[j][k]);
+  }
+  for (; c + kCols <= d_in; c += kCols) {
+    V xe[NT], xo[NT];
+    for (int k = 0; k < NT; ++k) load_split(xs[k] + c, xe[k], xo[k]);
+    for (int j = 0; j < NR; ++j) {
+      V ae, ao;
+      load_split(a + j * d_in + c, ae, ao);
+      for (int k = 0; k < NT; ++k) part[j][k] += ae * xe[k] + ao * xo[k];
+    }
+  }
+  for (int j = 0; j < NR; ++j) {
+    for (int k = 0; k < NT; ++k) acc[j][k] = fold(part[j][k]);
+  }
+  return c;
+}
+
 // y[k * ldy + j] = A[j] . x_k  for j < NR, k < NT.
 template <int NR, int NT, typename W>
 inline void shrink_tile(const W* a, int64_t d_in, const float* const* xs, float* y, int64_t ldy) {
   vf8 acc[NR][NT] = {};
   int64_t c = 0;
-  if constexpr (std::is_same_v<W, at::BFloat16>) {  // 32, then 16 columns a step, split even / odd
-    if constexpr (kWideVectors) {
-      vf16 wide[NR][NT] = {};
-      for (; c + 32 <= d_in; c += 32) {
-        vf16 xe[NT], xo[NT];
-        for (int k = 0; k < NT; ++k) load32_split(xs[k] + c, xe[k], xo[k]);
-        for (int j = 0; j < NR; ++j) {
-          vf16 ae, ao;
-          load32_split(a + j * d_in + c, ae, ao);
-          for (int k = 0; k < NT; ++k) wide[j][k] += ae * xe[k] + ao * xo[k];
-        }
-      }
-      for (int j = 0; j < NR; ++j) {
-        for (int k = 0; k < NT; ++k) acc[j][k] = fold(wide[j][k]);
-      }
-    }
-    for (; c + 16 <= d_in; c += 16) {
-      vf8 xe[NT], xo[NT];
-      for (int k = 0; k < NT; ++k) load16_split(xs[k] + c, xe[k], xo[k]);
-      for (int j = 0; j < NR; ++j) {
-        vf8 ae, ao;
-        load16_split(a + j * d_in + c, ae, ao);
-        for (int k = 0; k < NT; ++k) acc[j][k] += ae * xe[k] + ao * xo[k];
-      }
-    }
+  if constexpr (std::is_same_v<W, at::BFloat16>) {  // 32 (AVX-512), then 16 columns a step, split even / odd
+    if constexpr (kWideVectors) c = shrink_split<vf16>(a, d_in, xs, acc, c);
+    c = shrink_split<vf8>(a, d_in, xs, acc, c);
   }
   for (; c + 8 <= d_in; c += 8) {
     vf8 xv[NT];
@@ -312,40 +315,36 @@ inline void shrink_block(const W* a, int64_t d_in, int64_t r, const float* const
   }
 }
 
+// out_k[c : ...] += sum_j y[k][j] * B[j][c : ...] over bfloat16 columns [c, hi), 2 x V's lanes
+// a step, B split even / odd and merged once per step; returns the first column left.
+template <typename V, int NT>
+inline int64_t expand_split(const at::BFloat16* b, int64_t ld_b, int64_t c, int64_t hi, int64_t r, const float* y,
+                            float* const* outs) {
+  constexpr int64_t kCols = 2 * sizeof(V) / sizeof(float);
+  for (; c + kCols <= hi; c += kCols) {
+    V even[NT] = {}, odd[NT] = {};
+    for (int64_t j = 0; j < r; ++j) {
+      V be, bo;
+      load_split(b + j * ld_b + c, be, bo);
+      for (int k = 0; k < NT; ++k) {
+        const float yk = y[k * r + j];
+        even[k] += yk * be;
+        odd[k] += yk * bo;
+      }
+    }
+    for (int k = 0; k < NT; ++k) add_split(outs[k] + c, even[k], odd[k]);
+  }
+  return c;
+}
+
 // out_k[c : c + 16] += sum_j y[k][j] * B[j][c : c + 16] for k < NT, all c in [lo, hi).
 template <int NT, typename W>
 inline void expand_rows(const W* b, int64_t ld_b, int64_t lo, int64_t hi, int64_t r, const float* y,
                         float* const* outs) {
   int64_t c = lo;
-  if constexpr (std::is_same_v<W, at::BFloat16>) {  // B's 32, then 16 columns split even / odd, merged once
-    if constexpr (kWideVectors) {
-      for (; c + 32 <= hi; c += 32) {
-        vf16 even[NT] = {}, odd[NT] = {};
-        for (int64_t j = 0; j < r; ++j) {
-          vf16 be, bo;
-          load32_split(b + j * ld_b + c, be, bo);
-          for (int k = 0; k < NT; ++k) {
-            const float yk = y[k * r + j];
-            even[k] += yk * be;
-            odd[k] += yk * bo;
-          }
-        }
-        for (int k = 0; k < NT; ++k) add32_split(outs[k] + c, even[k], odd[k]);
-      }
-    }
-    for (; c + 16 <= hi; c += 16) {
-      vf8 even[NT] = {}, odd[NT] = {};
-      for (int64_t j = 0; j < r; ++j) {
-        vf8 be, bo;
-        load16_split(b + j * ld_b + c, be, bo);
-        for (int k = 0; k < NT; ++k) {
-          const float yk = y[k * r + j];
-          even[k] += yk * be;
-          odd[k] += yk * bo;
-        }
-      }
-      for (int k = 0; k < NT; ++k) add16_split(outs[k] + c, even[k], odd[k]);
-    }
+  if constexpr (std::is_same_v<W, at::BFloat16>) {  // B's 32 (AVX-512), then 16 columns split even / odd
+    if constexpr (kWideVectors) c = expand_split<vf16, NT>(b, ld_b, c, hi, r, y, outs);
+    c = expand_split<vf8, NT>(b, ld_b, c, hi, r, y, outs);
   }
   for (; c + 16 <= hi; c += 16) {
     vf8 acc[NT][2];

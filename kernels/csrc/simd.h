@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace lorafold_simd {
 
@@ -38,27 +39,6 @@ inline vf8 load8(const at::BFloat16* p) {
   return v;
 }
 
-inline void load16_split(const at::BFloat16* p, vf8& even, vf8& odd) {
-  vu32x8 w;
-  std::memcpy(&w, p, sizeof(w));
-  const vu32x8 e = w << 16, o = w & 0xFFFF0000u;
-  std::memcpy(&even, &e, sizeof(even));
-  std::memcpy(&odd, &o, sizeof(odd));
-}
-
-// 16 floats as their even- and odd-indexed elements (the order of load16_split).
-inline void load16_split(const float* p, vf8& even, vf8& odd) {
-  const vf8 lo = load8(p), hi = load8(p + 8);
-  even = __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14);
-  odd = __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15);
-}
-
-// p[0:16] += the 16 floats held split as (even, odd).
-inline void add16_split(float* p, vf8 even, vf8 odd) {
-  store8(p, load8(p) + __builtin_shufflevector(even, odd, 0, 8, 1, 9, 2, 10, 3, 11));
-  store8(p + 8, load8(p + 8) + __builtin_shufflevector(even, odd, 4, 12, 5, 13, 6, 14, 7, 15));
-}
-
 // Thirty-two at a time in 512-bit vectors where the target has AVX-512 (kWideVectors): a
 // bfloat16 row's whole cache line per load, half the instructions per byte of the 16-wide
 // split, which frees the core's window for more loads in flight (bfloat16 rows are bound by
@@ -78,31 +58,67 @@ inline vf16 load16(const float* p) {
   return v;
 }
 
-inline void load32_split(const at::BFloat16* p, vf16& even, vf16& odd) {
-  vu32x16 w;
+inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// The split loads and stores below, for V = vf8 (16 columns a step) or vf16 (32).
+template <typename V>
+struct SplitBits;  // the uint32 vector of V's width
+template <>
+struct SplitBits<vf8> {
+  typedef vu32x8 type;
+};
+template <>
+struct SplitBits<vf16> {
+  typedef vu32x16 type;
+};
+
+// 2 x lanes bfloat16 as their even- and odd-indexed elements, widened: one shift, one mask.
+template <typename V>
+inline void load_split(const at::BFloat16* p, V& even, V& odd) {
+  typename SplitBits<V>::type w;
   std::memcpy(&w, p, sizeof(w));
-  const vu32x16 e = w << 16, o = w & 0xFFFF0000u;
+  const typename SplitBits<V>::type e = w << 16, o = w & 0xFFFF0000u;
   std::memcpy(&even, &e, sizeof(even));
   std::memcpy(&odd, &o, sizeof(odd));
 }
 
-// 32 floats as their even- and odd-indexed elements (the order of load32_split).
-inline void load32_split(const float* p, vf16& even, vf16& odd) {
+// 16 / 32 floats as their even- and odd-indexed elements (the order of the bfloat16 split).
+inline void load_split(const float* p, vf8& even, vf8& odd) {
+  const vf8 lo = load8(p), hi = load8(p + 8);
+  even = __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14);
+  odd = __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
+inline void load_split(const float* p, vf16& even, vf16& odd) {
   const vf16 lo = load16(p), hi = load16(p + 16);
   even = __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   odd = __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-// p[0:32] += the 32 floats held split as (even, odd).
-inline void add32_split(float* p, vf16 even, vf16 odd) {
-  vf16 lo = load16(p), hi = load16(p + 16);
-  lo += __builtin_shufflevector(even, odd, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  hi += __builtin_shufflevector(even, odd, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  std::memcpy(p, &lo, sizeof(lo));
-  std::memcpy(p + 16, &hi, sizeof(hi));
+// p[0:16] / p[0:32] += the floats held split as (even, odd).
+inline void add_split(float* p, vf8 even, vf8 odd) {
+  store8(p, load8(p) + __builtin_shufflevector(even, odd, 0, 8, 1, 9, 2, 10, 3, 11));
+  store8(p + 8, load8(p + 8) + __builtin_shufflevector(even, odd, 4, 12, 5, 13, 6, 14, 7, 15));
 }
 
-// The two halves of a 512-bit vector summed into one 256-bit vector.
+inline void add_split(float* p, vf16 even, vf16 odd) {
+  store16(p, load16(p) + __builtin_shufflevector(even, odd, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23));
+  store16(p + 16, load16(p + 16) + __builtin_shufflevector(even, odd, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29,
+                                                           14, 30, 15, 31));
+}
+
+// A 256-bit accumulator as a V (the low half, zeros above) and back (the halves summed).
+template <typename V>
+inline V widen(vf8 v) {
+  if constexpr (std::is_same_v<V, vf8>) {
+    return v;
+  } else {
+    const vf8 zero = {};
+    return __builtin_shufflevector(v, zero, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+}
+
+inline vf8 fold(vf8 v) { return v; }
 inline vf8 fold(vf16 v) {
   return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
