@@ -42,8 +42,9 @@ inline vf8 load8(const at::BFloat16* p) {
 // Thirty-two at a time in 512-bit vectors where the target has AVX-512 (kWideVectors): a
 // bfloat16 row's whole cache line per load, half the instructions per byte of the 16-wide
 // split, which frees the core's window for more loads in flight (bfloat16 rows are bound by
-// memory latency, not arithmetic): 9 % less time for 32 distinct adapters' rows in a
-// decode step. Elsewhere each vf16 is two or four registers, and the 8-row tiles would spill.
+// memory latency, not arithmetic): the LoRA op of a 32-sequence decode step over 32 distinct
+// bf16 adapters went from 20.3 to 19.1 ms (`bench_decode_step --profile`, before and after).
+// Elsewhere each vf16 is two or four registers, and the 8-row tiles would spill.
 #if defined(__AVX512F__)
 constexpr bool kWideVectors = true;
 #else
