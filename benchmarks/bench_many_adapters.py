@@ -36,7 +36,7 @@ in the model's dtype and in bfloat16 (`--lora-dtype`: half the bytes per adapter
 same budget holds twice the adapters); each is compared with its own 8-adapter run.
 
 Also measured: the cost of one adapter load per rank, before (a copy per module, the path
-this engine had: `MultiLoRALinear.write_slot`) and now: laid out straight into the slot when
+this engine had, `fill_per_module` here) and now: laid out straight into the slot when
 nothing was staged, or staged host-side ahead by the prefetcher, then one copy per pool.
 """
 
@@ -183,17 +183,22 @@ def run_paired(first: ClosedLoop, second: ClosedLoop, turn_steps: int) -> tuple[
 
 
 def fill_per_module(slots: AdapterSlots, slot: int, adapter: LoRAAdapter) -> None:
-    """The previous load path (before staging): every module written on its own."""
+    """The previous load path (before staging): every module written on its own, its slice's
+    rows past its rank zeroed."""
     slots.clear(slot)
     alloc = adapter.max_rank
     start = slots._reserve(slot, alloc)
     slots.row_start[slot] = start
     for path, target in slots.targets.items():
-        module = adapter.modules.get(path)
-        dtype = target.layer.a_pool.dtype
-        a = None if module is None else module.lora_a.to(dtype)
-        b = None if module is None else (module.lora_b * module.scale).to(dtype)
-        target.layer.write_slot(target.slice_idx, start, alloc, slot, a, b)
+        module, layer, i = adapter.modules.get(path), target.layer, target.slice_idx
+        lo, hi = layer.slice_offsets[i], layer.slice_offsets[i + 1]
+        r = 0 if module is None else module.rank
+        if r:
+            layer.a_pool[i, start : start + r].copy_(module.lora_a)
+            layer.b_pool[start : start + r, lo:hi].copy_((module.lora_b * module.scale).t())
+        layer.a_pool[i, start + r : start + alloc].zero_()
+        layer.b_pool[start + r : start + alloc, lo:hi].zero_()
+        layer.ranks[i, slot] = r
     slots.occupant[slot] = adapter
 
 

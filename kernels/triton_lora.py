@@ -65,7 +65,7 @@ def _segment_info(seg_starts_ptr, seg_slots_ptr, ranks_ptr, stride_rank, slice_i
     return start, seg_len, slot, rank
 
 
-# Ints that change from step to step or as the pools grow (pool rows, the batch's largest
+# Ints that change from step to step or with the pools' size (pool rows, the batch's largest
 # rank, y's strides, tile counts) are not specialised on: Triton would otherwise compile a
 # new variant whenever one of them turns divisible by 16 or equal to 1, on the serving
 # thread. What stays specialised (the layer's widths, the block sizes) is fixed per model

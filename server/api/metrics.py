@@ -58,9 +58,6 @@ class Metrics:
                                     "Device memory budget for resident adapters' weights", registry=r)
         self.adapter_resident_bytes = Gauge("lorafold_adapter_memory_resident_bytes",
                                             "Device memory the resident adapters' weights hold", registry=r)
-        self.adapter_pool_bytes = Gauge("lorafold_adapter_memory_pool_bytes",
-                                        "Device memory the adapter pools take (grown on demand up to the budget)",
-                                        registry=r)
         self.lora_info = Gauge("lorafold_lora_requests_info", "Running and waiting adapters (vLLM-compatible labels)",
                                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
         self.vllm_lora_info = Gauge("vllm:lora_requests_info", "Running and waiting adapters (vLLM's metric name)",
@@ -104,7 +101,6 @@ class Metrics:
         self.resident.labels("device").set(snap["device_resident"])
         self.adapter_budget.set(snap["adapter_budget_bytes"])
         self.adapter_resident_bytes.set(snap["adapter_resident_bytes"])
-        self.adapter_pool_bytes.set(snap["adapter_pool_bytes"])
         self._delta(self.tier_hits.labels("device"), "device_hits", snap)
         self._delta(self.tier_evictions.labels("device"), "device_evictions", snap)
         info = snap["lora_info"]

@@ -26,7 +26,6 @@ from lorafold.kernels.meta import LoRABatchMeta
 from lorafold.kernels.transfer import host_to_device
 from lorafold.server.engine.attention import AttentionMetadata
 from lorafold.server.engine.flex_paged import MIN_DIM, FlexBatch, FlexMetadata, paged_block_mask
-from lorafold.server.lora.layers import MultiLoRALinear
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +71,6 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.steps = 0  # decode steps run on the buffers (replayed or eager)
         self.captures = 0
-        # a graph holds the addresses of the adapter pools it read at capture; pools are
-        # reallocated when they grow (MultiLoRALinear.relayout_rows), so a changed address
-        # means the graphs must be captured again before the next replay
-        self._lora_layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
-        self._captured_key: tuple[int, ...] | None = None
-
-    def pools_key(self) -> tuple[int, ...]:
-        return tuple(t.data_ptr() for m in self._lora_layers for t in (m.a_pool, m.b_pool, m.ranks, m.row_start))
-
-    def needs_recapture(self) -> bool:
-        return bool(self.graphs) and self.pools_key() != self._captured_key
 
     # -------------------------------------------------------------------- per bucket
     def _metadata(self, b: int) -> tuple[AttentionMetadata, LoRABatchMeta]:
@@ -130,7 +118,6 @@ class DecodeGraphs:
                 out = self._forward(b)
             self.graphs[b] = (graph, out)
         torch.cuda.synchronize()
-        self._captured_key = self.pools_key()
         self.captures += 1
         logger.info("CUDA graphs captured for decode batches of %s sequences", self.buckets)
 
@@ -161,9 +148,6 @@ class DecodeGraphs:
 
         The step's values travel in one host-to-device copy (`host_to_device`) and reach the
         buffers by device ops: no host sync, and no copy per buffer."""
-        if self.needs_recapture():  # the adapter pools grew since the capture (before filling the buffers)
-            logger.info("adapter pools reallocated: capturing the decode graphs again")
-            self.prepare()
         n, bs, width = len(ids), self.block_size, self.kv_idx.shape[-1]
         used = [t[: p // bs + 1] for t, p in zip(tables, positions)]
         blocks = [blk for t in used for blk in t]

@@ -285,6 +285,5 @@ class LLMEngine:
             "device_evictions": table.stats.evictions,
             "adapter_budget_bytes": self.runner.adapter_budget_bytes,
             "adapter_resident_bytes": table.used_rows * self.runner.model.slots.row_bytes,
-            "adapter_pool_bytes": self.runner.adapter_pool_bytes,
             "lora_info": info,
         }

@@ -96,7 +96,7 @@ def resolve_decode_graphs(config: EngineConfig, device: torch.device, attention_
 
 
 class ModelRunner:
-    def __init__(self, hf_model: nn.Module, config: EngineConfig, *, lora_rows_per_slot: int = 16) -> None:
+    def __init__(self, hf_model: nn.Module, config: EngineConfig) -> None:
         self.config = config
         self.device = next(hf_model.parameters()).device
         self.dtype = next(hf_model.parameters()).dtype
@@ -110,7 +110,8 @@ class ModelRunner:
             # inside the first request's step
             cpu_ext.available()
         # Adapter memory: a byte budget in rank rows, filled by as many adapters as fit
-        # (AdapterSlotTable keeps the resident rows within it, the pools never grow past it).
+        # (AdapterSlotTable keeps the resident rows within it). The pools are allocated at
+        # that size now, never grown: see MultiLoRALinear for what that costs where.
         self.lora_dtype = resolve_lora_dtype(config.lora_dtype, self.dtype)
         self.adapter_budget_bytes = adapter_budget_bytes(config, self.device)
         row_bytes = adapter_row_bytes(hf_model, config.lora_dtype)
@@ -124,7 +125,7 @@ class ModelRunner:
         self.num_adapter_slots = min(config.max_loras or MAX_SLOTS, self.adapter_budget_rows)
         self.model = LeanLlama(
             hf_model, num_slots=self.num_adapter_slots,
-            rows=min(self.adapter_budget_rows, (config.max_loras or 8) * lora_rows_per_slot), prepack=config.prepack_weights,
+            rows=self.adapter_budget_rows, prepack=config.prepack_weights,
             lora_backend=config.lora_backend, lora_dtype=self.lora_dtype,
         )
         self.lora_backend = self.model.slots.backend
@@ -134,7 +135,6 @@ class ModelRunner:
                 flashinfer_paged.make_wrapper(self.device, self.dtype), num_heads=self.model.layers[0].num_heads,
                 num_kv_heads=self.model.num_kv_heads, head_dim=self.model.head_dim, dtype=self.dtype,
                 scale=self.model.layers[0].scale)
-        self.model.slots.limit_rows(self.adapter_budget_rows)
         logger.info("adapter memory budget: %.0f MiB = %d rank rows of %s (%d rank-16 adapters of all targets), "
                     "%d slots", self.adapter_budget_bytes / 2**20, self.adapter_budget_rows,
                     str(self.lora_dtype).removeprefix("torch."),
@@ -222,11 +222,6 @@ class ModelRunner:
 
     def base_modules(self) -> dict[str, ModuleSpec]:
         return self.model.slots.base_modules()
-
-    @property
-    def adapter_pool_bytes(self) -> int:
-        """Bytes the adapter pools take now (grown on demand up to the budget)."""
-        return self.model.slots.pool_bytes
 
     def stage_adapter(self, adapter: LoRAAdapter) -> StagedAdapter:
         """The host-side copy `load_adapter` needs (thread-safe: reads only the model's shapes)."""

@@ -42,9 +42,15 @@ class MultiLoRALinear(nn.Module):
             self.slice_offsets.append(self.slice_offsets[-1] + size)
         w = base.weight
         pool_dtype = w.dtype if pool_dtype is None else pool_dtype
-        self.register_buffer("a_pool", w.new_zeros((len(slice_sizes), rows, base.in_features), dtype=pool_dtype),
+        # Allocated once at their full size (the adapter memory budget) and left uninitialised:
+        # rows no slot owns are never read (every op reads only the rows of the slots in its
+        # batch; `AdapterSlots.fill` writes every row of a range before its slot is used). On
+        # the CPU an untouched row costs no RAM, so the pools take memory as adapters fill
+        # them; on a GPU the budget is reserved at start (as the KV cache is), and the pools
+        # never move, so captured decode graphs stay valid.
+        self.register_buffer("a_pool", w.new_empty((len(slice_sizes), rows, base.in_features), dtype=pool_dtype),
                              persistent=False)
-        self.register_buffer("b_pool", w.new_zeros((rows, base.out_features), dtype=pool_dtype), persistent=False)
+        self.register_buffer("b_pool", w.new_empty((rows, base.out_features), dtype=pool_dtype), persistent=False)
         self.register_buffer(
             "ranks", torch.zeros((len(slice_sizes), num_slots), dtype=torch.int32, device=w.device), persistent=False
         )
@@ -93,38 +99,11 @@ class MultiLoRALinear(nn.Module):
         return out
 
     # --- slot updates (called by AdapterSlots between forwards) -------------------------
-    def write_slot(self, slice_idx: int, start: int, alloc: int, slot: int, a: torch.Tensor | None, b_scaled: torch.Tensor | None) -> None:
-        """Fill slot rows [start, start+alloc) of one slice; rows past the rank are set to zero."""
-        lo, hi = self.slice_offsets[slice_idx], self.slice_offsets[slice_idx + 1]
-        r = 0 if a is None or b_scaled is None else a.shape[0]
-        if r:
-            self.a_pool[slice_idx, start : start + r].copy_(a)
-            self.b_pool[start : start + r, lo:hi].copy_(b_scaled.t())
-        # only the rows past the rank are zeroed: writing the copied rows twice doubled the
-        # page faults of loading into freshly grown (uninitialised) pools
-        self.a_pool[slice_idx, start + r : start + alloc].zero_()
-        self.b_pool[start + r : start + alloc, lo:hi].zero_()
-        self.ranks[slice_idx, slot] = r
-
-    def relayout_rows(self, rows: int, moves: list[Move]) -> None:
-        """Put every owned range where `moves` says, in pools of `rows` rows (new pools when
-        that grows them, else in place). Each moved range is read before any is written, so
-        overlapping moves are safe.
-
-        Rows no slot owns are never read (every op reads only the rows of the slots in its
-        batch, and `write_slot` / `AdapterSlots.fill` write every row of a slot's range before
-        the slot is used), so grown pools are left uninitialised past the moved ranges:
-        zero-filling pools that reach gigabytes would touch every page while adapters load."""
-        if rows == self.a_pool.shape[1]:
-            moved = [(m, self.a_pool[:, m.src : m.src + m.rows].clone(), self.b_pool[m.src : m.src + m.rows].clone())
-                     for m in moves if m.src != m.dst]
-            for m, a, b in moved:
-                self.a_pool[:, m.dst : m.dst + m.rows] = a
-                self.b_pool[m.dst : m.dst + m.rows] = b
-            return
-        a = self.a_pool.new_empty((self.a_pool.shape[0], rows, self.a_pool.shape[2]))
-        b = self.b_pool.new_empty((rows, self.b_pool.shape[1]))
-        for m in moves:
-            a[:, m.dst : m.dst + m.rows] = self.a_pool[:, m.src : m.src + m.rows]
-            b[m.dst : m.dst + m.rows] = self.b_pool[m.src : m.src + m.rows]
-        self.a_pool, self.b_pool = a, b
+    def relayout_rows(self, moves: list[Move]) -> None:
+        """Move every owned range where `moves` says, in place. Each moved range is read
+        before any is written, so overlapping moves are safe."""
+        moved = [(m, self.a_pool[:, m.src : m.src + m.rows].clone(), self.b_pool[m.src : m.src + m.rows].clone())
+                 for m in moves if m.src != m.dst]
+        for m, a, b in moved:
+            self.a_pool[:, m.dst : m.dst + m.rows] = a
+            self.b_pool[m.dst : m.dst + m.rows] = b

@@ -2,11 +2,12 @@
 
 Every LoRA layer keeps its adapters' weights in one pool of rows; a slot owns the same
 contiguous row range in every pool, sized to its adapter's largest rank, so small adapters
-pay only for their own rank and a rank-256 adapter needs no restart. Ranges are placed
-first-fit; when no gap holds a new range, `relayout` packs the owned ranges to the front
-(and grows the pool when even that leaves too little room), and the pools copy the moved
-rows (`MultiLoRALinear.relayout_rows`). The kernels read any layout, so placement only has
-to keep the pool small, never to keep adapters adjacent.
+pay only for their own rank and a rank-256 adapter needs no restart. The pools have a fixed
+number of rows (the adapter memory budget, allocated once). Ranges are placed first-fit;
+when no gap holds a new range but the free rows add up to enough, `relayout` packs the
+owned ranges to the front and the pools copy the moved rows
+(`MultiLoRALinear.relayout_rows`). The kernels read any layout, so placement never has to
+keep adapters adjacent.
 """
 
 from __future__ import annotations
@@ -25,14 +26,10 @@ class Move:
 class RowAllocator:
     """First-fit allocation of contiguous row ranges in a pool of `capacity` rows."""
 
-    def __init__(self, capacity: int, *, max_capacity: int | None = None) -> None:
-        """max_capacity: the pool never grows past this many rows (None: no limit)."""
+    def __init__(self, capacity: int) -> None:
         if capacity < 0:
             raise ValueError("capacity must be >= 0")
-        if max_capacity is not None and max_capacity < capacity:
-            raise ValueError(f"max_capacity {max_capacity} < capacity {capacity}")
         self.capacity = capacity
-        self.max_capacity = max_capacity
         self._ranges: dict[int, tuple[int, int]] = {}  # owner -> (start, rows)
 
     def start_of(self, owner: int) -> int:
@@ -72,22 +69,18 @@ class RowAllocator:
         self._ranges.pop(owner, None)
 
     def relayout(self, rows: int) -> list[Move]:
-        """Pack the owned ranges to the front (in their current order), growing `capacity`
-        (at least doubling it, never past `max_capacity`) until `rows` more fit behind them.
-        ValueError when they cannot fit within `max_capacity`.
+        """Pack the owned ranges to the front (in their current order), so that `rows` more
+        fit behind them. ValueError when the pool is too full for that (nothing moves then).
 
         Returns every owned range with its old and new place (src == dst when it stays); the
         pools copy them in order of increasing start, which never overwrites a range not yet
         read (every range moves towards the front)."""
         need = self.used + rows
-        if self.max_capacity is not None and need > self.max_capacity:
-            raise ValueError(f"{need} rows do not fit the pool's limit of {self.max_capacity} rows")
+        if need > self.capacity:
+            raise ValueError(f"{need} rows do not fit the pool's {self.capacity} rows")
         moves, cursor = [], 0
         for start, size, owner in self._in_order():
             moves.append(Move(owner=owner, src=start, dst=cursor, rows=size))
             self._ranges[owner] = (cursor, size)
             cursor += size
-        if need > self.capacity:
-            grown = max(2 * self.capacity, need)
-            self.capacity = grown if self.max_capacity is None else min(grown, self.max_capacity)
         return moves

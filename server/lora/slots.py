@@ -11,7 +11,6 @@ no slot owns are never read). Base weights are never touched and the model is ne
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -21,9 +20,6 @@ from lorafold.kernels.meta import LoRABatchMeta, lora_meta_from_runs, token_runs
 from lorafold.server.lora.layers import MultiLoRALinear
 from lorafold.server.lora.peft_format import AdapterError, LoRAAdapter, ModuleLoRA, ModuleSpec
 from lorafold.server.lora.rows import Move, RowAllocator
-
-logger = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True, slots=True)
 class StagedAdapter:
@@ -53,8 +49,9 @@ class Target:
 
 class AdapterSlots:
     def __init__(self, targets: dict[str, Target], num_slots: int, rows: int, backend: str = "torch") -> None:
-        """backend: the LoRA ops' implementation every forward of these pools runs (see
-        `kernels.ops.choose_backend`); it travels in each batch's metadata."""
+        """rows: the pools' rows (every target layer's, fixed). backend: the LoRA ops'
+        implementation every forward of these pools runs (see `kernels.ops.choose_backend`);
+        it travels in each batch's metadata."""
         if num_slots <= 0:
             raise ValueError("num_slots must be positive")
         self.targets = targets
@@ -81,13 +78,6 @@ class AdapterSlots:
         return sum((l.a_pool.shape[0] * l.a_pool.shape[2] + l.b_pool.shape[1]) * l.a_pool.element_size()
                    for l in self.layers)
 
-    def limit_rows(self, max_rows: int) -> None:
-        """Never grow the pools past `max_rows` rows (the adapter memory budget); the caller
-        keeps the rows of resident adapters within it (`AdapterSlotTable`)."""
-        if max_rows < self.allocator.capacity:
-            raise ValueError(f"the pools already hold {self.allocator.capacity} rows > the limit {max_rows}")
-        self.allocator.max_capacity = max_rows
-
     def base_modules(self) -> dict[str, ModuleSpec]:
         specs = {}
         for path, t in self.targets.items():
@@ -99,13 +89,9 @@ class AdapterSlots:
         start = self.allocator.allocate(slot, rows)
         if start is not None:
             return start
-        # No gap holds it: pack the ranges to the front (growing the pools when that leaves
-        # too little room), one pass over each layer.
-        old_capacity = self.allocator.capacity
-        moves = self.allocator.relayout(rows)
-        if self.allocator.capacity != old_capacity:
-            logger.info("growing LoRA row pools from %d to %d rows", old_capacity, self.allocator.capacity)
-        self._apply_moves(moves)
+        # No gap holds it: pack the ranges to the front, one pass over each layer (the caller,
+        # `AdapterSlotTable`, keeps the rows held within the pools, so packing always makes room)
+        self._apply_moves(self.allocator.relayout(rows))
         start = self.allocator.allocate(slot, rows)
         assert start is not None, "allocation after a relayout cannot fail"
         return start
@@ -113,7 +99,7 @@ class AdapterSlots:
     def _apply_moves(self, moves: list[Move]) -> None:
         self.wait_copies()  # the moves read rows a pending copy may still be writing
         for layer in self.layers:
-            layer.relayout_rows(self.allocator.capacity, moves)
+            layer.relayout_rows(moves)
         for move in moves:
             self.row_start[move.owner].fill_(move.dst)
         if self._copy_stream is not None:  # later copies write the re-laid-out pools
@@ -224,10 +210,6 @@ class AdapterSlots:
         ranges = {slot: (self.allocator.start_of(slot), self.allocator.rows_of(slot))
                   for slot, _, _ in runs if slot >= 0}
         return lora_meta_from_runs(runs, num_tokens, ranges, backend=self.backend)
-
-    @property
-    def pool_bytes(self) -> int:
-        return sum(layer.a_pool.nbytes + layer.b_pool.nbytes for layer in self.layers)
 
 
 def _lay_out(layer: MultiLoRALinear, mods: dict[int, ModuleLoRA], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

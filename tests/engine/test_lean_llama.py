@@ -76,7 +76,7 @@ def test_fused_slices_with_adapters_match_peft(tmp_path, cpu_path):
     hf = build_tiny_llama(seed=4)
     f1 = make_peft_adapter(hf, tmp_path / "a", r=8, seed=1, rank_pattern={"k_proj": 2})
     f2 = make_peft_adapter(hf, tmp_path / "b", r=32, seed=2, targets=["v_proj", "up_proj"])
-    lean = LeanLlama(copy.deepcopy(hf), num_slots=3, rows=8)
+    lean = LeanLlama(copy.deepcopy(hf), num_slots=3, rows=8 + 32)
     for slot, folder in ((0, f1), (2, f2)):
         lean.slots.fill(slot, load_adapter(folder, lean.slots.base_modules()))
     caches = new_caches(lean, 64)

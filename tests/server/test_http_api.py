@@ -218,8 +218,7 @@ def test_openai_sdk_and_metrics(smollm2, adapters, tmp_path):
                        "lorafold_time_to_first_token_seconds_count", "lorafold_generation_tokens_total",
                        "lorafold_kv_blocks_used", "vllm:lora_requests_info{", "lorafold_adapter_loads_total",
                        "lorafold_batch_size_tokens_bucket", "lorafold_step_distinct_adapters_count",
-                       'lorafold_adapters_resident{tier="device"} 1.0', "lorafold_adapter_memory_budget_bytes",
-                       "lorafold_adapter_memory_pool_bytes"):
+                       'lorafold_adapters_resident{tier="device"} 1.0', "lorafold_adapter_memory_budget_bytes"):
             assert series in text, series
         # one resident adapter: rank 8 = 8 rows of 30 layers x (q, k, v, o, gate, up, down in + out) x 4 bytes
         assert "lorafold_adapter_memory_resident_bytes 9.76896e+06" in text

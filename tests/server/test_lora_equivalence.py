@@ -16,9 +16,10 @@ from tests.conftest import build_tiny_llama, lean_logits, make_peft_adapter, mer
 
 def mixed_batch_check(base, folders, tmp_path, rows_slots, seq_len=7):
     """Run a mixed batch; compare each row with the merged model of its adapter."""
-    model = LeanLlama(copy.deepcopy(base), num_slots=4, rows=16)  # small on purpose: forces pool growth
+    adapters = [load_adapter(f, module_specs(base)) for f in folders]
+    # pools of exactly the adapters' rows: each range ends where the next begins, or the pool
+    model = LeanLlama(copy.deepcopy(base), num_slots=4, rows=sum(ad.max_rank for ad in adapters))
     slots = model.slots
-    adapters = [load_adapter(f, slots.base_modules()) for f in folders]
     for i, ad in enumerate(adapters):
         slots.fill(i, ad)
     gen = torch.Generator().manual_seed(0)

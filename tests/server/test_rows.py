@@ -1,4 +1,4 @@
-"""Rank-row allocator bookkeeping (torch-free): first-fit ranges, packing, bounded growth."""
+"""Rank-row allocator bookkeeping (torch-free): first-fit ranges and packing in a fixed pool."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_first_fit_reuses_freed_gaps():
     assert rows.allocate(6, 1) is None
 
 
-def test_relayout_packs_to_the_front_in_order_and_grows_only_when_needed():
+def test_relayout_packs_to_the_front_in_order_and_refuses_what_cannot_fit():
     rows = RowAllocator(64)
     for o, size in enumerate([8, 16, 8, 16]):
         rows.allocate(o, size)  # [0, 8) [8, 24) [24, 32) [32, 48)
@@ -39,25 +39,16 @@ def test_relayout_packs_to_the_front_in_order_and_grows_only_when_needed():
     assert rows.allocate(9, 32) is None  # 32 rows free, but in two gaps of 16
     moves = rows.relayout(32)
     assert [(m.owner, m.src, m.dst, m.rows) for m in moves] == [(0, 0, 0, 8), (3, 32, 8, 16)]
-    assert rows.capacity == 64, "packing made room: no growth"
+    assert rows.capacity == 64
     assert rows.allocate(9, 32) == 24
-    moves = rows.relayout(16)  # full: grows, at least doubling
-    assert rows.capacity == 128
-    assert all(m.src == m.dst for m in moves), "already packed: nothing moves"
-    assert rows.allocate(10, 16) == 56
-
-
-def test_growth_stops_at_max_capacity():
-    rows = RowAllocator(16, max_capacity=40)
-    rows.allocate(0, 16)
-    rows.relayout(16)
-    assert rows.capacity == 32
-    rows.allocate(1, 16)
-    rows.relayout(8)
-    assert rows.capacity == 40, "doubling is capped by max_capacity"
-    assert rows.allocate(2, 8) == 32
-    with pytest.raises(ValueError, match="limit of 40"):
-        rows.relayout(1)
+    rows.free(0)
+    before = {o: (rows.start_of(o), rows.rows_of(o)) for o in (3, 9)}
+    with pytest.raises(ValueError, match="72 rows do not fit the pool's 64 rows"):
+        rows.relayout(24)  # 16 rows free: no packing makes room for 24
+    assert {o: (rows.start_of(o), rows.rows_of(o)) for o in (3, 9)} == before, "a refused relayout moves nothing"
+    moves = rows.relayout(8)
+    assert [(m.owner, m.src, m.dst) for m in moves] == [(3, 8, 0), (9, 24, 16)]
+    assert rows.allocate(10, 8) == 48
 
 
 def test_moves_towards_the_front_can_be_applied_in_order():
@@ -83,13 +74,12 @@ def test_random_churn_keeps_ranges_disjoint():
     rows = RowAllocator(64)
     owners: dict[int, int] = {}
     for step in range(2000):
-        if owners and (len(owners) == 16 or rng.random() < 0.4):
+        size = rng.choice([1, 4, 8, 16, 32])
+        while owners and (rows.used + size > rows.capacity or len(owners) == 16 or rng.random() < 0.4):
             victim = rng.choice(sorted(owners))
             rows.free(victim)
             del owners[victim]
-            continue
         owner = step
-        size = rng.choice([1, 4, 8, 16, 32, 128])
         if rows.allocate(owner, size) is None:
             moves = rows.relayout(size)
             assert sorted(m.owner for m in moves) == sorted(owners)
@@ -108,5 +98,3 @@ def test_errors():
         rows.allocate(1, 0)
     with pytest.raises(ValueError):
         RowAllocator(-1)
-    with pytest.raises(ValueError):
-        RowAllocator(64, max_capacity=32)
