@@ -11,19 +11,40 @@ gets the adapter itself, which `AdapterSlots.fill` lays out straight into the sl
 
 Bounded: at most `max_staged` adapters are staged or in flight at once (each holds its
 rows' bytes on the host); staging the rest waits until those are loaded or dropped.
+
+Only where the worker has a core of its own (`prefetch_pays`): on a CPU whose cores all run
+the forward's threads, staging on a worker takes cycles from the forward, and costs more in
+all than laying the adapter out straight into its slot (staging writes a host block, the load
+copies it again), so there the engine loads inline.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+
+import torch
 
 from lorafold.server.lora.peft_format import LoRAAdapter
 from lorafold.server.lora.slots import StagedAdapter
 
 logger = logging.getLogger(__name__)
+
+
+def prefetch_pays(mode: str, device: torch.device) -> bool:
+    """Whether to stage ahead on a worker (EngineConfig.adapter_prefetch): "on" / "off" as
+    set; "auto": on a GPU (the host's cores are free while the GPU computes, and staged blocks
+    in page-locked memory copy asynchronously), on a CPU only when it has more cores than the
+    forward's threads."""
+    if mode != "auto":
+        return mode == "on"
+    if device.type != "cpu":
+        return True
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores > torch.get_num_threads()
 
 
 @dataclass(slots=True)

@@ -70,6 +70,13 @@ class EngineConfig:
     max_overtakes: a waiting request held back by the adapter cap may be overtaken by
         requests behind it at most this many times; then it becomes a barrier (nothing
         behind it is admitted until it is), which bounds its wait.
+    adapter_prefetch: stage the adapters waiting requests need (laid out as the pools hold
+        them) on a worker thread ahead of their loads, so a load is one copy per pool
+        (`adapter_prefetch`): "on", "off" (a load lays the adapter out straight into its
+        slot on the engine thread), or "auto": on where the worker has a core of its own (a
+        GPU server; a CPU with more cores than torch's threads), off where every core runs
+        the forward (there staging on a worker slowed the cold-start many-adapter benchmark;
+        docs/benchmarks.md).
     prepack_weights: on CPU (fp32), keep oneDNN-packed copies of the base weights for the
         decode-sized matmuls (faster decode steps for one more copy of the weights in memory;
         `server.models.packed_linear`). Ignored where packing is unavailable.
@@ -86,6 +93,7 @@ class EngineConfig:
     max_loras: int | None = None
     max_queue: int = 256
     max_overtakes: int = 16
+    adapter_prefetch: str = "auto"
     prepack_weights: bool = True
     gpu_memory_utilization: float = 0.9
     attention_backend: str = "auto"
@@ -121,6 +129,8 @@ class EngineConfig:
             raise ValueError(f"lora_backend must be one of {', '.join(LORA_BACKENDS)}, got {self.lora_backend!r}")
         if self.lora_dtype not in LORA_DTYPES:
             raise ValueError(f"lora_dtype must be one of {', '.join(LORA_DTYPES)}, got {self.lora_dtype!r}")
+        if self.adapter_prefetch not in ("auto", "on", "off"):
+            raise ValueError(f"adapter_prefetch must be auto, on or off, got {self.adapter_prefetch!r}")
         if not isinstance(self.prepack_weights, bool):
             raise ValueError(f"prepack_weights must be true or false, got {self.prepack_weights!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorafold.server.engine.adapter_cache import AdapterSlotTable
-from lorafold.server.engine.adapter_prefetch import AdapterPrefetcher
+from lorafold.server.engine.adapter_prefetch import AdapterPrefetcher, prefetch_pays
 from lorafold.server.engine.block_manager import BlockManager
 from lorafold.server.engine.config import EngineConfig
 from lorafold.server.engine.model_runner import ModelRunner
@@ -79,7 +79,8 @@ class LLMEngine:
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
         # adapters stay resident while their rows fit the memory budget (see adapter_cache)
         self.adapter_table = AdapterSlotTable(self.runner.num_adapter_slots, capacity_rows=self.runner.adapter_budget_rows)
-        self.prefetcher = AdapterPrefetcher(self.runner.stage_adapter)
+        self.prefetcher = AdapterPrefetcher(
+            self.runner.stage_adapter, max_staged=8 if prefetch_pays(config.adapter_prefetch, self.runner.device) else 0)
         eos = getattr(tokenizer, "eos_token_id", None)
         self._adapters: dict[str, LoRAAdapter] = {}  # key -> weights, while requests need them
         # The scheduler reads ranks through the dict, not through self: a closure over self

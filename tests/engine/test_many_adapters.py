@@ -33,12 +33,14 @@ def assert_released(engine: LLMEngine) -> None:
     assert not engine._adapters and engine.prefetcher.num_staged == 0
 
 
-@pytest.mark.parametrize("lora_dtype", ["auto", "bfloat16"])
-def test_more_adapters_than_fit_match_merged_references(cpu_path: str, lora_dtype: str) -> None:
+# both load paths: staged ahead on the prefetcher's worker then copied, and laid out inline
+@pytest.mark.parametrize(("lora_dtype", "prefetch"), [("auto", "on"), ("bfloat16", "off")])
+def test_more_adapters_than_fit_match_merged_references(cpu_path: str, lora_dtype: str, prefetch: str) -> None:
     hf = build_tiny_llama(seed=3)
     budget = adapter_row_bytes(hf, lora_dtype) * BUDGET_ROWS
     cfg = EngineConfig(block_size=4, num_kv_blocks=128, max_num_seqs=4, max_num_batched_tokens=32,
-                       max_prefill_chunk=8, max_model_len=64, adapter_budget_bytes=budget, lora_dtype=lora_dtype)
+                       max_prefill_chunk=8, max_model_len=64, adapter_budget_bytes=budget, lora_dtype=lora_dtype,
+                       adapter_prefetch=prefetch)
     engine = LLMEngine(copy.deepcopy(hf), ByteTokenizer(), cfg)
     assert engine.runner.adapter_budget_rows == BUDGET_ROWS and cfg.max_loras is None
     # the budget is sized from the model before the pools exist: it must price a row as they hold it
@@ -81,7 +83,10 @@ def test_more_adapters_than_fit_match_merged_references(cpu_path: str, lora_dtyp
     # hold their addresses): loads, evictions and packing all happen inside them
     assert all(p == pools[0] for p in pools), "the adapter pools were reallocated"
     assert {rows for *_, rows in pools[0]} == {BUDGET_ROWS}
-    assert engine.prefetcher.stats.staged_ahead > 0, "no load found its adapter staged ahead"
+    if prefetch == "on":
+        assert engine.prefetcher.stats.staged_ahead > 0, "no load found its adapter staged ahead"
+    else:
+        assert engine.prefetcher.stats.staged_ahead == 0 and engine.prefetcher.stats.unstaged == stats.misses
     assert engine.snapshot()["adapter_resident_bytes"] <= budget
     assert_released(engine)
     merged = {}
