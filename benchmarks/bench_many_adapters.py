@@ -286,6 +286,9 @@ def main() -> int:
                         help="load every adapter (that fits) before each scenario's timed loop, instead of none")
     parser.add_argument("--lora-dtypes", default="auto",
                         help="adapter pool dtypes (--lora-dtype), one engine each, interleaved (e.g. auto,bfloat16)")
+    parser.add_argument("--adapter-prefetch", default="auto", choices=("auto", "on", "off"),
+                        help="EngineConfig.adapter_prefetch of every engine (auto: inline loads where the forward's "
+                        "threads take every core)")
     parser.add_argument("--out", default="benchmarks/results/many_adapters.json")
     parser.add_argument("--table", nargs="+", metavar="JSON",
                         help="run nothing: print the markdown table of docs/benchmarks.md from these result files")
@@ -300,7 +303,7 @@ def main() -> int:
     streams = [int(s) for s in args.streams.split(",")]
     cfg = dict(block_size=16, max_num_seqs=max(streams), max_num_batched_tokens=512, max_prefill_chunk=256,
                max_model_len=args.prompt_tokens + args.max_tokens + 16, max_queue=4096,
-               adapter_budget_bytes=args.adapter_budget_mb << 20)
+               adapter_budget_bytes=args.adapter_budget_mb << 20, adapter_prefetch=args.adapter_prefetch)
     cfg["num_kv_blocks"] = max(streams) * (cfg["max_model_len"] // 16 + 1)
     dtypes = args.lora_dtypes.split(",")
     engines = {d: LLMEngine(copy.deepcopy(bm.model), bm.tokenizer, EngineConfig(**cfg, lora_dtype=d)) for d in dtypes}
