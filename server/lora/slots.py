@@ -3,9 +3,11 @@
 A slot is an index into every LoRA layer's pools. Loading an adapter takes two steps:
 `stage` lays its factors out on the host exactly as the pools hold them (scale folded into
 B, zeros past each module's rank, one block per layer: a CPU-side copy, built off the
-critical path by the engine's prefetcher), and `fill` copies each block into the slot's row
-range: one copy per pool, not a loop over modules. Clearing only gives the rows back (rows
-no slot owns are never read). Base weights are never touched and the model is never rebuilt.
+critical path by the engine's prefetcher where it has a core of its own), and `fill` copies
+each block into the slot's row range: one copy per pool, not a loop over modules. On the
+CPU, `fill` also takes the adapter unstaged and lays it out straight into the slot (one pass
+instead of two). Clearing only gives the rows back (rows no slot owns are never read). Base
+weights are never touched and the model is never rebuilt.
 """
 
 from __future__ import annotations
