@@ -401,9 +401,10 @@ def main() -> int:
               f"{r['evictions_per_request']:>9.2f} {r['resident_at_end']:>8} {r['tokens_per_cpu_s']:>9.1f} "
               f"{fmt(r['cpu_vs_8_adapters'], '.2f'):>6} {r['adapters_per_step']:>7.1f} "
               f"{fmt(r['bytes_vs_8_adapters'], '.2f'):>11}")
-    print("one load, by rank: before (a copy per module) | now, nothing staged (laid out straight into the slot) | "
-          "now, prefetched: staging on the worker, then one copy per pool on the engine thread")
-    print(f"{'rank':>5} {'MiB':>6} {'before':>9} {'unstaged':>9} {'stage':>9} {'copy':>9} {'before/copy':>11}")
+    if loads:  # --load-ranks '' skips them
+        print("one load, by rank: before (a copy per module) | now, nothing staged (laid out straight into the slot) | "
+              "now, prefetched: staging on the worker, then one copy per pool on the engine thread")
+        print(f"{'rank':>5} {'MiB':>6} {'before':>9} {'unstaged':>9} {'stage':>9} {'copy':>9} {'before/copy':>11}")
     for r in loads:
         print(f"{r['rank']:>5} {r['adapter_mb']:>6.1f} {r['per_module_s'] * 1e3:>6.1f} ms {r['direct_fill_s'] * 1e3:>6.1f} ms "
               f"{r['stage_s'] * 1e3:>6.1f} ms {r['copy_per_pool_s'] * 1e3:>6.1f} ms {r['per_module_s'] / r['copy_per_pool_s']:>10.1f}x")
