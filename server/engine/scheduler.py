@@ -252,8 +252,9 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         """Rule 4's two passes. Stops at the first request that lacks a seat, token budget or
-        KV blocks (strict FCFS for capacity), at an aged request that cannot be placed, and
-        before an admission would overtake a skipped request past max_overtakes."""
+        KV blocks (strict FCFS for capacity) and at an aged request that cannot be placed;
+        where an admission would overtake a skipped request past max_overtakes, pass (a)
+        ends and pass (b) admits the skipped ones with the room left."""
         queue = list(self.waiting)
         needed = Counter(s.adapter for s in queue if s.adapter is not None)  # adapters the queue uses
         deferred = _Skipped(self.config.max_overtakes)  # skipped in pass (a) for their adapter
@@ -263,8 +264,12 @@ class Scheduler:
                 if seq.num_overtaken < self.config.max_overtakes:
                     deferred.skip(seq)
                     continue
-            num = None if deferred.at_limit else self._try_admit(seq, out, budget, needed, aged=True)
-            if num is None:
+            if deferred.at_limit:
+                # one more would overtake a skipped request past max_overtakes: the skipped
+                # ones (all ahead of `seq`) go first, in pass (b), with the step's room left
+                break
+            num = self._try_admit(seq, out, budget, needed, aged=True)
+            if num is None:  # no seat, budget or KV blocks: strict FCFS stops the step's admissions
                 stopped = True
                 break
             deferred.admitted += num > 0
