@@ -61,3 +61,21 @@ def lora_apply(
     torch.ops.lorafold_cpu.lora_apply(
         x, a_pool, b_pool, row_start, ranks, sorted_tokens, seg_slots, seg_starts, list(slice_offsets), out
     )
+
+
+def lora_lay_out(
+    a_dst: torch.Tensor,
+    b_dst: torch.Tensor,
+    lora_a: list[torch.Tensor | None],
+    lora_b: list[torch.Tensor | None],
+    scales: list[float],
+    slice_offsets: list[int],
+) -> torch.Tensor:
+    """One layer's share of an adapter into its rows, in one call: a_dst [n_slices, rows,
+    d_in] gets each slice's A [r_i, d_in] then zeros, b_dst [rows, D] each slice's
+    (scale_i B_i)ᵀ (B_i [D_i, r_i]) in the slice's columns then zeros (None: a slice the
+    adapter leaves alone, all zeros). A and B float32, any strides; the destinations float32
+    or bfloat16 (rounded as torch rounds), each row contiguous. Returns the ranks [n_slices]
+    int32."""
+    return torch.ops.lorafold_cpu.lora_lay_out(a_dst, b_dst, lora_a, lora_b, [float(s) for s in scales],
+                                              list(slice_offsets))

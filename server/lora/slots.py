@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafold.kernels import cpu_ops
 from lorafold.kernels.meta import LoRABatchMeta, lora_meta_from_runs, token_runs
 from lorafold.server.lora.layers import MultiLoRALinear
 from lorafold.server.lora.peft_format import AdapterError, LoRAAdapter, ModuleLoRA, ModuleSpec
@@ -218,7 +219,19 @@ def _lay_out(layer: MultiLoRALinear, mods: dict[int, ModuleLoRA], a: torch.Tenso
     """Write one layer's share of an adapter into a [n_slices, rows, in] and b [rows, out]
     (host blocks or the pools' rows, same device as the factors): every element once, the
     factors where a slice is adapted (scale folded into B), zeros past its rank and over the
-    slices it leaves alone. Returns the slices' ranks [n_slices] int32."""
+    slices it leaves alone. Returns the slices' ranks [n_slices] int32. On the CPU one
+    compiled call (`cpu_ops.lora_lay_out`) where the kernels are built, else the torch ops
+    (`_lay_out_torch`, also the reference the compiled one is tested against)."""
+    if a.is_cpu and cpu_ops.available():
+        n = a.shape[0]
+        return cpu_ops.lora_lay_out(a, b, [mods[i].lora_a if i in mods else None for i in range(n)],
+                                    [mods[i].lora_b if i in mods else None for i in range(n)],
+                                    [mods[i].scale if i in mods else 0.0 for i in range(n)], layer.slice_offsets)
+    return _lay_out_torch(layer, mods, a, b)
+
+
+def _lay_out_torch(layer: MultiLoRALinear, mods: dict[int, ModuleLoRA], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`_lay_out` in torch ops: four per slice."""
     ranks = [mods[i].rank if i in mods else 0 for i in range(a.shape[0])]
     for i, r in enumerate(ranks):
         lo, hi = layer.slice_offsets[i], layer.slice_offsets[i + 1]

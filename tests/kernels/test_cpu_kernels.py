@@ -103,6 +103,56 @@ def test_lora_apply_rejects_inconsistent_metadata() -> None:
     assert torch.equal(out, torch.zeros(3, 8)), "a refused call writes nothing"
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("slice_widths", [[59], [96, 32, 32], [70, 200]])
+def test_lora_lay_out_equals_the_torch_layout_bit_for_bit(slice_widths: list[int], pool_dtype: torch.dtype) -> None:
+    """An adapter load's compiled layout (`slots._lay_out` on the CPU) writes exactly what the
+    torch ops write: A rows, (scale B)ᵀ in each slice's columns (B contiguous, transposed or
+    a column slice: any strides), rounded to bfloat16 as torch rounds, zeros past each
+    slice's rank and over slices the adapter leaves alone, into rows of a pool with other
+    rows around them that must stay untouched."""
+    from types import SimpleNamespace
+
+    from lorafold.server.lora.peft_format import ModuleLoRA
+    from lorafold.server.lora.slots import _lay_out_torch
+
+    gen = torch.Generator().manual_seed(len(slice_widths) * 7 + pool_dtype.itemsize)
+    d_in, rows, start = 123, 24, 5
+    offsets = [0]
+    for w in slice_widths:
+        offsets.append(offsets[-1] + w)
+    layer = SimpleNamespace(slice_offsets=offsets)
+    for case, ranks in enumerate([[24, 3, 17], [1, 0, 24], [0, 0, 0], [8, 24, 0]]):
+        mods = {}
+        for i, (w, r) in enumerate(zip(slice_widths, ranks)):
+            if not r:
+                continue
+            b = torch.randn(w, r + 2, generator=gen)
+            b = [b[:, :r], b[:, :r].contiguous(), torch.randn(r, w, generator=gen).t()][(i + case) % 3]
+            mods[i] = ModuleLoRA(torch.randn(r, d_in, generator=gen), b, 0.25 + i + case / 3)
+        pools = []
+        for _ in range(2):
+            a_pool = torch.full((len(slice_widths), 40, d_in), 7.0, dtype=pool_dtype)
+            b_pool = torch.full((40, offsets[-1]), 7.0, dtype=pool_dtype)
+            pools.append((a_pool, b_pool))
+        (a1, b1), (a2, b2) = pools
+        got = cpu_ops.lora_lay_out(a1[:, start : start + rows], b1[start : start + rows],
+                                   [mods[i].lora_a if i in mods else None for i in range(len(slice_widths))],
+                                   [mods[i].lora_b if i in mods else None for i in range(len(slice_widths))],
+                                   [mods[i].scale if i in mods else 0.0 for i in range(len(slice_widths))], offsets)
+        want = _lay_out_torch(layer, mods, a2[:, start : start + rows], b2[start : start + rows])
+        assert torch.equal(got, want) and got.dtype == torch.int32
+        assert torch.equal(a1, a2) and torch.equal(b1, b2), f"ranks {ranks}: the layouts differ"
+        assert (a1[:, :start] == 7).all() and (a1[:, start + rows :] == 7).all(), "rows outside the range changed"
+    with pytest.raises(RuntimeError, match="lora_a and lora_b must be given together"):
+        cpu_ops.lora_lay_out(a1[:, :rows], b1[:rows], [torch.zeros(2, d_in)] + [None] * (len(slice_widths) - 1),
+                             [None] * len(slice_widths), [1.0] * len(slice_widths), offsets)
+    with pytest.raises(RuntimeError, match=r"expected lora_a \[r <= 24"):
+        cpu_ops.lora_lay_out(a1[:, :rows], b1[:rows], [torch.zeros(25, d_in)] + [None] * (len(slice_widths) - 1),
+                             [torch.zeros(slice_widths[0], 25)] + [None] * (len(slice_widths) - 1),
+                             [1.0] * len(slice_widths), offsets)
+
+
 def test_backend_choice_is_made_once_and_checked() -> None:
     """'auto' picks the compiled kernel for a float32 CPU model with float32 or bfloat16 pools
     and the reference for a bf16 model or float16 pools; a named backend that cannot run, or
