@@ -74,8 +74,8 @@ def lora_lay_out(
     """One layer's share of an adapter into its rows, in one call: a_dst [n_slices, rows,
     d_in] gets each slice's A [r_i, d_in] then zeros, b_dst [rows, D] each slice's
     (scale_i B_i)ᵀ (B_i [D_i, r_i]) in the slice's columns then zeros (None: a slice the
-    adapter leaves alone, all zeros). A and B float32, any strides; the destinations float32
-    or bfloat16 (rounded as torch rounds), each row contiguous. Returns the ranks [n_slices]
-    int32."""
+    adapter leaves alone, all zeros). A and B float32, any strides; the destinations float32,
+    bfloat16 or float16 (rounded as torch rounds), each row contiguous. Returns the ranks
+    [n_slices] int32."""
     return torch.ops.lorafold_cpu.lora_lay_out(a_dst, b_dst, lora_a, lora_b, [float(s) for s in scales],
                                               list(slice_offsets))

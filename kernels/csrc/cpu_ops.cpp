@@ -499,7 +499,7 @@ void lora_apply(const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor&
 //   b_dst [rows, D]                b_dst[:r_i, slice i cols] = (scale_i * B_i)^T, zeros past r_i
 //
 // A_i [r_i, d_in] and B_i [D_i, r_i] float32 (any strides), or absent (r_i = 0); the pools
-// float32 or bfloat16 (rounded to nearest even, as torch's casts do). The torch version
+// float32, bfloat16 or float16 (rounded to nearest even, as torch's casts do). The torch version
 // (`slots._lay_out_torch`, the reference) costs four ops per slice, ~210 slices for one
 // SmolLM2 adapter: 7 ms per load, of which moving its 18.6 MiB is about 2.
 
@@ -546,9 +546,9 @@ at::Tensor lora_lay_out(const at::Tensor& a_dst, const at::Tensor& b_dst, const 
                         const c10::List<std::optional<at::Tensor>>& lora_b, at::ArrayRef<double> scales,
                         at::IntArrayRef slice_offsets) {
   TORCH_CHECK(a_dst.device().is_cpu() && b_dst.device().is_cpu(), "a_dst and b_dst must be CPU tensors");
-  TORCH_CHECK(a_dst.scalar_type() == b_dst.scalar_type() &&
-                  (a_dst.scalar_type() == at::kFloat || a_dst.scalar_type() == at::kBFloat16),
-              "a_dst and b_dst must both be float32 or both bfloat16");
+  const auto dtype = a_dst.scalar_type();
+  TORCH_CHECK(b_dst.scalar_type() == dtype && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf),
+              "a_dst and b_dst must both be float32, bfloat16 or float16");
   TORCH_CHECK(a_dst.dim() == 3 && b_dst.dim() == 2, "expected a_dst [n_slices, rows, d_in] and b_dst [rows, D]");
   const int64_t n_slices = a_dst.size(0), rows = a_dst.size(1), d_in = a_dst.size(2), D = b_dst.size(1);
   TORCH_CHECK(a_dst.stride(2) == 1 && a_dst.stride(1) == d_in && b_dst.stride(1) == 1,
@@ -583,8 +583,10 @@ at::Tensor lora_lay_out(const at::Tensor& a_dst, const at::Tensor& b_dst, const 
                     static_cast<float>(scales[i]));
     }
   };
-  if (a_dst.scalar_type() == at::kBFloat16) {
+  if (dtype == at::kBFloat16) {
     run(a_dst.data_ptr<at::BFloat16>(), b_dst.data_ptr<at::BFloat16>());
+  } else if (dtype == at::kHalf) {
+    run(a_dst.data_ptr<at::Half>(), b_dst.data_ptr<at::Half>());
   } else {
     run(a_dst.data_ptr<float>(), b_dst.data_ptr<float>());
   }

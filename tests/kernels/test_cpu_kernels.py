@@ -103,12 +103,13 @@ def test_lora_apply_rejects_inconsistent_metadata() -> None:
     assert torch.equal(out, torch.zeros(3, 8)), "a refused call writes nothing"
 
 
-@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("slice_widths", [[59], [96, 32, 32], [70, 200]])
 def test_lora_lay_out_equals_the_torch_layout_bit_for_bit(slice_widths: list[int], pool_dtype: torch.dtype) -> None:
     """An adapter load's compiled layout (`slots._lay_out` on the CPU) writes exactly what the
     torch ops write: A rows, (scale B)ᵀ in each slice's columns (B contiguous, transposed or
-    a column slice: any strides), rounded to bfloat16 as torch rounds, zeros past each
+    a column slice: any strides), rounded to 16 bits as torch rounds, zeros past each
     slice's rank and over slices the adapter leaves alone, into rows of a pool with other
     rows around them that must stay untouched."""
     from types import SimpleNamespace
