@@ -90,6 +90,11 @@ class AdapterPrefetcher:
             future.cancel()
 
     @property
+    def enabled(self) -> bool:
+        """Whether this prefetcher stages anything (max_staged > 0)."""
+        return self._pool is not None
+
+    @property
     def num_staged(self) -> int:
         return len(self._pending)
 

@@ -75,7 +75,9 @@ class EngineConfig:
         (`adapter_prefetch`): "on", "off" (a load lays the adapter out straight into its
         slot on the engine thread), or "auto": on where the worker has a core of its own (a
         GPU server; a CPU with more cores than torch's threads), off where every core runs
-        the forward (there staging on a worker slowed the cold-start many-adapter benchmark;
+        the forward: there the worker's staging takes its cycles from the forward and the
+        load then copies the staged block again, two passes where inline is one (the
+        cold-start many-adapter benchmark measured the two the same on this 2-core VM;
         docs/benchmarks.md).
     prepack_weights: on CPU (fp32), keep oneDNN-packed copies of the base weights for the
         decode-sized matmuls (faster decode steps for one more copy of the weights in memory;

@@ -189,7 +189,10 @@ class LLMEngine:
 
     def _prefetch_waiting(self, scan: int = 64) -> None:
         """Stage the adapters the first `scan` waiting requests need and the device lacks, on
-        the prefetcher's worker, while this step's forward runs."""
+        the prefetcher's worker, while this step's forward runs (nothing to scan for when it
+        stages nothing: the CPU default)."""
+        if not self.prefetcher.enabled:
+            return
         wanted: dict[str, LoRAAdapter] = {}
         for seq in itertools.islice(self.scheduler.waiting, scan):
             key = seq.adapter

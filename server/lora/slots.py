@@ -223,10 +223,10 @@ def _lay_out(layer: MultiLoRALinear, mods: dict[int, ModuleLoRA], a: torch.Tenso
     compiled call (`cpu_ops.lora_lay_out`) where the kernels are built, else the torch ops
     (`_lay_out_torch`, also the reference the compiled one is tested against)."""
     if a.is_cpu and cpu_ops.available():
-        n = a.shape[0]
-        return cpu_ops.lora_lay_out(a, b, [mods[i].lora_a if i in mods else None for i in range(n)],
-                                    [mods[i].lora_b if i in mods else None for i in range(n)],
-                                    [mods[i].scale if i in mods else 0.0 for i in range(n)], layer.slice_offsets)
+        slices = [mods.get(i) for i in range(a.shape[0])]
+        return cpu_ops.lora_lay_out(a, b, [None if m is None else m.lora_a for m in slices],
+                                    [None if m is None else m.lora_b for m in slices],
+                                    [0.0 if m is None else m.scale for m in slices], layer.slice_offsets)
     return _lay_out_torch(layer, mods, a, b)
 
 
